@@ -1,0 +1,3 @@
+"""e2kd: cached explanation-enhanced knowledge distillation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,98 @@
+"""Explainer base class and the registry by name (``build_explainer``, ``list_explainers``)."""
+
+from __future__ import annotations
+
+import fnmatch
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Explainer", "register_explainer", "build_explainer", "list_explainers", "explainer_family"]
+
+_REGISTRY: dict[str, type[Explainer]] = {}
+
+
+class Explainer(ABC):
+    """Explains a model's logits for given target classes, returning maps and logits of one forward pass.
+
+    Call as ``maps = explainer(inputs, targets=None, create_graph=False)``: ``inputs`` are model-ready
+    tensors (after :func:`e2kd.models.input_transform`), ``targets`` are class indices ``[B]`` (``None``
+    explains the model's own top-1 class). Returns float32 maps ``[B, C_e, h, w]`` (float64 for a float64
+    model); the logits of the same forward pass are in :attr:`last_logits`. With ``create_graph=True``
+    the maps are differentiable w.r.t. the model's parameters (double backward); with ``False`` no graph is kept.
+    """
+
+    name: str = ""
+    #: maps of explainers of one family can supervise each other (a B-cos map cannot supervise GradCAM).
+    family: str = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.last_logits: Tensor | None = None
+
+    def __call__(self, inputs: Tensor, targets: Tensor | None = None, create_graph: bool = False) -> Tensor:
+        with torch.enable_grad():
+            logits, maps = self.explain(inputs, targets, create_graph)
+        if not create_graph:
+            logits, maps = logits.detach(), maps.detach()
+        self.last_logits = logits
+        return maps if maps.dtype == torch.float64 else maps.float()
+
+    @abstractmethod
+    def explain(self, inputs: Tensor, targets: Tensor | None, create_graph: bool) -> tuple[Tensor, Tensor]:
+        """Return ``(logits, maps)`` from one forward pass."""
+
+    def config(self) -> dict[str, Any]:
+        """Parameters that identify this explainer (written into cache manifests)."""
+        return {"name": self.name, "family": self.family}
+
+    @staticmethod
+    def target_scores(logits: Tensor, targets: Tensor | None) -> Tensor:
+        """Sum over the batch of each sample's target logit (its top-1 when ``targets`` is None)."""
+        if targets is None:
+            targets = logits.detach().argmax(dim=1)
+        targets = targets.to(device=logits.device, dtype=torch.long).view(-1, 1)
+        if targets.shape[0] != logits.shape[0]:
+            raise ValueError(f"got {targets.shape[0]} targets for a batch of {logits.shape[0]}")
+        return logits.gather(1, targets).sum()
+
+
+def register_explainer(cls: type[Explainer]) -> type[Explainer]:
+    """Class decorator: register an :class:`Explainer` subclass under its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_explainers(filter: str = "*") -> list[str]:
+    """Registered explainer names matching a wildcard ``filter``."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, filter))
+
+
+def _lookup(name: str) -> type[Explainer]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown explainer {name!r}; available: {', '.join(list_explainers())}") from None
+
+
+def explainer_family(name: str) -> str:
+    """The family of a registered explainer (maps of one family are comparable)."""
+    return _lookup(name).family
+
+
+def build_explainer(name: str, model: nn.Module, **kwargs: Any) -> Explainer:
+    """Build a registered explainer for ``model``.
+
+    Example:
+        >>> from e2kd.models import create_model
+        >>> explainer = build_explainer("gradcam", create_model("resnet18", 10))
+        >>> maps = explainer(torch.rand(2, 3, 64, 64))
+        >>> maps.shape, explainer.last_logits.shape
+        (torch.Size([2, 1, 2, 2]), torch.Size([2, 10]))
+    """
+    return _lookup(name)(model, **kwargs)
+

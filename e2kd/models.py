@@ -1,0 +1,174 @@
+"""Model factory: timm names and ``bcos:<name>`` B-cos models, plus each model's input transform.
+
+Every stage builds models through :func:`create_model` and records :func:`model_spec`, so a model can
+always be rebuilt exactly from ``(name, num_classes, kwargs)``. Images travel through e2kd as float32
+``[B, 3, H, W]`` in ``[0, 1]``; :func:`input_transform` turns them into what the model expects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["create_model", "input_transform", "InputTransform", "model_spec", "load_state_dict",
+           "is_bcos_name", "BCOS_PREFIX"]
+
+BCOS_PREFIX = "bcos:"
+
+
+def is_bcos_name(name: str) -> bool:
+    """True for ``bcos:<name>`` model names."""
+    return name.startswith(BCOS_PREFIX)
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """Maps ``[0, 1]`` RGB images to model input: mean/std normalisation, or B-cos' added inverse channels."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    add_inverse: bool = False
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if self.add_inverse:
+            return torch.cat([images, 1.0 - images], dim=1)
+        if self.mean is None or self.std is None:
+            return images
+        mean = images.new_tensor(self.mean).view(1, -1, 1, 1)
+        std = images.new_tensor(self.std).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def input_transform(model: nn.Module) -> InputTransform:
+    """The input transform of a model built by :func:`create_model` (timm mean/std, or B-cos [x, 1−x])."""
+    spec = getattr(model, "e2kd_spec", None)
+    if spec is not None and is_bcos_name(spec["name"]):
+        return InputTransform(add_inverse=True)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None:
+        return InputTransform()
+    return InputTransform(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """``{"name", "num_classes", "kwargs"}``: everything needed to rebuild ``model`` with :func:`create_model`."""
+    spec = getattr(model, "e2kd_spec", None)
+    if spec is None:
+        raise ValueError("model was not built by e2kd.models.create_model: its spec is unknown")
+    return dict(spec)
+
+
+def create_model(name: str, num_classes: int, checkpoint: str | Path | None = None, pretrained: bool = False,
+                 **model_kwargs: Any) -> nn.Module:
+    """Build a timm model or a ``bcos:<name>`` B-cos model, optionally loading a checkpoint.
+
+    Args:
+        name: a timm model name (``resnet18``, ``convnext_atto``, ``vit_tiny_patch16_224``, …) or
+            ``bcos:<name>`` for the ``bcos`` package's models (``bcos:resnet18``; 6-channel input).
+        num_classes: size of the classifier.
+        checkpoint: ``.safetensors`` file or a torch state_dict (``.pt``/``.pth``, loaded with
+            ``weights_only=True``); class-count or key mismatches raise ``ValueError`` naming both sides.
+        pretrained: ask timm for its pretrained weights (downloads; never done otherwise).
+        **model_kwargs: passed to the model constructor (e.g. ``channels=(16, 32, 64, 128), stem_width=16,
+            output_stride=16`` for a narrow timm ResNet). ``None`` values are dropped.
+
+    Example:
+        >>> m = create_model("resnet18", 10, channels=(16, 32, 64, 128), stem_width=16, output_stride=16)
+        >>> m(torch.rand(1, 3, 64, 64)).shape
+        torch.Size([1, 10])
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
+    if is_bcos_name(name):
+        if pretrained:
+            raise ValueError("pretrained=True is only supported for timm models; pass checkpoint= for B-cos")
+        model = _create_bcos(name[len(BCOS_PREFIX):], num_classes, kwargs)
+    else:
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"unknown model {name!r}: not a timm model (see timm.list_models()) "
+                             f"and not '{BCOS_PREFIX}<name>'")
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    model.e2kd_spec = {"name": name, "num_classes": int(num_classes), "kwargs": _jsonable(kwargs)}
+    if checkpoint is not None:
+        load_state_dict(model, checkpoint)
+    return model
+
+
+def _create_bcos(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    import bcos.models
+
+    factory = getattr(bcos.models, arch, None)
+    if factory is None or not callable(factory) or arch.startswith("_"):
+        known = sorted(n for n in getattr(bcos.models, "__all__", []) if not n.startswith("_"))
+        raise ValueError(f"unknown B-cos model {arch!r}; bcos.models provides: {', '.join(known)}")
+    return factory(num_classes=num_classes, **kwargs)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"model kwarg value {value!r} is not a finite number")
+        return value
+    raise ValueError(f"model kwargs must be JSON values (str, number, bool, list, dict); got {value!r}")
+
+
+def load_state_dict(model: nn.Module, checkpoint: str | Path) -> None:
+    """Load a ``.safetensors`` or torch state_dict file strictly, with errors naming both sides."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a state_dict, got {type(state).__name__}")
+    state = _strip_prefix(state, "module.")
+    _check_compatible(model, state, path)
+    model.load_state_dict(state, strict=True)
+
+
+def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _check_compatible(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit {model_spec(model)['name']}: "
+                         f"missing in checkpoint {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                         f"unexpected in checkpoint {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+    num_classes = model_spec(model)["num_classes"]
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            hint = ""
+            if tensor.ndim >= 1 and own[key].shape[0] == num_classes != tensor.shape[0]:
+                hint = f" (class count: checkpoint {tensor.shape[0]}, model {num_classes})"
+            raise ValueError(f"{path}: shape of {key!r} is {tuple(tensor.shape)} in the checkpoint but "
+                             f"{tuple(own[key].shape)} in the model{hint}")
