@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+from typing import Any
 
 import click
 
 from e2kd import __version__
 
 
-def _ray_defaults() -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+def _fail(exc: BaseException) -> click.ClickException:
+    return click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="e2kd")
 def main() -> None:
     """e2kd: explanation-enhanced knowledge distillation with a cached teacher.
 
-    Cache a teacher's logits and explanation maps once (cache-teacher), then train students from the
-    cache without the teacher (train-student).
+    \b
+    1. make-dataset   build the embedded digits-shift dataset (WebDataset shards)
+    2. cache-teacher  run a teacher once (Ray-parallel) and store its logits + explanation maps
+    3. inspect/verify look at and check a cache before training from it
     """
-    _ray_defaults()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @main.command("explainers")
@@ -31,6 +36,112 @@ def explainers_cmd() -> None:
 
     for name in list_explainers():
         click.echo(f"{name}\t(family: {explainer_family(name)})")
+
+
+@main.command("make-dataset")
+@click.argument("name", type=click.Choice(["digits-shift"]))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the shards.")
+@click.option("--seed", default=0, show_default=True, help="Everything is deterministic given the seed.")
+@click.option("--tie", default=1.0, show_default=True,
+              help="Probability that the patch colour matches the label in train/val (0.95 is Waterbirds-like).")
+@click.option("--image-size", default=64, show_default=True, help="Canvas side in pixels.")
+@click.option("--shard-size", default=250, show_default=True, help="Samples per tar shard.")
+def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int, shard_size: int) -> None:
+    """Write a dataset as WebDataset shards: teacher-train, train, val and test-ood splits."""
+    from e2kd.pipeline.datasets import DATASETS
+
+    try:
+        written = DATASETS[name](out, seed=seed, tie=tie, image_size=image_size, shard_size=shard_size)
+    except ValueError as exc:
+        raise _fail(exc) from None
+    for split, paths in written.items():
+        pattern = f"{out}/{split}-{{000000..{len(paths) - 1:06d}}}.tar"
+        click.echo(f"{split}: {len(paths)} shard(s)  {pattern}")
+
+
+@main.command("cache-teacher")
+@click.option("--data", help="Input: tar shards (paths/URLs, brace patterns, comma-separated) or an image folder.")
+@click.option("--out", help="Store to write (local path or fsspec URL); re-running resumes it.")
+@click.option("--teacher", help="timm model name or bcos:<name>.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Teacher weights (.safetensors or .pt/.pth).")
+@click.option("--num-classes", type=int, help="Teacher's class count.")
+@click.option("--teacher-kwargs", help='JSON kwargs for the model constructor, e.g. \'{"output_stride": 16}\'.')
+@click.option("--explainer", help="gradcam | bcos | input_x_gradient  [default: gradcam]")
+@click.option("--views", help="'full' (one whole-image view; ❄ frozen e²KD) or K random-resized-crop views.")
+@click.option("--crop-scale", nargs=2, type=float, help="Area range of random crops  [default: 0.08 1.0]")
+@click.option("--flip-p", type=float, help="Flip probability of random views (0 for digits/text)  [default: 0.5]")
+@click.option("--input-size", type=int, help="Teacher input side in pixels  [default: 224]")
+@click.option("--batch-size", type=int, help="Views per teacher batch  [default: 64]")
+@click.option("--topk", type=int, help="Store only the top-k logits plus the log-sum-exp of all.")
+@click.option("--map-dtype", type=click.Choice(["float16", "uint8"]), help="[default: float16]")
+@click.option("--map-size", help="Area-pool maps to H or HxW before storing.")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "wds"]), help="[default: zarr]")
+@click.option("--workers", type=int, help="Ray actors, one teacher each  [default: one per CPU/GPU slot]")
+@click.option("--gpus-per-worker", type=float, help="GPUs per actor  [default: 0]")
+@click.option("--threads-per-worker", type=int, help="Torch threads per actor (fixed for determinism)  [default: 1]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Teacher autocast  [default: fp32]")
+@click.option("--ray-address", help="'auto' or HOST:PORT to join a running Ray cluster (default: private local).")
+@click.option("--overwrite/--no-overwrite", default=None, help="Delete an existing store and start over.")
+@click.option("--seed", type=int, help="Seed of the random views  [default: 0]")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="YAML file of these options.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags: Any) -> None:
+    """Run a teacher once over a dataset and cache its logits and explanation maps (Ray-parallel, resumable)."""
+    from e2kd.config import build_options, parse_json_kwargs, parse_size
+    from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
+
+    try:
+        flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
+        flags["map_size"] = parse_size(flags["map_size"])
+        flags["format"] = fmt
+        flags["progress"] = False if quiet else None
+        opts = build_options(CacheTeacherOptions, config, flags)
+        summary = run_cache_teacher(opts)
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
+        raise _fail(exc) from None
+    click.echo(f"cached {summary['num_samples']} samples in {summary['shards']} shard(s) "
+               f"({summary['shards_cached_now']} now, {summary['shards_already_complete']} already complete); "
+               f"skipped {summary['skipped']} bad sample(s); {summary['bytes_per_sample_view']:.0f} B/sample/view; "
+               f"{summary['samples_per_s']:.1f} samples/s")
+
+
+@main.command("inspect")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
+def inspect_cmd(store: str, as_json: bool) -> None:
+    """Summarise a cache: teacher, explainer, views, completeness, sample/skip counts, bytes per sample."""
+    from e2kd.stages.inspect import summarise_store
+
+    try:
+        info = summarise_store(store)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
+    click.echo(f"store       {store}  ({info['format']}, schema v{info['schema_version']}, e2kd {info['e2kd_version']})")
+    click.echo(f"teacher     {info['teacher']['name']}  classes={info['num_classes']}  "
+               f"checkpoint sha256={info['teacher'].get('checkpoint_sha256')}")
+    click.echo(f"explainer   {info['explainer']['name']}  map {info['map_shape']}  views {info['views']['policy']} "
+               f"×{info['num_views']}")
+    click.echo(f"samples     {info['num_samples']}  skipped {info['errors']}  shards {len(info['shards'])} "
+               f"({info['complete_shards']} complete)")
+    click.echo(f"size        {info['bytes']} B  ({info['bytes_per_sample_view']:.0f} B per sample per view)")
+
+
+@main.command("verify")
+@click.argument("store")
+def verify_cmd(store: str) -> None:
+    """Recompute every shard's checksum; exit non-zero naming the bad shard(s)."""
+    from e2kd.storage import open_store
+
+    try:
+        problems = open_store(store).verify()
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    if problems:
+        raise click.ClickException(f"{len(problems)} bad shard(s): " + "; ".join(problems))
+    click.echo("ok: every shard matches its checksum")
 
 
 if __name__ == "__main__":

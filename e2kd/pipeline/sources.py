@@ -1,0 +1,174 @@
+"""Input data: WebDataset tar shards or an image folder, as per-shard streams of decoded samples.
+
+Identity is the sample key (``__key__``, or the image folder's relative path without extension), never a
+list position. Only images and the integer ``cls`` label are decoded; a sample that cannot be decoded is
+yielded as a :class:`BadSample` with its key, shard and reason instead of stopping the job.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["InputShard", "Sample", "BadSample", "list_shards", "iter_shard", "decode_image", "IMAGE_EXTS"]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+REFUSED_EXTS = ("pkl", "pyd", "pickle", "pth", "pt")
+_FOLDER_EXTS = {"." + e for e in IMAGE_EXTS}
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """One unit of input: a tar shard (``kind="wds"``) or one class directory of an image folder."""
+
+    name: str
+    url: str
+    kind: str = "wds"
+    label: int = -1  # folder shards: the class index
+    root: str = ""  # folder shards: the folder root keys are relative to
+
+
+@dataclass
+class Sample:
+    key: str
+    image: Tensor  # uint8 [3, H, W]
+    label: int
+    shard: str
+
+
+@dataclass
+class BadSample:
+    key: str
+    shard: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"key": self.key, "shard": self.shard, "reason": self.reason}
+
+
+def _expand(urls: str | Sequence[str]) -> list[str]:
+    import braceexpand
+
+    parts = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for part in parts:
+        for item in str(part).replace("\n", ",").split(","):
+            item = item.strip()
+            if item:
+                out.extend(braceexpand.braceexpand(item))
+    return out
+
+
+def _shard_name(url: str) -> str:
+    base = url.rstrip("/").rsplit("/", 1)[-1].split("::")[-1]
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if base.endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+def list_shards(urls: str | Sequence[str]) -> list[InputShard]:
+    """Expand comma-separated URLs / brace patterns into input shards; a local directory is an image folder.
+
+    Raises:
+        ValueError: nothing matched, a local file is missing, or two shards share a name.
+    """
+    shards: list[InputShard] = []
+    for url in _expand(urls):
+        if "://" not in url and not url.startswith("pipe:") and os.path.isdir(url):
+            shards.extend(_folder_shards(url))
+            continue
+        if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(url):
+            raise ValueError(f"input shard not found: {url}")
+        shards.append(InputShard(name=_shard_name(url), url=url))
+    if not shards:
+        raise ValueError(f"no input shards in {urls!r}")
+    seen: dict[str, str] = {}
+    for s in shards:
+        if s.name in seen and seen[s.name] != s.url:
+            raise ValueError(f"two input shards share the name {s.name!r}: {seen[s.name]} and {s.url}")
+        seen[s.name] = s.url
+    return shards
+
+
+def _folder_shards(root: str) -> list[InputShard]:
+    classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image folder {root} has no class sub-directories (expected root/<class>/<file>)")
+    return [InputShard(name=f"class-{c}", url=str(Path(root) / c), kind="folder", label=i, root=root)
+            for i, c in enumerate(classes)]
+
+
+def decode_image(data: bytes) -> Tensor:
+    """Decode image bytes to uint8 ``[3, H, W]`` RGB (raises on corrupt data)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise ValueError(f"degenerate image of shape {rgb.shape}")
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+def iter_shard(shard: InputShard) -> Iterator[Sample | BadSample]:
+    """Yield the decoded samples of one input shard, bad ones as :class:`BadSample`."""
+    if shard.kind == "folder":
+        yield from _iter_folder(shard)
+    else:
+        yield from _iter_tar(shard)
+
+
+def _iter_folder(shard: InputShard) -> Iterator[Sample | BadSample]:
+    files = sorted(p for p in Path(shard.url).rglob("*") if p.is_file() and p.suffix.lower() in _FOLDER_EXTS)
+    for path in files:
+        key = str(path.relative_to(shard.root).with_suffix("")).replace(os.sep, "/")
+        try:
+            yield Sample(key, decode_image(path.read_bytes()), shard.label, shard.name)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample, recorded
+            yield BadSample(key, shard.name, f"undecodable image: {type(exc).__name__}: {exc}")
+
+
+def _iter_tar(shard: InputShard) -> Iterator[Sample | BadSample]:
+    import webdataset as wds
+
+    seen: set[str] = set()
+    stream = iter(wds.WebDataset(shard.url, shardshuffle=False, empty_check=False))  # raw bytes, no decoders
+    while True:
+        try:
+            raw = next(stream)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - a truncated / unreadable tar ends the shard, recorded
+            yield BadSample("*", shard.name, f"unreadable shard after {len(seen)} samples: {type(exc).__name__}: {exc}")
+            return
+        key = str(raw.get("__key__", ""))
+        if key in seen:
+            yield BadSample(key, shard.name, "duplicate key within the shard")
+            continue
+        seen.add(key)
+        yield _decode_tar_sample(raw, key, shard.name)
+
+
+def _decode_tar_sample(raw: dict, key: str, shard: str) -> Sample | BadSample:
+    refused = [k for k in raw if k.rsplit(".", 1)[-1].lower() in REFUSED_EXTS]
+    if refused:
+        return BadSample(key, shard, f"refused pickle-like member(s) {refused}: e2kd never unpickles data")
+    image_field = next((k for k in raw if k.lower() in IMAGE_EXTS), None)
+    if image_field is None:
+        return BadSample(key, shard, f"no image member (have {sorted(k for k in raw if not k.startswith('__'))})")
+    try:
+        label = int(raw["cls"].decode().strip()) if "cls" in raw else -1
+    except (ValueError, UnicodeDecodeError) as exc:
+        return BadSample(key, shard, f"cls is not an integer: {exc}")
+    try:
+        return Sample(key, decode_image(raw[image_field]), label, shard)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample, recorded
+        return BadSample(key, shard, f"undecodable {image_field}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,166 @@
+"""Views: what the teacher (and later the student) sees of an image.
+
+A view is ``(top, left, height, width, flip)`` in normalised image coordinates. Views are drawn from an
+RNG seeded by ``(seed, key, view index)`` so they never depend on which worker ran a shard, and one
+function, :func:`render_view`, turns an image and a view into the model's input, for both stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["View", "ViewPolicy", "FULL_VIEW", "draw_views", "render_view", "RENDER_SPEC", "view_rng"]
+
+#: How :func:`render_view` resamples: recorded in every cache manifest.
+RENDER_SPEC = {"crop": "round-to-pixel", "interpolation": "bilinear", "antialias": True, "align_corners": False}
+
+
+@dataclass(frozen=True)
+class View:
+    """A crop box in normalised coordinates plus a horizontal flip flag."""
+
+    top: float
+    left: float
+    height: float
+    width: float
+    flip: bool = False
+
+    def as_list(self) -> list[float]:
+        return [self.top, self.left, self.height, self.width, float(self.flip)]
+
+
+FULL_VIEW = View(0.0, 0.0, 1.0, 1.0, False)
+
+
+@dataclass(frozen=True)
+class ViewPolicy:
+    """``full`` (one view: the whole image) or ``k`` RandomResizedCrop + flip views per image.
+
+    Args:
+        k: number of views; ``0`` means the ``full`` policy.
+        scale: range of the crop's area fraction.
+        ratio: range of the crop's aspect ratio (width / height, in pixels).
+        flip_p: probability of a horizontal flip (0 for data where a mirror changes the meaning).
+        seed: the seed views are drawn from, together with the sample key and view index.
+    """
+
+    k: int = 0
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ValueError(f"view count must be >= 0 (0 = full), got {self.k}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"crop ratio must satisfy 0 < min <= max, got {self.ratio}")
+        if not (0 <= self.flip_p <= 1):
+            raise ValueError(f"flip probability must be in [0, 1], got {self.flip_p}")
+
+    @property
+    def num_views(self) -> int:
+        return max(1, self.k)
+
+    @classmethod
+    def parse(cls, text: str | int, **kwargs) -> ViewPolicy:
+        """``"full"`` or an integer K >= 1."""
+        if str(text) == "full":
+            return cls(k=0, **kwargs)
+        try:
+            k = int(text)
+        except ValueError:
+            raise ValueError(f"--views must be 'full' or an integer K >= 1, got {text!r}") from None
+        if k < 1:
+            raise ValueError(f"--views must be 'full' or an integer K >= 1, got {k}")
+        return cls(k=k, **kwargs)
+
+    def to_dict(self) -> dict:
+        return {"policy": "full" if self.k == 0 else "random_resized_crop", "k": self.num_views,
+                "scale": list(self.scale), "ratio": list(self.ratio), "flip_p": self.flip_p, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViewPolicy:
+        k = 0 if d["policy"] == "full" else int(d["k"])
+        return cls(k=k, scale=tuple(d["scale"]), ratio=tuple(d["ratio"]), flip_p=float(d["flip_p"]),
+                   seed=int(d["seed"]))
+
+    def views_for(self, key: str, height: int, width: int) -> list[View]:
+        """The views of one image (``[FULL_VIEW]`` for the full policy)."""
+        if self.k == 0:
+            return [FULL_VIEW]
+        return draw_views(self.seed, key, self.k, height, width, self.scale, self.ratio, self.flip_p)
+
+
+def view_rng(seed: int, key: str, index: int) -> torch.Generator:
+    """A generator seeded by ``(seed, key, index)`` only: independent of workers and order."""
+    digest = hashlib.sha256(f"{seed}\x00{key}\x00{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def draw_views(seed: int, key: str, k: int, height: int, width: int, scale: Sequence[float] = (0.08, 1.0),
+               ratio: Sequence[float] = (3 / 4, 4 / 3), flip_p: float = 0.5) -> list[View]:
+    """``k`` RandomResizedCrop + flip views of an ``height × width`` image (torchvision's sampling rule)."""
+    return [_draw_one(view_rng(seed, key, i), height, width, scale, ratio, flip_p) for i in range(k)]
+
+
+def _draw_one(gen: torch.Generator, height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+              flip_p: float) -> View:
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    box = None
+    for _ in range(10):
+        target = area * float(torch.empty(1).uniform_(scale[0], scale[1], generator=gen))
+        aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=gen)))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+            box = (top, left, h, w)
+            break
+    if box is None:  # fallback: central crop with the ratio clamped into range
+        in_ratio = width / height
+        w, h = (width, int(round(width / ratio[0]))) if in_ratio < ratio[0] else (
+            (int(round(height * ratio[1])), height) if in_ratio > ratio[1] else (width, height))
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    flip = bool(float(torch.rand(1, generator=gen)) < flip_p)
+    top, left, h, w = box
+    return View(top / height, left / width, h / height, w / width, flip)
+
+
+def _pixel_box(view: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+    top = min(max(int(round(float(view[0]) * height)), 0), height - 1)
+    left = min(max(int(round(float(view[1]) * width)), 0), width - 1)
+    h = min(max(int(round(float(view[2]) * height)), 1), height - top)
+    w = min(max(int(round(float(view[3]) * width)), 1), width - left)
+    return top, left, h, w
+
+
+def render_view(image_uint8_chw: Tensor, view: Sequence[float], size: tuple[int, int]) -> Tensor:
+    """Crop, resize (bilinear, antialias) and flip an image into float32 ``[3, H, W]`` in ``[0, 1]``.
+
+    Args:
+        image_uint8_chw: uint8 tensor ``[3, h, w]``.
+        view: any 5-sequence ``(top, left, height, width, flip)`` in normalised image coordinates.
+        size: output ``(H, W)``.
+    """
+    if image_uint8_chw.dtype != torch.uint8 or image_uint8_chw.ndim != 3:
+        raise ValueError(f"render_view expects a uint8 [C, H, W] tensor, got {image_uint8_chw.dtype} "
+                         f"{tuple(image_uint8_chw.shape)}")
+    _, height, width = image_uint8_chw.shape
+    top, left, h, w = _pixel_box(view, height, width)
+    crop = image_uint8_chw[:, top:top + h, left:left + w].unsqueeze(0).float().div_(255.0)
+    out = F.interpolate(crop, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if float(view[4]) >= 0.5:
+        out = out.flip(-1)
+    return out.clamp_(0.0, 1.0)

@@ -1,0 +1,257 @@
+"""``e2kd cache-teacher``: run a teacher once over a dataset with Ray actors and write a verified cache.
+
+Flow: plan input shards → lock the store → (resume) skip complete shards → Ray actors (one teacher each)
+each write and commit whole shards → the driver records each finished shard in the manifest (atomic
+replace), so the store is consistent at every instant and a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from e2kd import __version__
+from e2kd.explain import explainer_family
+from e2kd.models import InputTransform, is_bcos_name
+from e2kd.pipeline.sources import InputShard, list_shards
+from e2kd.pipeline.views import RENDER_SPEC, ViewPolicy
+from e2kd.stages.ray_session import ensure_ray
+from e2kd.stages.teacher_worker import PRECISIONS, TeacherWorker, WorkerSpec
+from e2kd.storage.encoding import Encoding
+from e2kd.storage.files import (
+    MANIFEST,
+    SHARDS_DIR,
+    STAGING_DIR,
+    StoreLock,
+    is_local,
+    read_json,
+    resolve,
+    write_json_atomic,
+)
+from e2kd.storage.manifest import check_compatible, input_fingerprint, new_manifest, validate_manifest
+
+__all__ = ["CacheTeacherOptions", "run_cache_teacher"]
+
+
+@dataclass
+class CacheTeacherOptions:
+    """Options of ``cache-teacher`` (CLI flags and YAML config keys have the same names)."""
+
+    data: str
+    out: str
+    teacher: str
+    num_classes: int
+    checkpoint: str | None = None
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    explainer: str = "gradcam"
+    views: str = "full"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip_p: float = 0.5
+    input_size: int = 224
+    batch_size: int = 64
+    topk: int | None = None
+    map_dtype: str = "float16"
+    map_size: tuple[int, int] | None = None
+    format: str = "zarr"
+    workers: int | None = None
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    precision: str = "fp32"
+    ray_address: str | None = None
+    overwrite: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.batch_size < 1 or self.input_size < 8:
+            raise ValueError("--batch-size must be >= 1 and --input-size >= 8")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if is_bcos_name(self.teacher) != (self.explainer == "bcos") and self.explainer != "input_x_gradient":
+            raise ValueError(f"explainer {self.explainer!r} does not fit teacher {self.teacher!r}: use bcos for "
+                             f"bcos:<name> teachers and gradcam/input_x_gradient for timm teachers")
+        explainer_family(self.explainer)  # unknown names fail here, before any work
+
+    @property
+    def view_policy(self) -> ViewPolicy:
+        return ViewPolicy.parse(self.views, scale=tuple(self.crop_scale), flip_p=self.flip_p, seed=self.seed)
+
+    @property
+    def encoding(self) -> Encoding:
+        return Encoding(num_classes=self.num_classes, topk=self.topk, map_dtype=self.map_dtype,
+                        map_size=tuple(self.map_size) if self.map_size else None)
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _header(opts: CacheTeacherOptions, transform: InputTransform, checkpoint_sha: str | None) -> dict[str, Any]:
+    size = [opts.input_size, opts.input_size]
+    return new_manifest(
+        version=__version__, fmt=opts.format,
+        teacher={"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs,
+                 "checkpoint_sha256": checkpoint_sha},
+        explainer={"name": opts.explainer, "family": explainer_family(opts.explainer)},
+        preprocessing={"input_size": size, "transform": transform.to_dict(), "render": RENDER_SPEC},
+        views=opts.view_policy.to_dict(), encoding=opts.encoding.to_dict(), precision=opts.precision)
+
+
+def _teacher_transform(opts: CacheTeacherOptions) -> InputTransform:
+    from e2kd.models import create_model, input_transform
+
+    return input_transform(create_model(opts.teacher, opts.num_classes, **opts.teacher_kwargs))
+
+
+def _prepare_store(opts: CacheTeacherOptions, header: dict[str, Any]) -> dict[str, Any]:
+    """Load (resume) or start the manifest; drop leftovers of killed runs. Caller holds the lock."""
+    fs, root = resolve(opts.out)
+    path = f"{root}/{MANIFEST}"
+    if opts.overwrite:
+        for leftover in (f"{root}/{SHARDS_DIR}", f"{root}/{STAGING_DIR}", path):
+            if fs.exists(leftover):
+                fs.rm(leftover, recursive=True)
+    manifest = header
+    if fs.exists(path):
+        manifest = validate_manifest(read_json(fs, path))
+        check_compatible(manifest, header)
+    complete = {n for n, r in manifest["shards"].items() if r["complete"]}
+    if fs.exists(f"{root}/{STAGING_DIR}"):
+        fs.rm(f"{root}/{STAGING_DIR}", recursive=True)
+    if fs.exists(f"{root}/{SHARDS_DIR}"):
+        for entry in fs.ls(f"{root}/{SHARDS_DIR}", detail=False):
+            if entry.rstrip("/").rsplit("/", 1)[-1] not in complete:  # written, never committed in the manifest
+                fs.rm(entry, recursive=True)
+    write_json_atomic(fs, path, manifest)
+    return manifest
+
+
+def _record(manifest: dict[str, Any], name: str, record: dict[str, Any]) -> None:
+    shape = record.get("map_shape")
+    if shape is not None:
+        if manifest["map_shape"] not in (None, shape):
+            raise RuntimeError(f"shard {name} has map shape {shape}, others {manifest['map_shape']}")
+        manifest["map_shape"] = shape
+    manifest["shards"][name] = record
+    sources = {n: r["source"] for n, r in manifest["shards"].items()}
+    manifest["inputs"] = {"urls": sorted(set(sources.values())), "fingerprint": input_fingerprint(sources)}
+
+
+def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, checkpoint: bytes | None, n: int) -> list:
+    import ray
+
+    actor_cls = ray.remote(TeacherWorker).options(num_cpus=opts.threads_per_worker, num_gpus=opts.gpus_per_worker,
+                                                  max_restarts=2, max_task_retries=2)
+    ckpt_ref = ray.put(checkpoint) if checkpoint is not None else None
+    actors = [actor_cls.remote(spec, ckpt_ref) for _ in range(n)]
+    ray.get([a.ready.remote() for a in actors])
+    return actors
+
+
+def _default_workers(opts: CacheTeacherOptions, todo: int) -> int:
+    import ray
+
+    if opts.workers:
+        return opts.workers
+    resources = ray.cluster_resources()
+    if opts.gpus_per_worker > 0:
+        slots = int(resources.get("GPU", 0) // opts.gpus_per_worker)
+    else:
+        slots = int(resources.get("CPU", 1) // opts.threads_per_worker)
+    return max(1, min(slots, todo))
+
+
+def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
+    """Cache a teacher's logits and explanations for every input shard; return a summary.
+
+    Raises:
+        ValueError / ManifestError: bad options, or a store written with different settings.
+        StoreLockedError: another run is writing the store.
+        RuntimeError: shards that failed (named), after every other shard was cached.
+    """
+    shards = list_shards(opts.data)
+    checkpoint = Path(opts.checkpoint).read_bytes() if opts.checkpoint else None
+    checkpoint_sha = _sha256_file(opts.checkpoint) if opts.checkpoint else None
+    header = _header(opts, _teacher_transform(opts), checkpoint_sha)
+    fs, root = resolve(opts.out)
+    fs.makedirs(root, exist_ok=True)
+    with StoreLock(fs, root):
+        manifest = _prepare_store(opts, header)
+        todo = [s for s in shards if not manifest["shards"].get(s.name, {}).get("complete")]
+        t0 = time.time()
+        failed = _run_shards(opts, manifest, todo, checkpoint) if todo else {}
+        elapsed = time.time() - t0
+    return _summary(manifest, todo, failed, elapsed, len(shards) - len(todo))
+
+
+def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[InputShard],
+                checkpoint: bytes | None) -> dict[str, str]:
+    import ray
+    from tqdm import tqdm
+
+    ensure_ray(opts.ray_address)
+    fs, root = resolve(opts.out)
+    store_uri = str(Path(root).resolve()) if is_local(fs) else opts.out  # workers may run elsewhere
+    spec = WorkerSpec(teacher={"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs},
+                      explainer=opts.explainer, views=opts.view_policy.to_dict(),
+                      input_size=(opts.input_size, opts.input_size), encoding=opts.encoding.to_dict(),
+                      fmt=opts.format, store_uri=store_uri, batch_size=opts.batch_size, precision=opts.precision,
+                      threads=opts.threads_per_worker,
+                      checkpoint_suffix=Path(opts.checkpoint).suffix if opts.checkpoint else ".safetensors")
+    actors = _start_workers(opts, spec, checkpoint, _default_workers(opts, len(todo)))
+    queue, running, failed = list(todo), {}, {}
+    samples, t0 = 0, time.time()
+    bar = tqdm(total=len(todo), unit="shard", desc="cache-teacher", disable=not opts.progress, dynamic_ncols=True)
+    try:
+        for actor in actors:
+            if queue:
+                shard = queue.pop(0)
+                running[actor.cache_shard.remote(shard)] = (actor, shard)
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            actor, shard = running.pop(done[0])
+            try:
+                result = ray.get(done[0])
+                _record(manifest, result["name"], result["record"])
+                write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
+                samples += result["record"]["num_samples"]
+            except Exception as exc:  # noqa: BLE001 - one failed shard must not stop the others
+                failed[shard.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            bar.update(1)
+            bar.set_postfix(samples=samples, rate=f"{samples / max(time.time() - t0, 1e-9):.1f}/s")
+            if queue:
+                nxt = queue.pop(0)
+                running[actor.cache_shard.remote(nxt)] = (actor, nxt)
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return failed
+
+
+def _summary(manifest: dict[str, Any], todo: list[InputShard], failed: dict[str, str], elapsed: float,
+             skipped_complete: int) -> dict[str, Any]:
+    recs = manifest["shards"]
+    n = sum(r["num_samples"] for r in recs.values())
+    new = sum(recs[s.name]["num_samples"] for s in todo if s.name in recs)
+    nbytes = sum(r["bytes"] for r in recs.values())
+    views = manifest["views"]["k"]
+    summary = {"num_samples": n, "skipped": sum(r["num_errors"] for r in recs.values()), "shards": len(recs),
+               "shards_cached_now": len(todo) - len(failed), "shards_already_complete": skipped_complete,
+               "bytes": nbytes, "bytes_per_sample_view": nbytes / max(1, n * views),
+               "samples_per_s": new / elapsed if elapsed > 0 else 0.0, "seconds": elapsed, "failed": failed}
+    if failed:
+        names = ", ".join(f"{k} ({v})" for k, v in sorted(failed.items()))
+        raise RuntimeError(f"{len(failed)} shard(s) failed and were not cached: {names}. Re-run the same command "
+                           f"to retry them; complete shards are kept")
+    return summary

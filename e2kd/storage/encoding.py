@@ -1,0 +1,122 @@
+"""How teacher outputs are encoded in a cache: a frozen, validated value written into the manifest.
+
+Columns of one shard (``N`` samples, ``V`` views):
+
+- ``labels`` int32 ``[N]``, ``views`` float32 ``[N, V, 5]``, ``target`` int32 ``[N, V]`` (teacher top-1);
+- logits: ``logits`` float16 ``[N, V, C]``, or with ``topk`` the top-k ``topk_values`` float16 and
+  ``topk_indices`` int32 ``[N, V, k]`` plus ``logsumexp`` float32 ``[N, V]`` of all logits;
+- maps: ``maps`` float16 ``[N, V, C_e, h, w]``, or uint8 with a per-map ``map_scale`` and ``map_offset``
+  (float32 ``[N, V]``), so signed maps survive quantisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from e2kd.losses import logits_from_topk
+
+__all__ = ["Encoding", "MAP_DTYPES", "CNAMES"]
+
+MAP_DTYPES = ("float16", "uint8")
+CNAMES = ("zstd", "lz4", "lz4hc", "zlib", "blosclz")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Logit and map encoding of a cache, plus its chunking and Blosc compressor settings."""
+
+    num_classes: int
+    topk: int | None = None
+    map_dtype: str = "float16"
+    map_size: tuple[int, int] | None = None
+    cname: str = "zstd"
+    clevel: int = 5
+    chunk_samples: int = 64
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.topk is not None and not 1 <= self.topk <= self.num_classes:
+            raise ValueError(f"topk must be in [1, num_classes={self.num_classes}], got {self.topk}")
+        if self.map_dtype not in MAP_DTYPES:
+            raise ValueError(f"map dtype must be one of {MAP_DTYPES}, got {self.map_dtype!r}")
+        if self.map_size is not None and (len(self.map_size) != 2 or min(self.map_size) < 1):
+            raise ValueError(f"map size must be two positive integers, got {self.map_size}")
+        if self.cname not in CNAMES:
+            raise ValueError(f"compressor must be one of {CNAMES}, got {self.cname!r}")
+        if not 0 <= self.clevel <= 9:
+            raise ValueError(f"Expected an integer in (0, 9) for clevel. Got {self.clevel} instead.")
+        if self.chunk_samples < 1:
+            raise ValueError(f"chunk_samples must be >= 1, got {self.chunk_samples}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["map_size"] = list(self.map_size) if self.map_size else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Encoding:
+        d = dict(d)
+        d["map_size"] = tuple(d["map_size"]) if d.get("map_size") else None
+        return cls(**d)
+
+    # ---- encode (writer side) -------------------------------------------------------------------
+    def pool_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """Area-pool ``[B, C_e, h, w]`` maps to ``map_size`` (no-op when unset or already that size)."""
+        if self.map_size is None or tuple(maps.shape[-2:]) == tuple(self.map_size):
+            return maps
+        if maps.shape[-2] < self.map_size[0] or maps.shape[-1] < self.map_size[1]:
+            raise ValueError(f"--map-size {self.map_size} is larger than the explainer's map {tuple(maps.shape[-2:])}")
+        return F.adaptive_avg_pool2d(maps, self.map_size)
+
+    def encode(self, logits: np.ndarray, maps: np.ndarray) -> dict[str, np.ndarray]:
+        """Encode float32 logits ``[N, V, C]`` and maps ``[N, V, C_e, h, w]`` into columns."""
+        cols: dict[str, np.ndarray] = {"target": logits.argmax(-1).astype(np.int32)}
+        if self.topk is None:
+            cols["logits"] = logits.astype(np.float16)
+        else:
+            order = np.argsort(-logits, axis=-1, kind="stable")[..., : self.topk]
+            cols["topk_values"] = np.take_along_axis(logits, order, -1).astype(np.float16)
+            cols["topk_indices"] = order.astype(np.int32)
+            top = logits.max(-1, keepdims=True)
+            cols["logsumexp"] = (top[..., 0] + np.log(np.exp(logits - top).sum(-1))).astype(np.float32)
+        if self.map_dtype == "float16":
+            cols["maps"] = maps.astype(np.float16)
+        else:
+            flat = maps.reshape(*maps.shape[:2], -1)
+            lo, hi = flat.min(-1), flat.max(-1)
+            scale = ((hi - lo) / 255.0).astype(np.float32)
+            safe = np.where(scale > 0, scale, 1.0)
+            q = np.rint((flat - lo[..., None]) / safe[..., None])
+            cols["maps"] = np.clip(q, 0, 255).astype(np.uint8).reshape(maps.shape)
+            cols["map_scale"], cols["map_offset"] = scale, lo.astype(np.float32)
+        return cols
+
+    # ---- decode (reader side) -------------------------------------------------------------------
+    def decode_logits(self, cols: dict[str, np.ndarray]) -> torch.Tensor:
+        """Full float32 logits ``[..., V, C]`` (rebuilt from the top-k cache when ``topk`` is set)."""
+        if self.topk is None:
+            return torch.from_numpy(np.asarray(cols["logits"], dtype=np.float32))
+        return logits_from_topk(torch.from_numpy(np.asarray(cols["topk_values"], dtype=np.float32)),
+                                torch.from_numpy(np.asarray(cols["topk_indices"], dtype=np.int64)),
+                                torch.from_numpy(np.asarray(cols["logsumexp"], dtype=np.float32)), self.num_classes)
+
+    def decode_maps(self, cols: dict[str, np.ndarray]) -> torch.Tensor:
+        """Float32 maps ``[..., V, C_e, h, w]``."""
+        maps = np.asarray(cols["maps"], dtype=np.float32)
+        if self.map_dtype == "uint8":
+            scale = np.asarray(cols["map_scale"], dtype=np.float32)[..., None, None, None]
+            offset = np.asarray(cols["map_offset"], dtype=np.float32)[..., None, None, None]
+            maps = maps * scale + offset
+        return torch.from_numpy(maps)
+
+    def column_names(self) -> list[str]:
+        names = ["labels", "views", "target"]
+        names += ["logits"] if self.topk is None else ["topk_values", "topk_indices", "logsumexp"]
+        names += ["maps"] if self.map_dtype == "float16" else ["maps", "map_scale", "map_offset"]
+        return names

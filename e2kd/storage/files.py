@@ -1,0 +1,150 @@
+"""File-level primitives of a store: fsspec paths, shard checksums, atomic JSON writes, the writer lock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = ["resolve", "is_local", "checksum_files", "checksum_local_dir", "write_json_atomic", "read_json",
+           "StoreLock", "StoreLockedError", "commit_dir", "SHARDS_DIR", "STAGING_DIR", "MANIFEST", "LOCK"]
+
+SHARDS_DIR = "shards"
+STAGING_DIR = ".staging"
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+
+
+def resolve(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, root path)`` for a local path or an fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return fs, path.rstrip("/")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def checksum_files(fs: fsspec.AbstractFileSystem, root: str) -> tuple[str, int]:
+    """sha256 over every file under ``root`` (relative path, size and content, in sorted order), and total bytes.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+    """
+    if not fs.exists(root):
+        raise FileNotFoundError(root)
+    files = sorted(p for p in fs.find(root) if not fs.isdir(p))
+    digest, total = hashlib.sha256(), 0
+    for path in files:
+        rel = path[len(root):].lstrip("/")
+        data = fs.cat_file(path)
+        digest.update(f"{rel}\x00{len(data)}\x00".encode())
+        digest.update(hashlib.sha256(data).digest())
+        total += len(data)
+    return digest.hexdigest(), total
+
+
+def checksum_local_dir(path: str | Path) -> tuple[str, int]:
+    return checksum_files(fsspec.filesystem("file"), str(Path(path).resolve()))
+
+
+def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, data: dict[str, Any]) -> None:
+    """Replace a JSON file atomically: temp + rename locally; one ``pipe`` (the commit) on object storage."""
+    text = json.dumps(data, indent=1, sort_keys=True).encode()
+    if is_local(fs):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, text)
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    return json.loads(fs.cat_file(path))
+
+
+def commit_dir(staging: Path, fs: fsspec.AbstractFileSystem, final: str) -> None:
+    """Make a fully written local staging directory visible at ``final`` (rename locally, upload remotely)."""
+    if fs.exists(final):
+        fs.rm(final, recursive=True)  # leftover of a killed run: it was never committed in the manifest
+    if is_local(fs):
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.replace(staging, final)
+    else:
+        fs.put(str(staging), final, recursive=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class StoreLockedError(RuntimeError):
+    """Another writer holds the store."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StoreLock:
+    """One writer per store: a lock file with the owner's host and pid; a dead owner's lock is taken over."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs, self.path = fs, f"{root}/{LOCK}"
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+
+    def acquire(self) -> None:
+        if self.fs.exists(self.path):
+            self._take_over_or_refuse()
+        if is_local(self.fs):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                raise StoreLockedError(f"{self.path} appeared while starting: another writer is running") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.owner, f)
+        else:
+            self.fs.pipe_file(self.path, json.dumps(self.owner).encode())
+
+    def _take_over_or_refuse(self) -> None:
+        try:
+            holder = read_json(self.fs, self.path)
+        except (json.JSONDecodeError, FileNotFoundError):
+            holder = {}
+        same_host = holder.get("host") == socket.gethostname()
+        pid = int(holder.get("pid", -1))
+        if same_host and pid > 0 and not _pid_alive(pid):
+            self.fs.rm(self.path)  # its owner is dead (killed run): take over
+            return
+        raise StoreLockedError(f"store is locked by host {holder.get('host', '?')} pid {holder.get('pid', '?')} "
+                               f"({self.path}); another cache-teacher is writing it. If that job is gone, "
+                               f"remove the lock file")
+
+    def release(self) -> None:
+        try:
+            holder = read_json(self.fs, self.path)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        if holder.get("pid") == self.owner["pid"] and holder.get("host") == self.owner["host"]:
+            self.fs.rm(self.path)
+
+    def __enter__(self) -> StoreLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,92 @@
+"""The cache manifest: a versioned, validated JSON document that makes a store self-describing."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "IDENTITY_FIELDS", "new_manifest", "validate_manifest", "check_compatible",
+           "input_fingerprint", "ManifestError", "shard_record"]
+
+SCHEMA = "e2kd.teacher-cache"
+SCHEMA_VERSION = 1
+#: Fields that define what a cache holds: a run whose values differ must not write into the store.
+IDENTITY_FIELDS = ("format", "teacher", "explainer", "preprocessing", "views", "encoding", "precision")
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed, of an unknown schema version, or does not match a run."""
+
+
+def new_manifest(*, version: str, fmt: str, teacher: dict, explainer: dict, preprocessing: dict, views: dict,
+                 encoding: dict, precision: str) -> dict[str, Any]:
+    """A manifest with no shards yet."""
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "e2kd_version": version, "format": fmt,
+            "teacher": teacher, "explainer": explainer, "preprocessing": preprocessing, "views": views,
+            "encoding": encoding, "precision": precision, "map_shape": None,
+            "inputs": {"urls": [], "fingerprint": None}, "shards": {}}
+
+
+def shard_record(*, source: str, num_samples: int, num_errors: int, sha256: str, nbytes: int,
+                 map_shape: list[int] | None) -> dict[str, Any]:
+    return {"source": source, "num_samples": int(num_samples), "num_errors": int(num_errors), "sha256": sha256,
+            "bytes": int(nbytes), "map_shape": map_shape, "complete": True}
+
+
+def input_fingerprint(sources: dict[str, str]) -> str:
+    """sha256 over the sorted ``shard name → input URL`` pairs the cache was built from."""
+    text = "\n".join(f"{name}\t{url}" for name, url in sorted(sources.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ManifestError(msg)
+
+
+def validate_manifest(m: Any) -> dict[str, Any]:
+    """Check structure, schema version and every shard record; return the manifest.
+
+    Raises:
+        ManifestError: naming the first bad field.
+    """
+    _require(isinstance(m, dict), "manifest is not a JSON object")
+    _require(m.get("schema") == SCHEMA, f"not an e2kd teacher cache (schema {m.get('schema')!r}, expected {SCHEMA!r})")
+    version = m.get("schema_version")
+    _require(isinstance(version, int), "manifest has no integer schema_version")
+    _require(version <= SCHEMA_VERSION, f"manifest schema_version {version} is newer than this e2kd understands "
+                                        f"({SCHEMA_VERSION}); upgrade e2kd")
+    _require(version == SCHEMA_VERSION, f"unknown manifest schema_version {version} (supported: {SCHEMA_VERSION})")
+    _require(m.get("format") in ("zarr", "wds"), f"unknown store format {m.get('format')!r}")
+    for field in ("teacher", "explainer", "preprocessing", "views", "encoding", "inputs", "shards"):
+        _require(isinstance(m.get(field), dict), f"manifest field {field!r} is missing or not an object")
+    _require(isinstance(m["teacher"].get("num_classes"), int), "manifest teacher.num_classes is not an integer")
+    for name, rec in m["shards"].items():
+        _require(bool(_SHARD_NAME.match(name)) and ".." not in name, f"unsafe shard name {name!r} in manifest")
+        _require(isinstance(rec, dict), f"shard {name!r}: record is not an object")
+        _require(isinstance(rec.get("num_samples"), int) and rec["num_samples"] >= 0,
+                 f"shard {name!r}: bad num_samples")
+        _require(isinstance(rec.get("sha256"), str) and bool(_SHA256.match(rec["sha256"])),
+                 f"shard {name!r}: bad sha256")
+        _require(isinstance(rec.get("complete"), bool), f"shard {name!r}: bad complete flag")
+    return m
+
+
+def check_compatible(existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Refuse to mix runs: raise naming the first identity field whose value differs."""
+    for field in IDENTITY_FIELDS:
+        if existing.get(field) != wanted.get(field):
+            raise ManifestError(f"the store was written with a different {field}: "
+                                f"{_diff(existing.get(field), wanted.get(field))}; use --overwrite to start over "
+                                f"or another --out")
+
+
+def _diff(a: Any, b: Any) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return f"{key}={a.get(key)!r} in the store, {b.get(key)!r} now"
+    return f"{a!r} in the store, {b!r} now"

@@ -1,0 +1,56 @@
+"""Zarr v3 shard format: one Zarr group per input shard, one array per column, Blosc-compressed chunks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from e2kd.storage.encoding import Encoding
+from e2kd.storage.files import is_local
+
+__all__ = ["write_columns", "read_columns", "DATA_NAME"]
+
+DATA_NAME = "data.zarr"
+
+
+def _codec(encoding: Encoding, dtype: np.dtype) -> BloscCodec:
+    shuffle = "bitshuffle" if dtype.itemsize == 2 else ("shuffle" if dtype.itemsize > 1 else "noshuffle")
+    return BloscCodec(cname=encoding.cname, clevel=encoding.clevel, shuffle=shuffle, typesize=dtype.itemsize)
+
+
+def write_columns(shard_dir: Path, columns: dict[str, np.ndarray], encoding: Encoding) -> None:
+    """Write all columns of one shard into ``shard_dir/data.zarr`` (a private, local staging directory)."""
+    group = zarr.open_group(zarr.storage.LocalStore(str(shard_dir / DATA_NAME)), mode="w", zarr_format=3)
+    for name in sorted(columns):
+        data = np.ascontiguousarray(columns[name])
+        chunks = (max(1, min(encoding.chunk_samples, data.shape[0])),) + tuple(max(1, s) for s in data.shape[1:])
+        arr = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype,
+                                 compressors=[_codec(encoding, data.dtype)], fill_value=0)
+        if data.size:
+            arr[...] = data
+
+
+def _open(fs: fsspec.AbstractFileSystem, shard_path: str) -> zarr.Group:
+    path = f"{shard_path}/{DATA_NAME}"
+    if is_local(fs):
+        store = zarr.storage.LocalStore(path, read_only=True)
+    else:
+        store = zarr.storage.FsspecStore.from_url(fs.unstrip_protocol(path), read_only=True)
+    return zarr.open_group(store, mode="r", zarr_format=3)
+
+
+def read_columns(fs: fsspec.AbstractFileSystem, shard_path: str, names: list[str],
+                 rows: slice | None = None) -> dict[str, np.ndarray]:
+    """Read ``names`` (all rows, or a slice of rows) from one shard."""
+    group = _open(fs, shard_path)
+    sel = rows if rows is not None else slice(None)
+    out = {}
+    for name in names:
+        if name not in group:
+            raise KeyError(f"shard {shard_path} has no array {name!r}")
+        out[name] = group[name][sel]
+    return out
