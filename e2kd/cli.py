@@ -119,7 +119,8 @@ def inspect_cmd(store: str, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(info) + "\n")
         return
-    click.echo(f"store       {store}  ({info['format']}, schema v{info['schema_version']}, e2kd {info['e2kd_version']})")
+    click.echo(f"store       {store}  ({info['format']}, schema v{info['schema_version']}, "
+               f"e2kd {info['e2kd_version']})")
     click.echo(f"teacher     {info['teacher']['name']}  classes={info['num_classes']}  "
                f"checkpoint sha256={info['teacher'].get('checkpoint_sha256')}")
     click.echo(f"explainer   {info['explainer']['name']}  map {info['map_shape']}  views {info['views']['policy']} "

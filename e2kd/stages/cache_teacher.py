@@ -8,7 +8,6 @@ replace), so the store is consistent at every instant and a killed run resumes w
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -17,7 +17,7 @@ from e2kd.models import create_model, input_transform
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, iter_shard
 from e2kd.pipeline.views import ViewPolicy, render_view
 from e2kd.storage.encoding import Encoding
-from e2kd.storage.files import STAGING_DIR, SHARDS_DIR, commit_dir, is_local, resolve
+from e2kd.storage.files import SHARDS_DIR, STAGING_DIR, commit_dir, is_local, resolve
 from e2kd.storage.manifest import shard_record
 from e2kd.storage.shards import stage_shard
 

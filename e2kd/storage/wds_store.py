@@ -27,7 +27,7 @@ def write_columns(shard_dir: Path, columns: dict[str, np.ndarray], encoding: obj
         for row in range(n):
             for name in sorted(columns):
                 buf = io.BytesIO()
-                np.save(buf, np.ascontiguousarray(columns[name][row]), allow_pickle=False)
+                np.save(buf, np.array(columns[name][row]), allow_pickle=False)  # keeps 0-d rows 0-d
                 info = tarfile.TarInfo(f"{row:08d}.{name}.npy")
                 info.size, info.mtime, info.mode = buf.tell(), 0, 0o444
                 buf.seek(0)

@@ -1,0 +1,65 @@
+"""Shared fixtures: one small digits-shift dataset, one tiny teacher, one Ray session and one cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+TEACHER_KWARGS = {"channels": [8, 16, 32, 64], "stem_width": 8, "output_stride": 16}
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from e2kd.pipeline.datasets import make_digits_shift
+
+    out = tmp_path_factory.mktemp("digits")
+    make_digits_shift(out, seed=0, image_size=64, shard_size=50)
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_urls(digits: Path) -> str:
+    return f"{digits}/train-{{000000..000005}}.tar"
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from e2kd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, **TEACHER_KWARGS)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_file(model.state_dict(), path)
+    return path
+
+
+def cache_options(data: str, out: Path | str, ckpt: Path, **overrides):
+    from e2kd.stages.cache_teacher import CacheTeacherOptions
+
+    opts = dict(data=data, out=str(out), teacher="resnet18", num_classes=10, checkpoint=str(ckpt),
+                teacher_kwargs=dict(TEACHER_KWARGS), views="2", flip_p=0.5, crop_scale=(0.3, 1.0), input_size=64,
+                batch_size=16, workers=2, progress=False)
+    opts.update(overrides)
+    return CacheTeacherOptions(**opts)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory, train_urls: str, teacher_ckpt: Path) -> Path:
+    """The reference cache: 6 train shards, 2 random views, 2 workers."""
+    from e2kd.stages.cache_teacher import run_cache_teacher
+
+    out = tmp_path_factory.mktemp("caches") / "ref"
+    run_cache_teacher(cache_options(train_urls, out, teacher_ckpt))
+    return out
+
+
+def shard_checksums(store: Path | str) -> dict[str, str]:
+    from e2kd.storage import open_store
+
+    return {n: r["sha256"] for n, r in open_store(str(store)).manifest["shards"].items()}
