@@ -102,7 +102,7 @@ def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags:
     click.echo(f"cached {summary['num_samples']} samples in {summary['shards']} shard(s) "
                f"({summary['shards_cached_now']} now, {summary['shards_already_complete']} already complete); "
                f"skipped {summary['skipped']} bad sample(s); {summary['bytes_per_sample_view']:.0f} B/sample/view; "
-               f"{summary['samples_per_s']:.1f} samples/s")
+               f"{summary['samples_per_s']:.1f} samples/s (+{summary['startup_seconds']:.0f} s Ray/teacher start-up)")
 
 
 @main.command("inspect")

@@ -188,13 +188,14 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
         manifest = _prepare_store(opts, header)
         todo = [s for s in shards if not manifest["shards"].get(s.name, {}).get("complete")]
         t0 = time.time()
-        failed = _run_shards(opts, manifest, todo, checkpoint) if todo else {}
+        failed, processing = _run_shards(opts, manifest, todo, checkpoint) if todo else ({}, 0.0)
         elapsed = time.time() - t0
-    return _summary(manifest, todo, failed, elapsed, len(shards) - len(todo))
+    return _summary(manifest, todo, failed, elapsed, processing, len(shards) - len(todo))
 
 
 def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[InputShard],
-                checkpoint: bytes | None) -> dict[str, str]:
+                checkpoint: bytes | None) -> tuple[dict[str, str], float]:
+    """Process shards on Ray actors; return (failed shard → reason, seconds from the first submission)."""
     import ray
     from tqdm import tqdm
 
@@ -235,11 +236,11 @@ def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[
         bar.close()
         for actor in actors:
             ray.kill(actor)
-    return failed
+    return failed, time.time() - t0
 
 
 def _summary(manifest: dict[str, Any], todo: list[InputShard], failed: dict[str, str], elapsed: float,
-             skipped_complete: int) -> dict[str, Any]:
+             processing: float, skipped_complete: int) -> dict[str, Any]:
     recs = manifest["shards"]
     n = sum(r["num_samples"] for r in recs.values())
     new = sum(recs[s.name]["num_samples"] for s in todo if s.name in recs)
@@ -248,7 +249,8 @@ def _summary(manifest: dict[str, Any], todo: list[InputShard], failed: dict[str,
     summary = {"num_samples": n, "skipped": sum(r["num_errors"] for r in recs.values()), "shards": len(recs),
                "shards_cached_now": len(todo) - len(failed), "shards_already_complete": skipped_complete,
                "bytes": nbytes, "bytes_per_sample_view": nbytes / max(1, n * views),
-               "samples_per_s": new / elapsed if elapsed > 0 else 0.0, "seconds": elapsed, "failed": failed}
+               "samples_per_s": new / processing if processing > 0 else 0.0, "seconds": elapsed,
+               "startup_seconds": elapsed - processing, "failed": failed}
     if failed:
         names = ", ".join(f"{k} ({v})" for k, v in sorted(failed.items()))
         raise RuntimeError(f"{len(failed)} shard(s) failed and were not cached: {names}. Re-run the same command "

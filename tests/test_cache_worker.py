@@ -1,0 +1,114 @@
+"""The teacher worker without Ray: B-cos maps, quantisation, pooling, top-k, image folders, object storage reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TEACHER_KWARGS
+
+from e2kd.cli import main
+from e2kd.config import build_options
+from e2kd.explain import build_explainer
+from e2kd.models import create_model, input_transform
+from e2kd.pipeline.sources import iter_shard, list_shards
+from e2kd.pipeline.views import ViewPolicy, render_view
+from e2kd.stages.cache_teacher import CacheTeacherOptions
+from e2kd.stages.teacher_worker import TeacherWorker, WorkerSpec
+from e2kd.storage import Encoding, open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(tmp_path: Path, teacher: dict, explainer: str, encoding: Encoding, views: int = 2) -> WorkerSpec:
+    return WorkerSpec(teacher=teacher, explainer=explainer,
+                      views=ViewPolicy(k=views, scale=(0.5, 1.0), flip_p=0.5, seed=1).to_dict(),
+                      input_size=(32, 32), encoding=encoding.to_dict(), fmt="zarr", store_uri=str(tmp_path))
+
+
+def test_bcos_maps_pooled_and_quantised_match_a_direct_computation(digits: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = {"name": "bcos:resnet18", "num_classes": 10, "kwargs": {"inplanes": 8}}
+    enc = Encoding(num_classes=10, map_dtype="uint8", map_size=(8, 8), topk=3)
+    worker = TeacherWorker(_spec(tmp_path, teacher, "bcos", enc))
+    shard = list_shards(f"{digits}/val-000000.tar")[0]
+    cols, keys, errors = worker.compute(shard)
+    assert not errors and cols["maps"].dtype == np.uint8 and cols["maps"].shape[1:] == (2, 6, 8, 8)
+    model = worker.model
+    samples = {s.key: s for s in iter_shard(shard)}
+    for row in (0, 17):
+        sample = samples[keys[row]]
+        x = torch.stack([render_view(sample.image, v, (32, 32)) for v in cols["views"][row]])
+        maps = build_explainer("bcos", model)(input_transform(model)(x))
+        pooled = torch.nn.functional.adaptive_avg_pool2d(maps, (8, 8))
+        decoded = enc.decode_maps({k: v[row] for k, v in cols.items()})
+        step = (pooled.flatten(1).amax(1) - pooled.flatten(1).amin(1)) / 255
+        assert ((decoded - pooled).abs().flatten(1).amax(1) <= step * 0.5 + 1e-3 * step + 1e-7).all()
+        assert decoded.min() < 0  # signed B-cos weights survive quantisation
+        top3 = model(input_transform(model)(x)).topk(3, dim=1).indices
+        assert np.array_equal(cols["topk_indices"][row], top3.numpy())
+
+
+def test_image_folder_source_keys_and_labels(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for cls, names in {"cat": ["a", "b"], "dog": ["c"]}.items():
+        (tmp_path / cls).mkdir()
+        for n in names:
+            Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / cls / f"{n}.png")
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    shards = list_shards(str(tmp_path))
+    assert [s.name for s in shards] == ["class-cat", "class-dog"]
+    items = [item for s in shards for item in iter_shard(s)]
+    good = {i.key: i.label for i in items if hasattr(i, "image")}
+    assert good == {"cat/a": 0, "cat/b": 0, "dog/c": 1}
+    assert [i.key for i in items if not hasattr(i, "image")] == ["dog/broken"]
+
+
+def test_stores_are_readable_through_fsspec_urls(cache: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    for root, _, files in os.walk(cache):
+        for f in files:
+            path = Path(root) / f
+            fs.pipe_file(f"/remote-cache/{path.relative_to(cache)}", path.read_bytes())
+    local, remote = open_store(str(cache)), open_store("memory://remote-cache")
+    assert remote.verify() == [] and len(remote) == len(local)
+    key = sorted(local.keys())[5]
+    for field in ("logits", "maps", "views", "target"):
+        assert torch.equal(local.read(key)[field], remote.read(key)[field])
+
+
+def test_yaml_config_and_flag_overrides(tmp_path: Path) -> None:
+    opts = build_options(CacheTeacherOptions, ROOT / "configs" / "demo-digits.yaml",
+                         {"data": "x.tar", "out": "o", "views": "4", "workers": None})
+    assert opts.views == "4" and opts.teacher == "resnet18" and opts.input_size == 64 and opts.flip_p == 0.0
+    build_options(CacheTeacherOptions, ROOT / "configs" / "imagenet-resnet50-gradcam.yaml",
+                  {"data": "x.tar", "out": "o"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: resnet18\nnum_clases: 3\n")
+    result = CliRunner().invoke(main, ["cache-teacher", "--config", str(bad), "--data", "x", "--out", "o"])
+    assert result.exit_code == 1 and "num_clases" in result.output
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["cache-teacher", "--data", str(tmp_path / "none.tar"), "--out",
+                                       str(tmp_path / "o"), "--teacher", "resnet18", "--num-classes", "3"])
+    assert result.exit_code == 1 and "input shard not found" in result.output
+    result = CliRunner().invoke(main, ["cache-teacher", "--data", "x", "--out", "o", "--teacher", "bcos:resnet18",
+                                       "--num-classes", "3"])
+    assert result.exit_code == 1 and "does not fit teacher" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("teacher_kwargs", [TEACHER_KWARGS])
+def test_worker_matches_model_spec(teacher_kwargs: dict, tmp_path: Path) -> None:
+    teacher = {"name": "resnet18", "num_classes": 10, "kwargs": teacher_kwargs}
+    worker = TeacherWorker(_spec(tmp_path, teacher, "gradcam", Encoding(10)))
+    assert sum(p.numel() for p in worker.model.parameters()) == sum(
+        p.numel() for p in create_model("resnet18", 10, **teacher_kwargs).parameters())
+    assert not any(p.requires_grad for p in worker.model.parameters())
