@@ -145,5 +145,86 @@ def verify_cmd(store: str) -> None:
     click.echo("ok: every shard matches its checksum")
 
 
+@main.command("train-student")
+@click.option("--data", help="Training images: the shards (or image folder) the cache was built from.")
+@click.option("--cache", help="Teacher cache (from cache-teacher).")
+@click.option("--student", help="timm model name or bcos:<name>.")
+@click.option("--out", help="Run directory: metrics.jsonl, checkpoint.pt, student.safetensors, summary.json.")
+@click.option("--student-kwargs", help="JSON kwargs for the student constructor.")
+@click.option("--student-init", type=click.Path(dir_okay=False), help="Initial student weights.")
+@click.option("--num-classes", type=int, help="Default: the cache's; must agree with it.")
+@click.option("--explainer", help="Student explainer. Default: the cache's; must be of the same family.")
+@click.option("--input-size", type=int, help="Default: the cache's; must agree with a K-view cache.")
+@click.option("--epochs", type=int, help="[default: 10]")
+@click.option("--steps-per-epoch", type=int, help="Default: usable samples // (batch × ranks).")
+@click.option("--batch-size", type=int, help="[default: 64]")
+@click.option("--lr", type=float, help="[default: 1e-3]")
+@click.option("--weight-decay", type=float, help="[default: 1e-4]")
+@click.option("--opt", help="timm optimiser name  [default: adamw]")
+@click.option("--sched", help="timm scheduler name  [default: cosine]")
+@click.option("--warmup-epochs", type=int, help="[default: 0]")
+@click.option("--clip-grad", type=float, help="Gradient norm clip (0: off)  [default: 1.0]")
+@click.option("--lambda", "lam", type=float, help="Weight of the explanation loss; 0 is plain KD  [default: 1]")
+@click.option("--temperature", type=float, help="KD temperature  [default: 1]")
+@click.option("--ce-weight", type=float, help="Cross-entropy on labels (−1 ignored)  [default: 0]")
+@click.option("--crop-scale", nargs=2, type=float, help="Random-resized-crop area of a full cache  [default: 0.08 1]")
+@click.option("--flip-p", type=float, help="Flip probability with a full cache  [default: 0]")
+@click.option("--shots", type=int, help="Use N images per class (few-shot).")
+@click.option("--shot-seed", type=int, help="Seed of the --shots draw  [default: 0]")
+@click.option("--val-data", help="Validation shards: top-1 every epoch.")
+@click.option("--val-cache", help="Teacher cache of --val-data: agreement and explanation similarity.")
+@click.option("--workers", type=int, help="DataLoader workers  [default: 0]")
+@click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
+@click.option("--resume/--no-resume", default=None, help="Continue from RUN_DIR/checkpoint.pt.")
+@click.option("--allow-missing/--no-allow-missing", default=None, help="Skip and count keys missing on one side.")
+@click.option("--seed", type=int, help="[default: 0]")
+@click.option("--online-teacher", help="Live-teacher baseline (no --cache): teacher model name.")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), help="Weights of --online-teacher.")
+@click.option("--teacher-kwargs", help="JSON kwargs of --online-teacher.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="YAML file of these options.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
+    """Train a student from cached teacher outputs (KD + λ·explanation loss); the teacher is never loaded."""
+    from e2kd.config import build_options, parse_json_kwargs
+    from e2kd.stages.train_student import TrainOptions, train_student
+
+    try:
+        flags["student_kwargs"] = parse_json_kwargs(flags["student_kwargs"])
+        flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
+        flags["progress"] = False if quiet else None
+        summary = train_student(build_options(TrainOptions, config, flags))
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
+        raise _fail(exc) from None
+    final = ", ".join(f"{k}={v:.4g}" for k, v in summary["final"].items())
+    click.echo(f"trained {summary['steps']} steps on {summary['samples']} samples: {final}")
+
+
+@main.command("evaluate")
+@click.option("--data", required=True, help="Evaluation shards.")
+@click.option("--student", required=True, help="Student model name.")
+@click.option("--weights", required=True, type=click.Path(exists=True, dir_okay=False), help="student.safetensors")
+@click.option("--student-kwargs", help="JSON kwargs of the student constructor.")
+@click.option("--cache", help="Teacher cache of --data: agreement and explanation similarity.")
+@click.option("--num-classes", type=int, help="Needed without --cache.")
+@click.option("--input-size", type=int, help="Needed without --cache.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON line on stdout.")
+def evaluate_cmd(data: str, student: str, weights: str, student_kwargs: str | None, cache: str | None,
+                 num_classes: int | None, input_size: int | None, batch_size: int, as_json: bool) -> None:
+    """Top-1, agreement with the teacher and explanation similarity of a trained student."""
+    from e2kd.config import parse_json_kwargs
+    from e2kd.stages.evaluate import evaluate_weights
+
+    try:
+        metrics = evaluate_weights(data, student, weights, parse_json_kwargs(student_kwargs), cache, num_classes,
+                                   input_size=input_size, batch_size=batch_size)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps(metrics) + "\n")
+    else:
+        click.echo("  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
 if __name__ == "__main__":
     main()

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["InputShard", "Sample", "BadSample", "list_shards", "iter_shard", "decode_image", "IMAGE_EXTS"]
+__all__ = ["InputShard", "Sample", "BadSample", "list_shards", "iter_shard", "iter_keys", "decode_image",
+           "IMAGE_EXTS"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REFUSED_EXTS = ("pkl", "pyd", "pickle", "pth", "pt")
@@ -124,6 +125,25 @@ def iter_shard(shard: InputShard) -> Iterator[Sample | BadSample]:
         yield from _iter_folder(shard)
     else:
         yield from _iter_tar(shard)
+
+
+def iter_keys(shard: InputShard) -> Iterator[tuple[str, int]]:
+    """``(key, label)`` of every sample in a shard without decoding images (a cheap listing pass)."""
+    if shard.kind == "folder":
+        for path in sorted(p for p in Path(shard.url).rglob("*") if p.is_file() and p.suffix.lower() in _FOLDER_EXTS):
+            yield str(path.relative_to(shard.root).with_suffix("")).replace(os.sep, "/"), shard.label
+        return
+    import webdataset as wds
+
+    try:
+        for raw in wds.WebDataset(shard.url, shardshuffle=False, empty_check=False):
+            try:
+                label = int(raw["cls"].decode().strip()) if "cls" in raw else -1
+            except (ValueError, UnicodeDecodeError):
+                label = -1
+            yield str(raw.get("__key__", "")), label
+    except Exception:  # noqa: BLE001 - a truncated tar: the keys before the damage are listed
+        return
 
 
 def _iter_folder(shard: InputShard) -> Iterator[Sample | BadSample]:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["View", "ViewPolicy", "FULL_VIEW", "draw_views", "render_view", "RENDER_SPEC", "view_rng"]
+__all__ = ["View", "ViewPolicy", "FULL_VIEW", "draw_views", "draw_view", "render_view", "crop_map", "RENDER_SPEC",
+           "view_rng", "pixel_view"]
 
 #: How :func:`render_view` resamples: recorded in every cache manifest.
 RENDER_SPEC = {"crop": "round-to-pixel", "interpolation": "bilinear", "antialias": True, "align_corners": False}
@@ -113,6 +114,12 @@ def draw_views(seed: int, key: str, k: int, height: int, width: int, scale: Sequ
     return [_draw_one(view_rng(seed, key, i), height, width, scale, ratio, flip_p) for i in range(k)]
 
 
+def draw_view(seed: int, key: str, index: int, height: int, width: int, scale: Sequence[float] = (0.08, 1.0),
+              ratio: Sequence[float] = (3 / 4, 4 / 3), flip_p: float = 0.5) -> View:
+    """The ``index``-th view of :func:`draw_views` alone (e.g. one fresh crop per epoch)."""
+    return _draw_one(view_rng(seed, key, index), height, width, scale, ratio, flip_p)
+
+
 def _draw_one(gen: torch.Generator, height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
               flip_p: float) -> View:
     area = height * width
@@ -164,3 +171,24 @@ def render_view(image_uint8_chw: Tensor, view: Sequence[float], size: tuple[int,
     if float(view[4]) >= 0.5:
         out = out.flip(-1)
     return out.clamp_(0.0, 1.0)
+
+
+def pixel_view(view: Sequence[float], height: int, width: int) -> View:
+    """The view exactly as :func:`render_view` crops it (snapped to whole pixels), in normalised coordinates."""
+    top, left, h, w = _pixel_box(view, height, width)
+    return View(top / height, left / width, h / height, w / width, float(view[4]) >= 0.5)
+
+
+def crop_map(maps: Tensor, view: Sequence[float], image_hw: tuple[int, int]) -> Tensor:
+    """Apply an image view to a map of the **whole** image: RoIAlign over the same (pixel-snapped) box, then flip.
+
+    The map ``[C_e, h, w]`` keeps its resolution; this is the ❄ frozen-e²KD joint crop of a ``full`` cache.
+    """
+    from torchvision.ops import roi_align
+
+    snapped = pixel_view(view, *image_hw)
+    _, h, w = maps.shape
+    box = torch.tensor([[0.0, snapped.left * w, snapped.top * h, (snapped.left + snapped.width) * w,
+                         (snapped.top + snapped.height) * h]], dtype=maps.dtype)
+    out = roi_align(maps[None], box, output_size=(h, w), spatial_scale=1.0, sampling_ratio=-1, aligned=True)[0]
+    return out.flip(-1) if snapped.flip else out

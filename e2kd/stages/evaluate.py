@@ -1,0 +1,78 @@
+"""``e2kd evaluate``: top-1, agreement with the teacher's top-1 and explanation similarity to the teacher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from e2kd.explain import build_explainer
+from e2kd.losses import explanation_similarity
+from e2kd.models import create_model, input_transform
+from e2kd.pipeline.loader import StreamSpec, build_loader, plan_join
+from e2kd.pipeline.sources import list_shards
+
+__all__ = ["evaluate_student", "evaluate_weights"]
+
+
+def evaluate_student(model: torch.nn.Module, data: str, cache: str | None, explainer: str | None, input_size: int,
+                     batch_size: int = 64, workers: int = 0) -> dict[str, float]:
+    """Metrics of a student on ``data`` (whole images, or the cache's first view for a K-view cache).
+
+    Returns ``top1`` when samples carry labels, and with a cache ``agreement`` (student top-1 = teacher top-1)
+    and ``expl_sim`` (mean cosine of the student's map to the cached teacher map, for the teacher's class).
+    Metrics that cannot be computed are absent, never NaN.
+    """
+    from e2kd.storage import open_store
+
+    store = open_store(cache) if cache else None
+    plan = plan_join(list_shards(data), store)
+    spec = StreamSpec(shards=list_shards(data), keys=set(plan.keys), input_size=(input_size, input_size),
+                      cache_uri=cache, random_crop=False, shuffle_buffer=1)
+    _, loader = build_loader(spec, batch_size, workers)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    explain = build_explainer(explainer, model) if (store is not None and explainer) else None
+    sums = {"correct": 0, "labelled": 0, "agree": 0, "sim": 0.0, "cached": 0}
+    for batch in loader:
+        x = input_transform(model)(batch["image"].to(device))
+        if "t_logits" in batch and explain is not None:
+            targets = batch["target"].to(device)
+            maps = explain(x, targets)
+            logits = explain.last_logits
+            sums["agree"] += int((logits.argmax(1) == targets).sum())
+            sums["sim"] += float(explanation_similarity(maps, batch["t_map"].to(device).float()).sum())
+            sums["cached"] += len(targets)
+        else:
+            with torch.no_grad():
+                logits = model(x)
+        labels = batch["label"].to(device)
+        mask = labels >= 0
+        sums["correct"] += int((logits.argmax(1)[mask] == labels[mask]).sum())
+        sums["labelled"] += int(mask.sum())
+    model.train(was_training)
+    out: dict[str, float] = {}
+    if sums["labelled"]:
+        out["top1"] = sums["correct"] / sums["labelled"]
+    if sums["cached"]:
+        out["agreement"] = sums["agree"] / sums["cached"]
+        out["expl_sim"] = sums["sim"] / sums["cached"]
+    return out
+
+
+def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict[str, Any] | None = None,
+                     cache: str | None = None, num_classes: int | None = None, explainer: str | None = None,
+                     input_size: int | None = None, batch_size: int = 64, workers: int = 0) -> dict[str, float]:
+    """Load ``student.safetensors`` and evaluate it (class count, explainer, size default to the cache's)."""
+    from e2kd.storage import open_store
+
+    if cache:
+        m = open_store(cache).manifest
+        num_classes = num_classes or m["teacher"]["num_classes"]
+        explainer = explainer or m["explainer"]["name"]
+        input_size = input_size or m["preprocessing"]["input_size"][0]
+    if num_classes is None or input_size is None:
+        raise ValueError("without --cache, give --num-classes and --input-size")
+    model = create_model(student, num_classes, checkpoint=weights, **(student_kwargs or {}))
+    return evaluate_student(model, data, cache, explainer, input_size, batch_size, workers)
