@@ -112,3 +112,15 @@ def test_worker_matches_model_spec(teacher_kwargs: dict, tmp_path: Path) -> None
     assert sum(p.numel() for p in worker.model.parameters()) == sum(
         p.numel() for p in create_model("resnet18", 10, **teacher_kwargs).parameters())
     assert not any(p.requires_grad for p in worker.model.parameters())
+
+
+def test_a_truncated_tar_yields_its_intact_samples_then_a_recorded_error(digits: Path, tmp_path: Path) -> None:
+    from e2kd.pipeline.sources import iter_keys
+
+    data = (digits / "train-000001.tar").read_bytes()
+    (tmp_path / "cut-000000.tar").write_bytes(data[: len(data) // 3])
+    shard = list_shards(str(tmp_path / "cut-000000.tar"))[0]
+    items = list(iter_shard(shard))
+    good = [i for i in items if hasattr(i, "image")]
+    assert 0 < len(good) < 50 and items[-1].key == "*" and "unreadable shard" in items[-1].reason
+    assert [k for k, _ in iter_keys(shard)] == [g.key for g in good]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,17 +134,22 @@ def iter_keys(shard: InputShard) -> Iterator[tuple[str, int]]:
         for path in sorted(p for p in Path(shard.url).rglob("*") if p.is_file() and p.suffix.lower() in _FOLDER_EXTS):
             yield str(path.relative_to(shard.root).with_suffix("")).replace(os.sep, "/"), shard.label
         return
-    import webdataset as wds
-
     try:
-        for raw in wds.WebDataset(shard.url, shardshuffle=False, empty_check=False):
+        for raw in _raw_samples(shard.url):
             try:
                 label = int(raw["cls"].decode().strip()) if "cls" in raw else -1
             except (ValueError, UnicodeDecodeError):
                 label = -1
             yield str(raw.get("__key__", "")), label
-    except Exception:  # noqa: BLE001 - a truncated tar: the keys before the damage are listed
+    except (tarfile.ReadError, EOFError, OSError):  # a truncated tar: the keys before the damage are listed
         return
+
+
+def _raw_samples(url: str) -> Iterator[dict]:
+    """Raw (undecoded) samples of one tar; e2kd splits shards over ranks and workers itself."""
+    import webdataset as wds
+
+    return iter(wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None))
 
 
 def _iter_folder(shard: InputShard) -> Iterator[Sample | BadSample]:
@@ -157,10 +163,8 @@ def _iter_folder(shard: InputShard) -> Iterator[Sample | BadSample]:
 
 
 def _iter_tar(shard: InputShard) -> Iterator[Sample | BadSample]:
-    import webdataset as wds
-
     seen: set[str] = set()
-    stream = iter(wds.WebDataset(shard.url, shardshuffle=False, empty_check=False))  # raw bytes, no decoders
+    stream = _raw_samples(shard.url)  # raw bytes, no decoders
     while True:
         try:
             raw = next(stream)

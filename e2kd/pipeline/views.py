@@ -179,10 +179,12 @@ def pixel_view(view: Sequence[float], height: int, width: int) -> View:
     return View(top / height, left / width, h / height, w / width, float(view[4]) >= 0.5)
 
 
-def crop_map(maps: Tensor, view: Sequence[float], image_hw: tuple[int, int]) -> Tensor:
+def crop_map(maps: Tensor, view: Sequence[float], image_hw: tuple[int, int],
+             size: tuple[int, int] | None = None) -> Tensor:
     """Apply an image view to a map of the **whole** image: RoIAlign over the same (pixel-snapped) box, then flip.
 
-    The map ``[C_e, h, w]`` keeps its resolution; this is the ❄ frozen-e²KD joint crop of a ``full`` cache.
+    The result has the map's own resolution ``[C_e, h, w]`` unless ``size`` is given; this is the ❄
+    frozen-e²KD joint crop of a ``full`` cache.
     """
     from torchvision.ops import roi_align
 
@@ -190,5 +192,6 @@ def crop_map(maps: Tensor, view: Sequence[float], image_hw: tuple[int, int]) -> 
     _, h, w = maps.shape
     box = torch.tensor([[0.0, snapped.left * w, snapped.top * h, (snapped.left + snapped.width) * w,
                          (snapped.top + snapped.height) * h]], dtype=maps.dtype)
-    out = roi_align(maps[None], box, output_size=(h, w), spatial_scale=1.0, sampling_ratio=-1, aligned=True)[0]
+    out = roi_align(maps[None], box, output_size=size or (h, w), spatial_scale=1.0, sampling_ratio=-1,
+                    aligned=True)[0]
     return out.flip(-1) if snapped.flip else out
