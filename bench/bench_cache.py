@@ -26,6 +26,8 @@ import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from report import write_section  # noqa: E402
+
 from e2kd.explain import build_explainer  # noqa: E402
 from e2kd.models import create_model, input_transform  # noqa: E402
 from e2kd.pipeline.datasets import make_digits_shift  # noqa: E402
@@ -114,11 +116,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).write_text(report(result, " ".join(sys.argv)))
+        write_section(args.out, "cache-teacher", report(result, " ".join(sys.argv)))
 
 
 def report(r: dict, command: str) -> str:
-    lines = ["# Benchmarks", "", "## cache-teacher", "", f"Command: `{command}` (via `make bench`), "
+    lines = ["## cache-teacher", "", f"Command: `{command}` (via `make bench`), "
              f"{r['cores']} CPU cores, no GPU, {r['samples']} digits-shift images at {r['input_size']} px, "
              f"{r['views_per_sample']} views each, narrow ResNet-18 teacher (widths 32–256), GradCAM.", "",
              "| path | views/s |", "|---|---|",

@@ -23,8 +23,12 @@ def main() -> None:
 
     \b
     1. make-dataset   build the embedded digits-shift dataset (WebDataset shards)
-    2. cache-teacher  run a teacher once (Ray-parallel) and store its logits + explanation maps
-    3. inspect/verify look at and check a cache before training from it
+    2. train-teacher  (optional) train a teacher
+    3. cache-teacher  run a teacher once (Ray-parallel) and store its logits + explanation maps
+    4. inspect/verify look at and check a cache before training from it
+    5. train-student  train a student from the cache (KD + λ·explanation loss), no teacher loaded
+    6. evaluate/show  top-1, teacher agreement, explanation similarity; pictures of maps
+    demo runs all of it on digits-shift.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -224,6 +228,70 @@ def evaluate_cmd(data: str, student: str, weights: str, student_kwargs: str | No
         sys.stdout.write(json.dumps(metrics) + "\n")
     else:
         click.echo("  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+@main.command("train-teacher")
+@click.option("--data", required=True, help="Labelled training shards.")
+@click.option("--model", required=True, help="timm model name or bcos:<name>.")
+@click.option("--num-classes", required=True, type=int)
+@click.option("--out", required=True, help="Directory: teacher.safetensors, metrics.jsonl, summary.json.")
+@click.option("--model-kwargs", help="JSON kwargs of the model constructor.")
+@click.option("--input-size", default=224, show_default=True)
+@click.option("--epochs", default=25, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--lr", default=3e-3, show_default=True)
+@click.option("--label-smoothing", default=0.1, show_default=True)
+@click.option("--crop-scale", nargs=2, type=float, default=(0.7, 1.0), show_default=True)
+@click.option("--flip-p", default=0.0, show_default=True)
+@click.option("--val-data", help="Validation shards (top-1 per epoch).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_teacher_cmd(model_kwargs: str | None, quiet: bool, **kwargs: Any) -> None:
+    """Train a teacher with plain supervised learning (timm optimiser and schedule, label smoothing)."""
+    from e2kd.config import parse_json_kwargs
+    from e2kd.stages.train_teacher import TeacherOptions, train_teacher
+
+    try:
+        summary = train_teacher(TeacherOptions(model_kwargs=parse_json_kwargs(model_kwargs) or {}, progress=not quiet,
+                                               **kwargs))
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
+        raise _fail(exc) from None
+    click.echo(f"teacher: {', '.join(f'{k}={v:.4g}' for k, v in summary['final'].items())}")
+
+
+@main.command("demo")
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--quick", is_flag=True, help="Tiny budget (~2 min): checks the pipeline, not the accuracies.")
+def demo_cmd(out: str, quick: bool) -> None:
+    """digits-shift end to end: teacher, caches, KD vs ❄/K-view/live e²KD students, results table and figure."""
+    from e2kd.stages.demo import run_demo
+
+    try:
+        run_demo(out, quick=quick)
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
+        raise _fail(exc) from None
+    click.echo(f"wrote {out}/results.md, {out}/results.json and {out}/explanations.png")
+
+
+@main.command("show")
+@click.argument("store")
+@click.option("--key", required=True, help="Sample key.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--data", help="Where the image is (default: the manifest's local input path).")
+@click.option("--student", help="Student model name, to show its map beside the teacher's.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="student.safetensors")
+@click.option("--student-kwargs", help="JSON kwargs of the student constructor.")
+def show_cmd(store: str, key: str, out: str, data: str | None, student: str | None, weights: str | None,
+             student_kwargs: str | None) -> None:
+    """Image, view boxes and the teacher map per view (and the student's), as heat maps."""
+    from e2kd.config import parse_json_kwargs
+    from e2kd.stages.figures import show_key
+
+    try:
+        show_key(store, key, out, data, student, weights, parse_json_kwargs(student_kwargs))
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise _fail(exc) from None
+    click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":

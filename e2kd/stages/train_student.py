@@ -204,7 +204,8 @@ def _step(run: _Run, batch: dict[str, Any]) -> dict[str, float]:
     images = batch["image"].to(run.device)
     t_logits, t_maps, targets = run.targets(batch, run.device)
     x = input_transform(run.model)(images)
-    autocast = torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.opts.amp)
+    autocast = torch.autocast(device_type=run.device.type, dtype=torch.bfloat16,
+                              enabled=run.opts.amp and run.device.type == "cuda")  # --amp is a GPU option
     with autocast:
         if run.opts.lam > 0:
             s_maps = run.explainer(x, targets, create_graph=True)

@@ -1,0 +1,100 @@
+"""The demo end to end (--quick: the pipeline and its files, not the accuracies), show and evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TEACHER_KWARGS
+
+from e2kd.cli import main
+from e2kd.explain import build_explainer
+from e2kd.losses import explanation_similarity
+from e2kd.models import create_model, input_transform
+from e2kd.pipeline.sources import iter_shard, list_shards
+from e2kd.pipeline.views import render_view
+from e2kd.stages.demo import METHODS
+from e2kd.storage import open_store
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output[-3000:]
+    return out
+
+
+def test_quick_demo_writes_results_for_every_method(demo_dir: Path) -> None:
+    rows = json.loads((demo_dir / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["teacher", *METHODS]
+    for r in rows:
+        assert set(r) >= {"method", "seed", "id_acc", "ood_acc", "agreement", "expl_sim", "sec_per_epoch"}
+        assert 0.0 <= r["id_acc"] <= 1.0 and 0.0 <= r["ood_acc"] <= 1.0 and -1.0 <= r["expl_sim"] <= 1.0001
+    teacher = rows[0]
+    assert teacher["agreement"] == 1.0 and teacher["expl_sim"] > 0.999  # the teacher against its own cache
+    table = (demo_dir / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in ("teacher", *METHODS))
+    assert (demo_dir / "explanations.png").stat().st_size > 10_000
+    assert open_store(str(demo_dir / "cache-views")).manifest["views"]["k"] == 2
+
+
+def test_evaluate_agrees_with_an_independent_computation(demo_dir: Path) -> None:
+    weights = demo_dir / "runs" / "e2kd-frozen-seed0" / "student.safetensors"
+    kwargs = {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 16}
+    ood = ",".join(str(p) for p in sorted((demo_dir / "data").glob("test-ood-*.tar")))
+    result = CliRunner().invoke(main, ["evaluate", "--data", ood, "--cache", str(demo_dir / "cache-ood"), "--student",
+                                       "resnet18", "--student-kwargs", json.dumps(kwargs), "--weights", str(weights),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    store = open_store(str(demo_dir / "cache-ood"))
+    model = create_model("resnet18", 10, checkpoint=weights, **kwargs).eval()
+    explainer = build_explainer("gradcam", model)
+    correct = agree = n = 0
+    sims = []
+    for shard in list_shards(ood):
+        for s in iter_shard(shard):
+            rec = store.read(s.key)
+            x = render_view(s.image, rec["views"][0].tolist(), (64, 64))[None]
+            maps = explainer(input_transform(model)(x), rec["target"])
+            pred = int(explainer.last_logits.argmax())
+            correct += pred == s.label
+            agree += pred == int(rec["target"][0])
+            sims.append(float(explanation_similarity(maps, rec["maps"])))
+            n += 1
+    assert metrics["top1"] == pytest.approx(correct / n)
+    assert metrics["agreement"] == pytest.approx(agree / n)
+    assert metrics["expl_sim"] == pytest.approx(sum(sims) / n, abs=1e-4)
+
+
+def test_show_draws_views_and_maps(demo_dir: Path, tmp_path: Path) -> None:
+    store = open_store(str(demo_dir / "cache-views"))
+    key = sorted(store.keys())[3]
+    out = tmp_path / "show.png"
+    result = CliRunner().invoke(main, ["show", str(demo_dir / "cache-views"), "--key", key, "--out", str(out),
+                                       "--student", "resnet18", "--student-kwargs",
+                                       json.dumps({"channels": [16, 32, 64, 128], "stem_width": 16,
+                                                   "output_stride": 16}),
+                                       "--weights", str(demo_dir / "runs" / "e2kd-views-seed0" /
+                                                        "student.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 5_000
+    result = CliRunner().invoke(main, ["show", str(demo_dir / "cache-views"), "--key", "nope", "--out", str(out)])
+    assert result.exit_code == 1
+
+
+def test_train_teacher_learns_the_digits(digits: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["train-teacher", "--data", f"{digits}/teacher-train-{{000000..000021}}.tar",
+                                       "--model", "resnet18", "--model-kwargs", json.dumps(TEACHER_KWARGS),
+                                       "--num-classes", "10", "--input-size", "64", "--epochs", "6", "--out",
+                                       str(tmp_path / "t"), "--val-data", f"{digits}/val-000000.tar", "--quiet"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(ln) for ln in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["top1"] > 0.3  # chance is 0.1
+    state = __import__("safetensors.torch").torch.load_file(str(tmp_path / "t" / "teacher.safetensors"))
+    create_model("resnet18", 10, **TEACHER_KWARGS).load_state_dict(state, strict=True)
+    assert torch.is_tensor(next(iter(state.values())))
