@@ -82,3 +82,15 @@ def test_wds_reader_refuses_path_traversal_and_foreign_members(tmp_path: Path) -
         fs, root = resolve(shard)
         with pytest.raises(ValueError, match="refused tar member"):
             wds_store.read_columns(fs, root, ["maps"])
+
+
+def test_shots_draw_n_per_class_reproducibly() -> None:
+    from e2kd.pipeline.loader import select_shots
+
+    keys = {f"k{i}": i % 3 for i in range(30)} | {"unlabelled": -1}
+    a = select_shots(keys, 4, seed=1)
+    assert len(a) == 12 and all(sum(v == c for v in a.values()) == 4 for c in range(3)) and "unlabelled" not in a
+    assert select_shots(keys, 4, seed=1) == a and select_shots(keys, 4, seed=2) != a
+    assert len(select_shots(keys, 50, seed=0)) == 30  # classes with fewer keep all
+    with pytest.raises(ValueError, match="labelled"):
+        select_shots({"x": -1}, 2, seed=0)

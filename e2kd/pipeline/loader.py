@@ -102,6 +102,7 @@ class StreamSpec:
     seed: int = 0
     shuffle_buffer: int = 256
     random_crop: bool = True  # False: the whole image (evaluation)
+    ram_cache_mb: int = 1024  # without DataLoader workers: decoded shards kept across epochs up to this size
     rank: int = 0
     world_size: int = 1
 
@@ -117,6 +118,8 @@ class StudentStream(IterableDataset):
         super().__init__()
         self.spec, self.epoch = spec, 0
         self._store = None
+        self._decoded: dict[str, tuple[list[Sample | BadSample], dict[str, Any] | None]] = {}
+        self._decoded_bytes = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -162,14 +165,34 @@ class StudentStream(IterableDataset):
             cycle += 1
 
     def _shard_items(self, shard: InputShard, cycle: int) -> Iterator[dict[str, Any]]:
-        records = dict(self.store.iter_shard(shard.name)) if self.store is not None and \
-            shard.name in self.store.shard_names else None
-        for sample in iter_shard(shard):
+        samples, records = self._shard_data(shard)
+        for sample in samples:
             if isinstance(sample, BadSample) or sample.key not in self.spec.keys:
                 continue
             if records is not None and sample.key not in records:
                 continue
             yield self._item(sample, records[sample.key] if records is not None else None, cycle)
+
+    def _shard_data(self, shard: InputShard) -> tuple[Iterator[Sample | BadSample], dict[str, Any] | None]:
+        """Decoded samples and cached records of a shard; kept in RAM across epochs when running in-process."""
+        if shard.name in self._decoded:
+            samples, records = self._decoded[shard.name]
+            return iter(samples), records
+        records = dict(self.store.iter_shard(shard.name)) if self.store is not None and \
+            shard.name in self.store.shard_names else None
+        if get_worker_info() is not None or self.spec.ram_cache_mb <= 0:
+            return iter_shard(shard), records
+        return self._decode_and_keep(shard, records), records
+
+    def _decode_and_keep(self, shard: InputShard, records: dict[str, Any] | None) -> Iterator[Sample | BadSample]:
+        kept: list[Sample | BadSample] = []
+        for sample in iter_shard(shard):
+            kept.append(sample)
+            yield sample
+        nbytes = sum(s.image.numel() for s in kept if isinstance(s, Sample))  # reached only after a full pass
+        if self._decoded_bytes + nbytes <= self.spec.ram_cache_mb * 2**20:
+            self._decoded[shard.name] = (kept, records)
+            self._decoded_bytes += nbytes
 
     def _item(self, sample: Sample, record: dict[str, Any] | None, cycle: int) -> dict[str, Any]:
         spec, hw = self.spec, tuple(sample.image.shape[1:])
