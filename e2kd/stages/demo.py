@@ -127,7 +127,7 @@ def run_demo(out: str | Path, quick: bool = False) -> list[dict[str, Any]]:
     from e2kd.stages.figures import explanation_grid
 
     explanation_grid(d["ood"], d["cache_ood"], {m: d["runs"] / f"{m}-seed{plan.seeds[0]}" / "student.safetensors"
-                                                 for m in ("kd", "e2kd-frozen")},
+                                                 for m in ("kd", "e2kd-frozen", "e2kd-views")},
                      "resnet18", STUDENT_KWARGS, root / "explanations.png")
     return rows
 
