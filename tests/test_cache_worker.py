@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -95,13 +96,19 @@ def test_yaml_config_and_flag_overrides(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "num_clases" in result.output
 
 
-def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+def test_cli_errors_are_one_line(tmp_path: Path, digits: Path, teacher_ckpt: Path) -> None:
     result = CliRunner().invoke(main, ["cache-teacher", "--data", str(tmp_path / "none.tar"), "--out",
                                        str(tmp_path / "o"), "--teacher", "resnet18", "--num-classes", "3"])
     assert result.exit_code == 1 and "input shard not found" in result.output
     result = CliRunner().invoke(main, ["cache-teacher", "--data", "x", "--out", "o", "--teacher", "bcos:resnet18",
                                        "--num-classes", "3"])
     assert result.exit_code == 1 and "does not fit teacher" in result.output
+    result = CliRunner().invoke(main, ["cache-teacher", "--data", f"{digits}/val-000000.tar", "--out",
+                                       str(tmp_path / "o"), "--teacher", "resnet18", "--num-classes", "7",
+                                       "--teacher-kwargs", json.dumps(TEACHER_KWARGS), "--checkpoint",
+                                       str(teacher_ckpt)])
+    assert result.exit_code == 1 and "class count: checkpoint 10, model 7" in result.output
+    assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 

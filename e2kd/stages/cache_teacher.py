@@ -87,14 +87,6 @@ class CacheTeacherOptions:
                         map_size=tuple(self.map_size) if self.map_size else None)
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _header(opts: CacheTeacherOptions, transform: InputTransform, checkpoint_sha: str | None) -> dict[str, Any]:
     size = [opts.input_size, opts.input_size]
     return new_manifest(
@@ -107,9 +99,11 @@ def _header(opts: CacheTeacherOptions, transform: InputTransform, checkpoint_sha
 
 
 def _teacher_transform(opts: CacheTeacherOptions) -> InputTransform:
+    """Build the teacher once in the driver: a bad name, kwargs or checkpoint fails here, before Ray starts."""
     from e2kd.models import create_model, input_transform
 
-    return input_transform(create_model(opts.teacher, opts.num_classes, **opts.teacher_kwargs))
+    return input_transform(create_model(opts.teacher, opts.num_classes, checkpoint=opts.checkpoint,
+                                        **opts.teacher_kwargs))
 
 
 def _prepare_store(opts: CacheTeacherOptions, header: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +147,13 @@ def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, checkpoint: byte
                                                   max_restarts=2, max_task_retries=2)
     ckpt_ref = ray.put(checkpoint) if checkpoint is not None else None
     actors = [actor_cls.remote(spec, ckpt_ref) for _ in range(n)]
-    ray.get([a.ready.remote() for a in actors])
+    try:
+        ray.get([a.ready.remote() for a in actors])
+    except Exception as exc:  # noqa: BLE001 - report the cause in one line, not a Ray traceback
+        for actor in actors:
+            ray.kill(actor)
+        cause = str(exc).strip().splitlines()
+        raise RuntimeError(f"teacher workers failed to start: {cause[-1] if cause else type(exc).__name__}") from None
     return actors
 
 
@@ -180,7 +180,7 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
     """
     shards = list_shards(opts.data)
     checkpoint = Path(opts.checkpoint).read_bytes() if opts.checkpoint else None
-    checkpoint_sha = _sha256_file(opts.checkpoint) if opts.checkpoint else None
+    checkpoint_sha = hashlib.sha256(checkpoint).hexdigest() if checkpoint is not None else None
     header = _header(opts, _teacher_transform(opts), checkpoint_sha)
     fs, root = resolve(opts.out)
     fs.makedirs(root, exist_ok=True)
