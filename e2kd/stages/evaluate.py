@@ -26,8 +26,9 @@ def evaluate_student(model: torch.nn.Module, data: str, cache: str | None, expla
     from e2kd.storage import open_store
 
     store = open_store(cache) if cache else None
-    plan = plan_join(list_shards(data), store)
-    spec = StreamSpec(shards=list_shards(data), keys=set(plan.keys), input_size=(input_size, input_size),
+    shards = list_shards(data)
+    plan = plan_join(shards, store)
+    spec = StreamSpec(shards=shards, keys=set(plan.keys), input_size=(input_size, input_size),
                       cache_uri=cache, random_crop=False, shuffle_buffer=1)
     _, loader = build_loader(spec, batch_size, workers)
     device = next(model.parameters()).device
