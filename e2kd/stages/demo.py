@@ -54,7 +54,7 @@ def _cli(*args: str, capture: bool = False) -> str:
 
 def _cache(data: str, out: Path, teacher: Path, views: str, plan: DemoPlan) -> int:
     _cli("cache-teacher", "--config", str(_config()), "--data", data, "--out", str(out), "--checkpoint", str(teacher),
-         "--views", views, "--crop-scale", "0.7", "1.0", "--flip-p", "0", "--quiet")
+         "--views", views, "--crop-scale", "0.7", "1.0", "--flip-p", "0", "--overwrite", "--quiet")  # demo owns DIR
     _cli("inspect", str(out))
     return json.loads(_cli("inspect", str(out), "--json", capture=True))["bytes"]
 
