@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -261,3 +262,22 @@ def test_manifest_with_unknown_schema_version_is_refused(cache: Path, tmp_path: 
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match="unsafe shard name"):
         open_store(str(copy))
+
+
+def test_an_input_shard_that_changed_since_caching_is_refused(digits: Path, teacher_ckpt: Path,
+                                                             tmp_path: Path) -> None:
+    data = tmp_path / "in-000000.tar"
+    shutil.copy(digits / "val-000000.tar", data)
+    out = tmp_path / "store"
+    run_cache_teacher(cache_options(str(data), out, teacher_ckpt, workers=1))
+    fingerprint = open_store(str(out)).manifest["inputs"]["fingerprint"]
+    record = open_store(str(out)).manifest["shards"]["in-000000"]
+    assert record["source_bytes"] == data.stat().st_size
+    assert record["source_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    with tarfile.open(digits / "val-000001.tar") as src, tarfile.open(data, "w") as dst:  # other content, size
+        for member in list(src)[:20]:
+            dst.addfile(member, src.extractfile(member))
+    with pytest.raises(ManifestError, match="in-000000 changed since it was cached"):
+        run_cache_teacher(cache_options(str(data), out, teacher_ckpt, workers=1))
+    run_cache_teacher(cache_options(str(data), out, teacher_ckpt, workers=1, overwrite=True))
+    assert open_store(str(out)).manifest["inputs"]["fingerprint"] != fingerprint

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["InputShard", "Sample", "BadSample", "list_shards", "iter_shard", "iter_keys", "decode_image",
-           "IMAGE_EXTS"]
+           "input_size_bytes", "input_sha256", "IMAGE_EXTS"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REFUSED_EXTS = ("pkl", "pyd", "pickle", "pth", "pt")
@@ -106,6 +106,34 @@ def _folder_shards(root: str) -> list[InputShard]:
         raise ValueError(f"image folder {root} has no class sub-directories (expected root/<class>/<file>)")
     return [InputShard(name=f"class-{c}", url=str(Path(root) / c), kind="folder", label=i, root=root)
             for i, c in enumerate(classes)]
+
+
+def input_size_bytes(shard: InputShard) -> int | None:
+    """Size of an input shard in bytes (a folder: its image files), or None where it cannot be known (``pipe:``)."""
+    if shard.kind == "folder":
+        return sum(p.stat().st_size for p in Path(shard.url).rglob("*") if p.is_file() and
+                   p.suffix.lower() in _FOLDER_EXTS)
+    if shard.url.startswith("pipe:"):
+        return None
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(shard.url)
+    return int(fs.size(path))
+
+
+def input_sha256(shard: InputShard) -> str | None:
+    """sha256 of an input tar's bytes (provenance for the manifest); None for folders and ``pipe:`` commands."""
+    if shard.kind == "folder" or shard.url.startswith("pipe:"):
+        return None
+    import hashlib
+
+    import fsspec
+
+    digest = hashlib.sha256()
+    with fsspec.open(shard.url, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def decode_image(data: bytes) -> Tensor:

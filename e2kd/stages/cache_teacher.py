@@ -16,7 +16,7 @@ from typing import Any
 from e2kd import __version__
 from e2kd.explain import explainer_family
 from e2kd.models import InputTransform, is_bcos_name
-from e2kd.pipeline.sources import InputShard, list_shards
+from e2kd.pipeline.sources import InputShard, input_size_bytes, list_shards
 from e2kd.pipeline.views import RENDER_SPEC, ViewPolicy
 from e2kd.stages.ray_session import ensure_ray
 from e2kd.stages.teacher_worker import PRECISIONS, TeacherWorker, WorkerSpec
@@ -31,7 +31,13 @@ from e2kd.storage.files import (
     resolve,
     write_json_atomic,
 )
-from e2kd.storage.manifest import check_compatible, input_fingerprint, new_manifest, validate_manifest
+from e2kd.storage.manifest import (
+    ManifestError,
+    check_compatible,
+    input_fingerprint,
+    new_manifest,
+    validate_manifest,
+)
 
 __all__ = ["CacheTeacherOptions", "run_cache_teacher"]
 
@@ -136,8 +142,21 @@ def _record(manifest: dict[str, Any], name: str, record: dict[str, Any]) -> None
             raise RuntimeError(f"shard {name} has map shape {shape}, others {manifest['map_shape']}")
         manifest["map_shape"] = shape
     manifest["shards"][name] = record
-    sources = {n: r["source"] for n, r in manifest["shards"].items()}
-    manifest["inputs"] = {"urls": sorted(set(sources.values())), "fingerprint": input_fingerprint(sources)}
+    sources = {n: (r["source"], r.get("source_bytes"), r.get("source_sha256")) for n, r in manifest["shards"].items()}
+    manifest["inputs"] = {"urls": sorted({entry[0] for entry in sources.values()}),
+                          "fingerprint": input_fingerprint(sources)}
+
+
+def _check_inputs_unchanged(manifest: dict[str, Any], shards: list[InputShard]) -> dict[str, int | None]:
+    """Input sizes now; a complete shard whose input changed size since it was cached is refused."""
+    sizes = {s.name: input_size_bytes(s) for s in shards}
+    for shard in shards:
+        rec = manifest["shards"].get(shard.name)
+        if rec and rec["complete"] and None not in (rec.get("source_bytes"), sizes[shard.name]) and \
+                rec["source_bytes"] != sizes[shard.name]:
+            raise ManifestError(f"input shard {shard.name} changed since it was cached ({rec['source_bytes']} bytes "
+                                f"then, {sizes[shard.name]} now); use --overwrite to rebuild the cache")
+    return sizes
 
 
 def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, checkpoint: bytes | None, n: int) -> list:
@@ -186,15 +205,16 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
     fs.makedirs(root, exist_ok=True)
     with StoreLock(fs, root):
         manifest = _prepare_store(opts, header)
+        sizes = _check_inputs_unchanged(manifest, shards)
         todo = [s for s in shards if not manifest["shards"].get(s.name, {}).get("complete")]
         t0 = time.time()
-        failed, processing = _run_shards(opts, manifest, todo, checkpoint) if todo else ({}, 0.0)
+        failed, processing = _run_shards(opts, manifest, todo, checkpoint, sizes) if todo else ({}, 0.0)
         elapsed = time.time() - t0
     return _summary(manifest, todo, failed, elapsed, processing, len(shards) - len(todo))
 
 
 def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[InputShard],
-                checkpoint: bytes | None) -> tuple[dict[str, str], float]:
+                checkpoint: bytes | None, sizes: dict[str, int | None]) -> tuple[dict[str, str], float]:
     """Process shards on Ray actors; return (failed shard → reason, seconds from the first submission)."""
     import ray
     from tqdm import tqdm
@@ -222,7 +242,7 @@ def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[
             actor, shard = running.pop(done[0])
             try:
                 result = ray.get(done[0])
-                _record(manifest, result["name"], result["record"])
+                _record(manifest, result["name"], {**result["record"], "source_bytes": sizes[shard.name]})
                 write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
                 samples += result["record"]["num_samples"]
             except Exception as exc:  # noqa: BLE001 - one failed shard must not stop the others

@@ -14,7 +14,7 @@ import torch
 
 from e2kd.explain import build_explainer
 from e2kd.models import create_model, input_transform
-from e2kd.pipeline.sources import BadSample, InputShard, Sample, iter_shard
+from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_sha256, iter_shard
 from e2kd.pipeline.views import ViewPolicy, render_view
 from e2kd.storage.encoding import Encoding
 from e2kd.storage.files import SHARDS_DIR, STAGING_DIR, commit_dir, is_local, resolve
@@ -143,4 +143,5 @@ class TeacherWorker:
         map_shape = list(cols["maps"].shape[2:]) if keys else None
         record = shard_record(source=shard.url, num_samples=len(keys), num_errors=len(errors), sha256=sha,
                               nbytes=nbytes, map_shape=map_shape)
+        record["source_sha256"] = input_sha256(shard)
         return {"name": shard.name, "record": record}

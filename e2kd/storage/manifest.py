@@ -36,9 +36,9 @@ def shard_record(*, source: str, num_samples: int, num_errors: int, sha256: str,
             "bytes": int(nbytes), "map_shape": map_shape, "complete": True}
 
 
-def input_fingerprint(sources: dict[str, str]) -> str:
-    """sha256 over the sorted ``shard name → input URL`` pairs the cache was built from."""
-    text = "\n".join(f"{name}\t{url}" for name, url in sorted(sources.items()))
+def input_fingerprint(sources: dict[str, tuple[Any, ...]]) -> str:
+    """sha256 over the sorted ``shard name → (input URL, bytes, content sha256)`` entries the cache was built from."""
+    text = "\n".join(name + "\t" + "\t".join(map(str, entry)) for name, entry in sorted(sources.items()))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
