@@ -36,8 +36,9 @@ def evaluate_student(model: torch.nn.Module, data: str, cache: str | None, expla
     model.eval()
     explain = build_explainer(explainer, model) if (store is not None and explainer) else None
     sums = {"correct": 0, "labelled": 0, "agree": 0, "sim": 0.0, "cached": 0}
+    transform = input_transform(model)
     for batch in loader:
-        x = input_transform(model)(batch["image"].to(device))
+        x = transform(batch["image"].to(device))
         if "t_logits" in batch and explain is not None:
             targets = batch["target"].to(device)
             maps = explain(x, targets)

@@ -148,6 +148,7 @@ class _Run:
     device: torch.device
     plan: Any
     cache_identity: dict[str, Any] | None
+    transform: Any = None  # the student's input transform, resolved once
 
 
 def _build(opts: TrainOptions) -> _Run:
@@ -197,13 +198,13 @@ def _build(opts: TrainOptions) -> _Run:
                     "shards_sha256": {n: r["sha256"] for n, r in sorted(m["shards"].items())}}
     return _Run(opts, model, build_explainer(opts.explainer, model), targets,
                 E2KDLoss(opts.temperature, opts.lam, opts.ce_weight), optimizer, scheduler, stream, loader, steps,
-                rank, world, device, plan, identity)
+                rank, world, device, plan, identity, input_transform(model))
 
 
 def _step(run: _Run, batch: dict[str, Any]) -> dict[str, float]:
     images = batch["image"].to(run.device)
     t_logits, t_maps, targets = run.targets(batch, run.device)
-    x = input_transform(run.model)(images)
+    x = run.transform(images)
     autocast = torch.autocast(device_type=run.device.type, dtype=torch.bfloat16,
                               enabled=run.opts.amp and run.device.type == "cuda")  # --amp is a GPU option
     with autocast:
