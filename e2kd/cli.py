@@ -171,6 +171,9 @@ def verify_cmd(store: str) -> None:
 @click.option("--lambda", "lam", type=float, help="Weight of the explanation loss; 0 is plain KD  [default: 1]")
 @click.option("--temperature", type=float, help="KD temperature  [default: 1]")
 @click.option("--ce-weight", type=float, help="Cross-entropy on labels (−1 ignored)  [default: 0]")
+@click.option("--expl-resolution", type=click.Choice(["input", "native"]),
+              help="Where the explanation cosine is taken: 'input' (both maps upsampled to the input size, as in "
+                   "the paper) or 'native' (the maps' own size)  [default: input]")
 @click.option("--crop-scale", nargs=2, type=float, help="Random-resized-crop area of a full cache  [default: 0.08 1]")
 @click.option("--flip-p", type=float, help="Flip probability with a full cache  [default: 0]")
 @click.option("--shots", type=int, help="Use N images per class (few-shot).")
@@ -212,16 +215,19 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
 @click.option("--num-classes", type=int, help="Needed without --cache.")
 @click.option("--input-size", type=int, help="Needed without --cache.")
 @click.option("--batch-size", default=64, show_default=True)
+@click.option("--expl-resolution", type=click.Choice(["input", "native"]), default="input", show_default=True,
+              help="Where expl_sim's cosine is taken (as train-student's --expl-resolution).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line on stdout.")
 def evaluate_cmd(data: str, student: str, weights: str, student_kwargs: str | None, cache: str | None,
-                 num_classes: int | None, input_size: int | None, batch_size: int, as_json: bool) -> None:
+                 num_classes: int | None, input_size: int | None, batch_size: int, expl_resolution: str,
+                 as_json: bool) -> None:
     """Top-1, agreement with the teacher and explanation similarity of a trained student."""
     from e2kd.config import parse_json_kwargs
     from e2kd.stages.evaluate import evaluate_weights
 
     try:
         metrics = evaluate_weights(data, student, weights, parse_json_kwargs(student_kwargs), cache, num_classes,
-                                   input_size=input_size, batch_size=batch_size)
+                                   input_size=input_size, batch_size=batch_size, expl_resolution=expl_resolution)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(exc) from None
     if as_json:

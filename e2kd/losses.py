@@ -1,10 +1,17 @@
-"""The e²KD loss: τ²·KL(p_T‖p_S) + λ·(1 − cos(E_T, E_S)) (+ optional cross-entropy).
+"""The e²KD objective: τ²·KL(p_T‖p_S) + λ·(1 − cos(E_T, E_S)) (+ optional cross-entropy).
 
-Explanations are for the **teacher's top-1 class**; the caller computes both maps for that class.
+:class:`E2KDObjective` is the student's whole objective (one forward, the student's explanation, the
+terms); every stage and benchmark uses it. Conventions, all as in the paper's released code
+(m-parchami/GoodTeachersExplain):
 
-Map resolution: when teacher and student maps differ in spatial size, the coarser one is upsampled
-bilinearly (``align_corners=False``) to the element-wise larger size ``(max(h), max(w))`` before the
-cosine; channel counts must match. Upsampling never discards information from either map.
+- KD: ``KL(softmax(t/τ) ‖ softmax(s/τ))`` summed over classes, batch mean, times τ².
+- Explanations are for the **teacher's top-1 class**; the teacher's map is never differentiated.
+- Explanation term: batch mean of ``1 − cos`` over each sample's whole flattened map, cosine eps 1e-8.
+- Map resolution (``expl_resolution="input"``, the default): both maps are upsampled bilinearly
+  (``align_corners=False``) to the student's input size before the cosine. ``"native"``: the coarser map is
+  upsampled to the element-wise larger of the two sizes (cheaper; a different loss, kept as an option).
+- B-cos students: one forward with full gradients; ``W(x)`` is taken with the dynamic weights held fixed
+  (see :mod:`e2kd.explain.dynamic`), so λ > 0 does not change the KD term's gradient.
 
 Top-k caches: :func:`logits_from_topk` rebuilds a full logit vector from the top-k logits and the
 log-sum-exp of all logits. The result is a vector of log-probabilities: exact for the k known classes,
@@ -19,13 +26,18 @@ under-states it. Keep ``k`` large enough that the tail mass is small when traini
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["E2KDLoss", "kd_loss", "explanation_loss", "explanation_similarity", "match_map_sizes",
-           "logits_from_topk", "topk_logits"]
+#: where the explanation cosine is taken: at the student's input size (paper) or at the maps' own size.
+EXPL_RESOLUTIONS = ("input", "native")
+COSINE_EPS = 1e-8
+
+__all__ = ["E2KDObjective", "E2KDLoss", "EXPL_RESOLUTIONS", "kd_loss", "explanation_loss", "explanation_similarity",
+           "match_map_sizes", "logits_from_topk", "topk_logits"]
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -58,15 +70,23 @@ def _resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
-def explanation_similarity(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
-    """Per-sample cosine similarity between flattened maps (after :func:`match_map_sizes`), shape ``[B]``."""
-    s, t = match_map_sizes(_upcast(student_maps), _upcast(teacher_maps))
-    return F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1, eps=1e-12)
+def explanation_similarity(student_maps: Tensor, teacher_maps: Tensor,
+                           size: tuple[int, int] | None = None) -> Tensor:
+    """Per-sample cosine similarity between flattened maps, shape ``[B]``.
+
+    ``size``: resize both maps (bilinear) to it first; ``None``: :func:`match_map_sizes`.
+    """
+    student_maps, teacher_maps = _upcast(student_maps), _upcast(teacher_maps)
+    if size is None:
+        s, t = match_map_sizes(student_maps, teacher_maps)
+    else:
+        s, t = match_map_sizes(_resize(student_maps, tuple(size)), _resize(teacher_maps, tuple(size)))
+    return F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1, eps=COSINE_EPS)
 
 
-def explanation_loss(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
-    """Batch mean of ``1 − cos(E_S, E_T)`` over each sample's whole flattened map."""
-    return (1.0 - explanation_similarity(student_maps, teacher_maps)).mean()
+def explanation_loss(student_maps: Tensor, teacher_maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """Batch mean of ``1 − cos(E_S, E_T)`` over each whole flattened map (see :func:`explanation_similarity`)."""
+    return (1.0 - explanation_similarity(student_maps, teacher_maps, size)).mean()
 
 
 def topk_logits(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -103,7 +123,10 @@ def logits_from_topk(values: Tensor, indices: Tensor, logsumexp: Tensor, num_cla
 
 
 class E2KDLoss(nn.Module):
-    """KD + λ·explanation loss (+ ce_weight·CE on labels, ignoring label −1).
+    """The terms on given logits and maps: KD + λ·explanation (+ ce_weight·CE on labels, ignoring label −1).
+
+    Use :class:`E2KDObjective` to train a student; this class combines terms that are already computed.
+    The returned parts share the graph of ``total`` (detach them for logging).
 
     Args:
         temperature: KD temperature τ (the KD term is multiplied by τ²).
@@ -127,16 +150,87 @@ class E2KDLoss(nn.Module):
         self.temperature, self.lam, self.ce_weight = float(temperature), float(lam), float(ce_weight)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor | None = None,
-                teacher_maps: Tensor | None = None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                teacher_maps: Tensor | None = None, labels: Tensor | None = None,
+                map_size: tuple[int, int] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         kd = kd_loss(student_logits, teacher_logits, self.temperature)
         zero = kd.new_zeros(())
         expl = zero
         if self.lam > 0:
             if student_maps is None or teacher_maps is None:
                 raise ValueError("lam > 0 needs student_maps and teacher_maps")
-            expl = explanation_loss(student_maps, teacher_maps)
+            expl = explanation_loss(student_maps, teacher_maps, map_size)
         ce = zero
         if self.ce_weight > 0 and labels is not None and bool((labels >= 0).any()):
             ce = F.cross_entropy(_upcast(student_logits), labels.long(), ignore_index=-1)
         total = kd + self.lam * expl + self.ce_weight * ce
-        return total, {"kd": kd.detach(), "expl": expl.detach(), "ce": ce.detach()}
+        return total, {"kd": kd, "expl": expl, "ce": ce}
+
+
+class E2KDObjective:
+    """The student's e²KD objective: one student forward, its explanation for the teacher's class, the terms.
+
+    Args:
+        student: the model being trained: any ``nn.Module`` that the explainer accepts (a timm model, a model
+            from :func:`e2kd.models.create_model`, a B-cos model built directly with the ``bcos`` package).
+        explainer: a registered explainer name (``gradcam``, ``bcos``, ``input_x_gradient``) or an
+            :class:`~e2kd.explain.Explainer` of ``student``.
+        temperature, lam, ce_weight: see :class:`E2KDLoss`.
+        expl_resolution: ``"input"`` (paper: both maps upsampled to the input size before the cosine) or
+            ``"native"``.
+
+    Call as ``total, parts = objective(inputs, teacher_logits, teacher_maps, labels=None)`` with ``inputs``
+    the student's model inputs (after :func:`e2kd.models.input_transform`), ``teacher_maps`` of any spatial
+    size (native cached maps are fine) and ``targets`` (the explained classes) defaulting to the teacher's
+    top-1. ``total`` is differentiable w.r.t. the student's parameters; ``parts`` (``kd``, ``expl``, ``ce``)
+    share its graph. After a call, :attr:`last_logits` holds the student's logits and :attr:`last_similarity`
+    the per-sample explanation cosine (``None`` when no map was computed).
+    With ``create_graph=False`` (evaluation) no second-order graph is built.
+
+    Example:
+        >>> from e2kd.models import create_model
+        >>> student = create_model("resnet18", 10, channels=(8, 16, 32, 64), stem_width=8)
+        >>> objective = E2KDObjective(student, "gradcam", temperature=4.0, lam=1.0)
+        >>> total, parts = objective(torch.rand(2, 3, 64, 64), torch.randn(2, 10), torch.rand(2, 1, 2, 2))
+        >>> total.backward()
+    """
+
+    def __init__(self, student: nn.Module, explainer: Any = "gradcam", temperature: float = 1.0, lam: float = 1.0,
+                 ce_weight: float = 0.0, expl_resolution: str = "input") -> None:
+        from e2kd.explain import build_explainer
+
+        if expl_resolution not in EXPL_RESOLUTIONS:
+            raise ValueError(f"expl_resolution must be one of {', '.join(EXPL_RESOLUTIONS)}, got {expl_resolution!r}")
+        self.student = student
+        self.explainer = build_explainer(explainer, student) if isinstance(explainer, str) else explainer
+        self.loss = E2KDLoss(temperature, lam, ce_weight)
+        self.expl_resolution = expl_resolution
+        self.last_logits: Tensor | None = None
+        self.last_similarity: Tensor | None = None
+
+    @property
+    def lam(self) -> float:
+        return self.loss.lam
+
+    def __call__(self, inputs: Tensor, teacher_logits: Tensor, teacher_maps: Tensor | None = None,
+                 labels: Tensor | None = None, targets: Tensor | None = None,
+                 create_graph: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        teacher_logits = teacher_logits.detach()
+        if targets is None:
+            targets = teacher_logits.argmax(dim=-1)
+        s_maps = None
+        if self.lam > 0 or (not create_graph and teacher_maps is not None):
+            if teacher_maps is None:
+                raise ValueError("lam > 0 needs teacher_maps")
+            s_maps = self.explainer(inputs, targets, create_graph=create_graph)
+            logits = self.explainer.last_logits
+        else:
+            logits = self.student(inputs)
+        size = tuple(inputs.shape[-2:]) if self.expl_resolution == "input" else None
+        t_maps = None if teacher_maps is None else teacher_maps.detach()
+        total, parts = self.loss(logits, teacher_logits, s_maps, t_maps if self.lam > 0 else None, labels, size)
+        self.last_logits = logits
+        self.last_similarity = None
+        if s_maps is not None and t_maps is not None:
+            with torch.no_grad():
+                self.last_similarity = explanation_similarity(s_maps.detach(), t_maps, size)
+        return total, parts

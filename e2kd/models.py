@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["create_model", "input_transform", "InputTransform", "model_spec", "load_state_dict",
-           "is_bcos_name", "BCOS_PREFIX"]
+           "is_bcos_name", "BCOS_PREFIX", "BCOS_NORMS", "bcos_norm_layer"]
 
 BCOS_PREFIX = "bcos:"
 
@@ -73,7 +73,10 @@ def create_model(name: str, num_classes: int, checkpoint: str | Path | None = No
 
     Args:
         name: a timm model name (``resnet18``, ``convnext_atto``, ``vit_tiny_patch16_224``, …) or
-            ``bcos:<name>`` for the ``bcos`` package's models (``bcos:resnet18``; 6-channel input).
+            ``bcos:<name>`` for the ``bcos`` package's models (``bcos:resnet18``, ``bcos:simple_vit_ti_patch16_224``;
+            6-channel input). B-cos kwargs are JSON values: ``norm`` (a name from :data:`BCOS_NORMS`, e.g. the
+            paper's ``"bn_uncentered_nobias"``), ``b`` and ``max_out`` of the B-cos convolutions, ``logit_bias``,
+            ``inplanes``, …; a kwarg the model would ignore is an error.
         num_classes: size of the classifier.
         checkpoint: ``.safetensors`` file or a torch state_dict (``.pt``/``.pth``, loaded with
             ``weights_only=True``); class-count or key mismatches raise ``ValueError`` naming both sides.
@@ -107,13 +110,80 @@ def create_model(name: str, num_classes: int, checkpoint: str | Path | None = No
 
 
 def _create_bcos(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
-    import bcos.models
+    import contextlib
+    import io
 
-    factory = getattr(bcos.models, arch, None)
-    if factory is None or not callable(factory) or arch.startswith("_"):
-        known = sorted(n for n in getattr(bcos.models, "__all__", []) if not n.startswith("_"))
-        raise ValueError(f"unknown B-cos model {arch!r}; bcos.models provides: {', '.join(known)}")
-    return factory(num_classes=num_classes, **kwargs)
+    from bcos.models import pretrained as entrypoints
+
+    factory = _bcos_factories().get(arch)
+    if factory is None:
+        raise ValueError(f"unknown B-cos model {arch!r}; the bcos package provides: "
+                         f"{', '.join(sorted(_bcos_factories()))}")
+    if factory is getattr(entrypoints, arch, None):  # ViTs: the package's configured entry point, never downloaded
+        kwargs = {"pretrained": False, **kwargs}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the bcos models print, then ignore, unknown kwargs
+        model = factory(num_classes=num_classes, **_bcos_layer_kwargs(kwargs))
+    if "ignored" in printed.getvalue():
+        raise ValueError(f"bcos:{arch} does not accept these kwargs: {printed.getvalue().strip()}")
+    return model
+
+
+def _bcos_factories() -> dict[str, Any]:
+    """``bcos.models`` architectures (configurable) plus the package's entry points for the rest (ViTs)."""
+    import bcos.models
+    from bcos.models import pretrained as entrypoints
+
+    found = {n: getattr(entrypoints, n) for n in entrypoints.list_available()}
+    for module in (bcos.models.resnet, bcos.models.densenet, bcos.models.convnext, bcos.models.vgg):
+        found.update({n: getattr(module, n) for n in getattr(module, "__all__", []) if n[0].islower()})
+    return found
+
+
+#: ``norm`` values of ``bcos:<name>`` models (JSON-friendly); append ``_nobias`` or ``_unaffine``.
+BCOS_NORMS = {
+    "position": ("centered_norms", "DetachablePositionNorm2d"),
+    "position_uncentered": ("uncentered_norms", "PositionNormUncentered2d"),
+    "bn": ("centered_norms", "BatchNorm2d"),
+    "bn_uncentered": ("uncentered_norms", "BatchNormUncentered2d"),
+    "allnorm_uncentered": ("uncentered_norms", "AllNormUncentered2d"),
+    "gn_layer": ("centered_norms", "DetachableGNLayerNorm2d"),
+    "gn_layer_uncentered": ("uncentered_norms", "GNLayerNormUncentered2d"),
+    "gn_instance": ("centered_norms", "DetachableGNInstanceNorm2d"),
+    "gn_instance_uncentered": ("uncentered_norms", "GNInstanceNormUncentered2d"),
+}
+
+
+def bcos_norm_layer(name: str) -> Any:
+    """The ``bcos`` norm layer factory for a name such as ``bn_uncentered_nobias`` (``none``: no norm)."""
+    from bcos.modules import norms
+
+    if name == "none":
+        return None
+    base, wrap = name, None
+    for suffix, wrapper in (("_nobias", norms.NoBias), ("_unaffine", norms.Unaffine)):
+        if name.endswith(suffix):
+            base, wrap = name[: -len(suffix)], wrapper
+    if base not in BCOS_NORMS:
+        choices = ", ".join(f"{n}[_nobias|_unaffine]" for n in BCOS_NORMS)
+        raise ValueError(f"unknown B-cos norm {name!r}; choose none or one of {choices}")
+    module, cls = BCOS_NORMS[base]
+    layer = getattr(getattr(norms, module), cls)
+    return wrap(layer) if wrap else layer
+
+
+def _bcos_layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """JSON kwargs → layer factories: ``norm`` (name) → ``norm_layer``; ``b``/``max_out`` → ``conv_layer``."""
+    out = dict(kwargs)
+    if "norm" in out:
+        out["norm_layer"] = bcos_norm_layer(str(out.pop("norm")))
+    if "b" in out or "max_out" in out:
+        import functools
+
+        from bcos.modules import BcosConv2d
+
+        out["conv_layer"] = functools.partial(BcosConv2d, b=out.pop("b", 2), max_out=out.pop("max_out", 1))
+    return out
 
 
 def _jsonable(value: Any) -> Any:

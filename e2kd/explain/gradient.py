@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from e2kd.explain.dynamic import install_backward_fixing, is_bcos_model
 from e2kd.explain.registry import Explainer, register_explainer
 
 __all__ = ["BcosExplainer", "InputXGradient"]
@@ -21,10 +22,15 @@ def _input_gradient(model: nn.Module, inputs: Tensor, targets: Tensor | None,
 
 @register_explainer
 class BcosExplainer(Explainer):
-    """B-cos dynamic linear weights ``W(x) = ∂y_t/∂x`` inside ``explanation_mode()``.
+    """B-cos dynamic linear weights ``W(x) = ∂y_t/∂x`` with the dynamic weights held fixed.
 
     The map has the input's 6 channels ``[r, g, b, 1−r, 1−g, 1−b]`` at full resolution and is not
-    multiplied by the input (as in the e²KD paper's code).
+    multiplied by the input (as in the e²KD paper's code). Without ``create_graph`` (teacher, evaluation)
+    the map is taken inside the package's ``explanation_mode()``. With ``create_graph`` (a student) the
+    forward runs normally and the weights are fixed only while ``W(x)`` is taken
+    (:mod:`e2kd.explain.dynamic`): the logits keep their full gradient, and the explanation loss's
+    second-order gradient flows through the dynamic scales, as in the paper's released code.
+    Works for any model built from ``bcos`` package modules.
     """
 
     name = "bcos"
@@ -32,13 +38,24 @@ class BcosExplainer(Explainer):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        if not hasattr(model, "explanation_mode"):
+        if not hasattr(model, "explanation_mode") or not is_bcos_model(model):
             raise ValueError(f"the bcos explainer needs a B-cos model (bcos:<name>) with explanation_mode(); "
                              f"got {type(model).__name__}")
 
+    def prepare_double_backward(self) -> None:
+        super().prepare_double_backward()
+        install_backward_fixing(self.model)
+
     def explain(self, inputs: Tensor, targets: Tensor | None, create_graph: bool) -> tuple[Tensor, Tensor]:
-        with self.model.explanation_mode():
-            logits, grad, _ = _input_gradient(self.model, inputs, targets, create_graph)
+        if not create_graph:
+            with self.model.explanation_mode():
+                logits, grad, _ = _input_gradient(self.model, inputs, targets, False)
+            return logits, grad
+        dynamic = install_backward_fixing(self.model)
+        x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
+        logits = self.model(x)
+        with dynamic.fixed():
+            (grad,) = torch.autograd.grad(self.target_scores(logits, targets), x, create_graph=True)
         return logits, grad
 
 

@@ -31,14 +31,28 @@ class Explainer(ABC):
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.last_logits: Tensor | None = None
+        self._prepared_for_double_backward = False
 
     def __call__(self, inputs: Tensor, targets: Tensor | None = None, create_graph: bool = False) -> Tensor:
+        if create_graph and not self._prepared_for_double_backward:
+            self.prepare_double_backward()
+            self._prepared_for_double_backward = True
         with torch.enable_grad():
             logits, maps = self.explain(inputs, targets, create_graph)
         if not create_graph:
             logits, maps = logits.detach(), maps.detach()
         self.last_logits = logits
         return maps if maps.dtype == torch.float64 else maps.float()
+
+    def prepare_double_backward(self) -> None:
+        """Make the model twice differentiable (called once, before the first ``create_graph=True`` call).
+
+        Fused attention (``F.scaled_dot_product_attention``) has no double backward: timm attention modules of
+        this (student) model switch to their non-fused path (``fused_attn = False``), which computes the same.
+        """
+        for module in self.model.modules():
+            if getattr(module, "fused_attn", False):
+                module.fused_attn = False
 
     @abstractmethod
     def explain(self, inputs: Tensor, targets: Tensor | None, create_graph: bool) -> tuple[Tensor, Tensor]:

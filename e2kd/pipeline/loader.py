@@ -102,6 +102,7 @@ class StreamSpec:
     seed: int = 0
     shuffle_buffer: int = 256
     random_crop: bool = True  # False: the whole image (evaluation)
+    map_size: tuple[int, int] | None = None  # full cache: joint-cropped teacher map resized to this (None: own size)
     ram_cache_mb: int = 1024  # without DataLoader workers: decoded shards kept across epochs up to this size
     rank: int = 0
     world_size: int = 1
@@ -209,7 +210,7 @@ class StudentStream(IterableDataset):
                     if spec.random_crop else FULL_VIEW).as_list()
             item["view_index"] = torch.tensor(0)
             if record is not None:  # full cache: joint crop of the cached map, logits reused
-                item.update(t_logits=record["logits"][0], t_map=crop_map(record["maps"][0], view, hw),
+                item.update(t_logits=record["logits"][0], t_map=crop_map(record["maps"][0], view, hw, spec.map_size),
                             target=record["target"][0])
         item["image"] = render_view(sample.image, view, spec.input_size)
         return item

@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 
-from e2kd.explain import build_explainer
-from e2kd.losses import explanation_similarity
+from e2kd.losses import E2KDObjective
 from e2kd.models import create_model, input_transform
 from e2kd.pipeline.loader import StreamSpec, build_loader, plan_join
 from e2kd.pipeline.sources import list_shards
@@ -16,11 +15,12 @@ __all__ = ["evaluate_student", "evaluate_weights"]
 
 
 def evaluate_student(model: torch.nn.Module, data: str, cache: str | None, explainer: str | None, input_size: int,
-                     batch_size: int = 64, workers: int = 0) -> dict[str, float]:
+                     batch_size: int = 64, workers: int = 0, expl_resolution: str = "input") -> dict[str, float]:
     """Metrics of a student on ``data`` (whole images, or the cache's first view for a K-view cache).
 
     Returns ``top1`` when samples carry labels, and with a cache ``agreement`` (student top-1 = teacher top-1)
-    and ``expl_sim`` (mean cosine of the student's map to the cached teacher map, for the teacher's class).
+    and ``expl_sim`` (mean cosine of the student's map to the cached teacher map, for the teacher's class,
+    taken as :class:`~e2kd.losses.E2KDObjective` takes it at ``expl_resolution``).
     Metrics that cannot be computed are absent, never NaN.
     """
     from e2kd.storage import open_store
@@ -34,17 +34,19 @@ def evaluate_student(model: torch.nn.Module, data: str, cache: str | None, expla
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    explain = build_explainer(explainer, model) if (store is not None and explainer) else None
+    objective = E2KDObjective(model, explainer, expl_resolution=expl_resolution) \
+        if (store is not None and explainer) else None
     sums = {"correct": 0, "labelled": 0, "agree": 0, "sim": 0.0, "cached": 0}
     transform = input_transform(model)
     for batch in loader:
         x = transform(batch["image"].to(device))
-        if "t_logits" in batch and explain is not None:
+        if "t_logits" in batch and objective is not None:
             targets = batch["target"].to(device)
-            maps = explain(x, targets)
-            logits = explain.last_logits
+            objective(x, batch["t_logits"].to(device).float(), batch["t_map"].to(device).float(), targets=targets,
+                      create_graph=False)
+            logits = objective.last_logits
             sums["agree"] += int((logits.argmax(1) == targets).sum())
-            sums["sim"] += float(explanation_similarity(maps, batch["t_map"].to(device).float()).sum())
+            sums["sim"] += float(objective.last_similarity.sum())
             sums["cached"] += len(targets)
         else:
             with torch.no_grad():
@@ -65,7 +67,8 @@ def evaluate_student(model: torch.nn.Module, data: str, cache: str | None, expla
 
 def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict[str, Any] | None = None,
                      cache: str | None = None, num_classes: int | None = None, explainer: str | None = None,
-                     input_size: int | None = None, batch_size: int = 64, workers: int = 0) -> dict[str, float]:
+                     input_size: int | None = None, batch_size: int = 64, workers: int = 0,
+                     expl_resolution: str = "input") -> dict[str, float]:
     """Load ``student.safetensors`` and evaluate it (class count, explainer, size default to the cache's)."""
     from e2kd.storage import open_store
 
@@ -77,4 +80,4 @@ def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict
     if num_classes is None or input_size is None:
         raise ValueError("without --cache, give --num-classes and --input-size")
     model = create_model(student, num_classes, checkpoint=weights, **(student_kwargs or {}))
-    return evaluate_student(model, data, cache, explainer, input_size, batch_size, workers)
+    return evaluate_student(model, data, cache, explainer, input_size, batch_size, workers, expl_resolution)

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from e2kd.explain import build_explainer, explainer_family
-from e2kd.losses import E2KDLoss
+from e2kd.explain import explainer_family
+from e2kd.losses import EXPL_RESOLUTIONS, E2KDObjective
 from e2kd.models import create_model, input_transform, model_spec
 from e2kd.pipeline.loader import StreamSpec, build_loader, plan_join, select_shots
 from e2kd.pipeline.sources import list_shards
@@ -58,6 +58,7 @@ class TrainOptions:
     lam: float = 1.0
     temperature: float = 1.0
     ce_weight: float = 0.0
+    expl_resolution: str = "input"
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip_p: float = 0.0
     shots: int | None = None
@@ -81,6 +82,9 @@ class TrainOptions:
             raise ValueError("--epochs and --batch-size must be >= 1")
         if self.lam < 0 or self.temperature <= 0:
             raise ValueError("--lambda must be >= 0 and --temperature > 0")
+        if self.expl_resolution not in EXPL_RESOLUTIONS:
+            raise ValueError(f"--expl-resolution must be one of {', '.join(EXPL_RESOLUTIONS)}, "
+                             f"got {self.expl_resolution!r}")
 
 
 # ---- set-up and compatibility ----------------------------------------------------------------------
@@ -135,9 +139,8 @@ def _seed_everything(seed: int) -> None:
 class _Run:
     opts: TrainOptions
     model: torch.nn.Module
-    explainer: Any
+    objective: E2KDObjective
     targets: Any
-    loss_fn: E2KDLoss
     optimizer: Any
     scheduler: Any
     stream: Any
@@ -188,7 +191,8 @@ def _build(opts: TrainOptions) -> _Run:
                                        updates_per_epoch=steps)
     spec = StreamSpec(shards=shards, keys=set(keys), input_size=(opts.input_size, opts.input_size),
                       cache_uri=opts.cache, crop_scale=tuple(opts.crop_scale), flip_p=opts.flip_p, seed=opts.seed,
-                      rank=rank, world_size=world)
+                      rank=rank, world_size=world,
+                      map_size=(opts.input_size, opts.input_size) if opts.expl_resolution == "input" else None)
     stream, loader = build_loader(spec, opts.batch_size, opts.workers)
     identity = None
     if store is not None:
@@ -196,9 +200,10 @@ def _build(opts: TrainOptions) -> _Run:
         identity = {"uri": opts.cache, "teacher": m["teacher"], "explainer": m["explainer"], "views": m["views"],
                     "inputs_fingerprint": m["inputs"]["fingerprint"],
                     "shards_sha256": {n: r["sha256"] for n, r in sorted(m["shards"].items())}}
-    return _Run(opts, model, build_explainer(opts.explainer, model), targets,
-                E2KDLoss(opts.temperature, opts.lam, opts.ce_weight), optimizer, scheduler, stream, loader, steps,
-                rank, world, device, plan, identity, input_transform(model))
+    objective = E2KDObjective(model, opts.explainer, temperature=opts.temperature, lam=opts.lam,
+                              ce_weight=opts.ce_weight, expl_resolution=opts.expl_resolution)
+    return _Run(opts, model, objective, targets, optimizer, scheduler, stream, loader, steps, rank, world, device,
+                plan, identity, input_transform(model))
 
 
 def _step(run: _Run, batch: dict[str, Any]) -> dict[str, float]:
@@ -208,15 +213,11 @@ def _step(run: _Run, batch: dict[str, Any]) -> dict[str, float]:
     autocast = torch.autocast(device_type=run.device.type, dtype=torch.bfloat16,
                               enabled=run.opts.amp and run.device.type == "cuda")  # --amp is a GPU option
     with autocast:
-        if run.opts.lam > 0:
-            s_maps = run.explainer(x, targets, create_graph=True)
-            s_logits = run.explainer.last_logits
-        else:
-            s_maps, s_logits = None, run.model(x)
-        total, parts = run.loss_fn(s_logits, t_logits, s_maps, t_maps if run.opts.lam > 0 else None,
-                                   batch["label"].to(run.device))
+        total, parts = run.objective(x, t_logits, t_maps if run.opts.lam > 0 else None, batch["label"].to(run.device),
+                                     targets=targets)
+    parts = {k: float(v.detach()) for k, v in parts.items()}
     if not torch.isfinite(total):
-        raise FloatingPointError(f"non-finite loss {float(total)} (parts {({k: float(v) for k, v in parts.items()})})")
+        raise FloatingPointError(f"non-finite loss {float(total.detach())} (parts {parts})")
     run.optimizer.zero_grad(set_to_none=True)
     total.backward()
     if run.world > 1:
@@ -228,7 +229,7 @@ def _step(run: _Run, batch: dict[str, Any]) -> dict[str, float]:
     if run.opts.clip_grad:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.opts.clip_grad)
     run.optimizer.step()
-    return {"loss": float(total.detach()), **{k: float(v) for k, v in parts.items()}}
+    return {"loss": float(total.detach()), **parts}
 
 
 def _train_epoch(run: _Run, epoch: int, num_updates: int) -> tuple[dict[str, float], int]:
@@ -292,7 +293,8 @@ def _validate(run: _Run) -> dict[str, float]:
     if not run.opts.val_data:
         return {}
     return evaluate_student(run.model, run.opts.val_data, run.opts.val_cache, run.opts.explainer,
-                            run.opts.input_size, batch_size=run.opts.batch_size, workers=run.opts.workers)
+                            run.opts.input_size, batch_size=run.opts.batch_size, workers=run.opts.workers,
+                            expl_resolution=run.opts.expl_resolution)
 
 
 def train_student(opts: TrainOptions) -> dict[str, Any]:
@@ -328,7 +330,8 @@ def _finish(run: _Run, out: Path, metrics: dict[str, float], num_updates: int) -
     from safetensors.torch import save_file
 
     summary = {"student": model_spec(run.model), "cache": run.cache_identity, "online_teacher": run.opts.online_teacher,
-               "explainer": run.opts.explainer, "input_size": run.opts.input_size, "epochs": run.opts.epochs,
+               "explainer": run.opts.explainer, "expl_resolution": run.opts.expl_resolution,
+               "input_size": run.opts.input_size, "epochs": run.opts.epochs,
                "steps": num_updates, "steps_per_epoch": run.steps_per_epoch, "world_size": run.world,
                "samples": run.plan.num_samples, "skipped_cache_bad": run.plan.cache_bad,
                "skipped_missing": len(run.plan.missing_in_cache), "final": metrics,
