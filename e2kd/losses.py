@@ -182,8 +182,9 @@ class E2KDObjective:
     the student's model inputs (after :func:`e2kd.models.input_transform`), ``teacher_maps`` of any spatial
     size (native cached maps are fine) and ``targets`` (the explained classes) defaulting to the teacher's
     top-1. ``total`` is differentiable w.r.t. the student's parameters; ``parts`` (``kd``, ``expl``, ``ce``)
-    share its graph. After a call, :attr:`last_logits` holds the student's logits and :attr:`last_similarity`
-    the per-sample explanation cosine (``None`` when no map was computed).
+    share its graph. After a call, :attr:`last_logits` holds the student's logits, :attr:`last_maps` its native
+    explanation maps (detached) and :attr:`last_similarity` the per-sample explanation cosine (both ``None``
+    when no map was computed).
     With ``create_graph=False`` (evaluation) no second-order graph is built.
 
     Example:
@@ -205,6 +206,7 @@ class E2KDObjective:
         self.loss = E2KDLoss(temperature, lam, ce_weight)
         self.expl_resolution = expl_resolution
         self.last_logits: Tensor | None = None
+        self.last_maps: Tensor | None = None
         self.last_similarity: Tensor | None = None
 
     @property
@@ -229,6 +231,7 @@ class E2KDObjective:
         t_maps = None if teacher_maps is None else teacher_maps.detach()
         total, parts = self.loss(logits, teacher_logits, s_maps, t_maps if self.lam > 0 else None, labels, size)
         self.last_logits = logits
+        self.last_maps = None if s_maps is None else s_maps.detach()
         self.last_similarity = None
         if s_maps is not None and t_maps is not None:
             with torch.no_grad():

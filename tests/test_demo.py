@@ -46,16 +46,19 @@ def test_evaluate_agrees_with_an_independent_computation(demo_dir: Path) -> None
     weights = demo_dir / "runs" / "e2kd-frozen-seed0" / "student.safetensors"
     kwargs = {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 16}
     ood = ",".join(str(p) for p in sorted((demo_dir / "data").glob("test-ood-*.tar")))
-    result = CliRunner().invoke(main, ["evaluate", "--data", ood, "--cache", str(demo_dir / "cache-ood"), "--student",
-                                       "resnet18", "--student-kwargs", json.dumps(kwargs), "--weights", str(weights),
-                                       "--json"])
+    args = ["evaluate", "--data", ood, "--cache", str(demo_dir / "cache-ood"), "--student", "resnet18",
+            "--student-kwargs", json.dumps(kwargs), "--weights", str(weights), "--json"]
+    result = CliRunner().invoke(main, [*args, "--expl-resolution", "native"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
+    default = CliRunner().invoke(main, args)  # the paper's convention: cosine at the input size
+    assert default.exit_code == 0, default.output
+    at_input = json.loads(default.output)
     store = open_store(str(demo_dir / "cache-ood"))
     model = create_model("resnet18", 10, checkpoint=weights, **kwargs).eval()
     explainer = build_explainer("gradcam", model)
     correct = agree = n = 0
-    sims = []
+    sims, sims_input = [], []
     for shard in list_shards(ood):
         for s in iter_shard(shard):
             rec = store.read(s.key)
@@ -65,10 +68,15 @@ def test_evaluate_agrees_with_an_independent_computation(demo_dir: Path) -> None
             correct += pred == s.label
             agree += pred == int(rec["target"][0])
             sims.append(float(explanation_similarity(maps, rec["maps"])))
+            up = [torch.nn.functional.interpolate(m.double(), size=(64, 64), mode="bilinear", align_corners=False)
+                  for m in (maps, torch.as_tensor(rec["maps"]).float())]
+            sims_input.append(float(torch.nn.functional.cosine_similarity(up[0].flatten(), up[1].flatten(), dim=0)))
             n += 1
     assert metrics["top1"] == pytest.approx(correct / n)
     assert metrics["agreement"] == pytest.approx(agree / n)
     assert metrics["expl_sim"] == pytest.approx(sum(sims) / n, abs=1e-4)
+    assert at_input["expl_sim"] == pytest.approx(sum(sims_input) / n, abs=1e-4)
+    assert at_input["top1"] == metrics["top1"]
 
 
 def test_show_draws_views_and_maps(demo_dir: Path, tmp_path: Path) -> None:
@@ -90,7 +98,7 @@ def test_show_draws_views_and_maps(demo_dir: Path, tmp_path: Path) -> None:
 def test_train_teacher_learns_the_digits(digits: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train-teacher", "--data", f"{digits}/teacher-train-{{000000..000021}}.tar",
                                        "--model", "resnet18", "--model-kwargs", json.dumps(TEACHER_KWARGS),
-                                       "--num-classes", "10", "--input-size", "64", "--epochs", "6", "--out",
+                                       "--num-classes", "10", "--input-size", "64", "--epochs", "12", "--out",
                                        str(tmp_path / "t"), "--val-data", f"{digits}/val-000000.tar", "--quiet"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(ln) for ln in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
