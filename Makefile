@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The end-to-end demo on the embedded digits-shift dataset (~15 min on 2 CPU cores; `e2kd demo --quick`: ~2 min).
+# The end-to-end demo on the embedded digits-shift dataset (~18 min on 2 CPU cores; `e2kd demo --quick`: ~2 min).
 demo: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/e2kd demo --out demo-out
 
