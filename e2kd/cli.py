@@ -13,7 +13,14 @@ from e2kd import __version__
 
 
 def _fail(exc: BaseException) -> click.ClickException:
-    return click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    """One line for the user: the message's first line (the last one, unwrapped, for a DataLoader worker's error)."""
+    text = str(exc)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return click.ClickException(type(exc).__name__)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: "pkg.module.Error: message" is last
+        return click.ClickException(lines[-1].split(": ", 1)[-1])
+    return click.ClickException(lines[0])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -217,9 +224,10 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--expl-resolution", type=click.Choice(["input", "native"]), default="input", show_default=True,
               help="Where expl_sim's cosine is taken (as train-student's --expl-resolution).")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader workers.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line on stdout.")
 def evaluate_cmd(data: str, student: str, weights: str, student_kwargs: str | None, cache: str | None,
-                 num_classes: int | None, input_size: int | None, batch_size: int, expl_resolution: str,
+                 num_classes: int | None, input_size: int | None, batch_size: int, expl_resolution: str, workers: int,
                  as_json: bool) -> None:
     """Top-1, agreement with the teacher and explanation similarity of a trained student."""
     from e2kd.config import parse_json_kwargs
@@ -227,7 +235,8 @@ def evaluate_cmd(data: str, student: str, weights: str, student_kwargs: str | No
 
     try:
         metrics = evaluate_weights(data, student, weights, parse_json_kwargs(student_kwargs), cache, num_classes,
-                                   input_size=input_size, batch_size=batch_size, expl_resolution=expl_resolution)
+                                   input_size=input_size, batch_size=batch_size, workers=workers,
+                                   expl_resolution=expl_resolution)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(exc) from None
     if as_json:

@@ -13,10 +13,13 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from e2kd.storage.names import shard_name_for
 
 __all__ = ["InputShard", "Sample", "BadSample", "list_shards", "iter_shard", "iter_keys", "decode_image",
            "input_size_bytes", "input_sha256", "IMAGE_EXTS"]
@@ -69,11 +72,13 @@ def _expand(urls: str | Sequence[str]) -> list[str]:
 
 
 def _shard_name(url: str) -> str:
+    """The store shard name of an input URL: its file name without extension, made safe (see ``storage.names``)."""
     base = url.rstrip("/").rsplit("/", 1)[-1].split("::")[-1]
     for ext in (".tar.gz", ".tgz", ".tar"):
         if base.endswith(ext):
-            return base[: -len(ext)]
-    return base
+            base = base[: -len(ext)]
+            break
+    return shard_name_for(base)
 
 
 def list_shards(urls: str | Sequence[str]) -> list[InputShard]:
@@ -104,7 +109,7 @@ def _folder_shards(root: str) -> list[InputShard]:
     classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"image folder {root} has no class sub-directories (expected root/<class>/<file>)")
-    return [InputShard(name=f"class-{c}", url=str(Path(root) / c), kind="folder", label=i, root=root)
+    return [InputShard(name=shard_name_for(f"class-{c}"), url=str(Path(root) / c), kind="folder", label=i, root=root)
             for i, c in enumerate(classes)]
 
 
@@ -174,10 +179,28 @@ def iter_keys(shard: InputShard) -> Iterator[tuple[str, int]]:
 
 
 def _raw_samples(url: str) -> Iterator[dict]:
-    """Raw (undecoded) samples of one tar; e2kd splits shards over ranks and workers itself."""
-    import webdataset as wds
+    """Raw (undecoded) samples of one tar: open → tar members → samples grouped by key (webdataset's stages).
 
-    return iter(wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None))
+    The stream is opened with fsspec (``pipe:`` through webdataset's ``gopen``), so a local file name is never
+    parsed as a URL (``a b;c.tar`` stays one path); e2kd splits shards over ranks and workers itself.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stream = _open_stream(url)
+    try:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    finally:
+        stream.close()
+
+
+def _open_stream(url: str) -> Any:
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
 
 
 def _iter_folder(shard: InputShard) -> Iterator[Sample | BadSample]:

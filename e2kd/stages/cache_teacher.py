@@ -159,12 +159,13 @@ def _check_inputs_unchanged(manifest: dict[str, Any], shards: list[InputShard]) 
     return sizes
 
 
-def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, checkpoint: bytes | None, n: int) -> list:
+def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, ckpt_ref: Any, n: int) -> list:
+    """Start ``n`` actors. ``ckpt_ref`` (the checkpoint in Ray's object store) must stay referenced by the caller
+    for the whole run: a restarted actor is constructed again from it."""
     import ray
 
     actor_cls = ray.remote(TeacherWorker).options(num_cpus=opts.threads_per_worker, num_gpus=opts.gpus_per_worker,
                                                   max_restarts=2, max_task_retries=2)
-    ckpt_ref = ray.put(checkpoint) if checkpoint is not None else None
     actors = [actor_cls.remote(spec, ckpt_ref) for _ in range(n)]
     try:
         ray.get([a.ready.remote() for a in actors])
@@ -228,7 +229,8 @@ def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[
                       fmt=opts.format, store_uri=store_uri, batch_size=opts.batch_size, precision=opts.precision,
                       threads=opts.threads_per_worker,
                       checkpoint_suffix=Path(opts.checkpoint).suffix if opts.checkpoint else ".safetensors")
-    actors = _start_workers(opts, spec, checkpoint, _default_workers(opts, len(todo)))
+    ckpt_ref = ray.put(checkpoint) if checkpoint is not None else None  # alive until every shard is done
+    actors = _start_workers(opts, spec, ckpt_ref, _default_workers(opts, len(todo)))
     queue, running, failed = list(todo), {}, {}
     samples, t0 = 0, time.time()
     bar = tqdm(total=len(todo), unit="shard", desc="cache-teacher", disable=not opts.progress, dynamic_ncols=True)
@@ -256,6 +258,7 @@ def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[
         bar.close()
         for actor in actors:
             ray.kill(actor)
+        del ckpt_ref
     return failed, time.time() - t0
 
 

@@ -17,7 +17,7 @@ from e2kd.models import create_model, input_transform
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_sha256, iter_shard
 from e2kd.pipeline.views import ViewPolicy, render_view
 from e2kd.storage.encoding import Encoding
-from e2kd.storage.files import SHARDS_DIR, STAGING_DIR, commit_dir, is_local, resolve
+from e2kd.storage.files import STAGING_DIR, commit_dir, is_local, resolve
 from e2kd.storage.manifest import shard_record
 from e2kd.storage.shards import stage_shard
 
@@ -139,7 +139,7 @@ class TeacherWorker:
         else:
             staging_root = Path(tempfile.mkdtemp(prefix="e2kd-stage-"))
         staged, sha, nbytes = stage_shard(staging_root, self.spec.fmt, cols, keys, errors, self.encoding)
-        commit_dir(staged, self.fs, f"{self.root}/{SHARDS_DIR}/{shard.name}")
+        commit_dir(staged, self.fs, self.root, shard.name)
         map_shape = list(cols["maps"].shape[2:]) if keys else None
         record = shard_record(source=shard.url, num_samples=len(keys), num_errors=len(errors), sha256=sha,
                               nbytes=nbytes, map_shape=map_shape)

@@ -2,6 +2,6 @@
 
 from e2kd.storage.encoding import Encoding
 from e2kd.storage.manifest import ManifestError
-from e2kd.storage.reader import CacheStore, open_store
+from e2kd.storage.reader import CacheStore, StoreIntegrityError, open_store
 
-__all__ = ["open_store", "CacheStore", "Encoding", "ManifestError"]
+__all__ = ["open_store", "CacheStore", "Encoding", "ManifestError", "StoreIntegrityError"]

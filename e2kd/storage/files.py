@@ -14,7 +14,10 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["resolve", "is_local", "checksum_files", "checksum_local_dir", "write_json_atomic", "read_json",
+from e2kd.storage.names import check_shard_name
+
+__all__ = ["resolve", "is_local", "checksum_files", "checksum_blobs", "read_blobs", "checksum_local_dir",
+           "write_json_atomic", "read_json",
            "StoreLock", "StoreLockedError", "commit_dir", "SHARDS_DIR", "STAGING_DIR", "MANIFEST", "LOCK"]
 
 SHARDS_DIR = "shards"
@@ -39,13 +42,26 @@ def checksum_files(fs: fsspec.AbstractFileSystem, root: str) -> tuple[str, int]:
     Raises:
         FileNotFoundError: ``root`` does not exist.
     """
+    return checksum_blobs(read_blobs(fs, root))
+
+
+def read_blobs(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, bytes]:
+    """Every file under ``root`` as ``relative path → bytes`` (one read each).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+    """
     if not fs.exists(root):
         raise FileNotFoundError(root)
     files = sorted(p for p in fs.find(root) if not fs.isdir(p))
+    return {path[len(root):].lstrip("/"): fs.cat_file(path) for path in files}
+
+
+def checksum_blobs(blobs: dict[str, bytes]) -> tuple[str, int]:
+    """The shard checksum of ``relative path → bytes``: sha256 over (path, size, sha256 of content), sorted by path."""
     digest, total = hashlib.sha256(), 0
-    for path in files:
-        rel = path[len(root):].lstrip("/")
-        data = fs.cat_file(path)
+    for rel in sorted(blobs):
+        data = blobs[rel]
         digest.update(f"{rel}\x00{len(data)}\x00".encode())
         digest.update(hashlib.sha256(data).digest())
         total += len(data)
@@ -74,8 +90,13 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     return json.loads(fs.cat_file(path))
 
 
-def commit_dir(staging: Path, fs: fsspec.AbstractFileSystem, final: str) -> None:
-    """Make a fully written local staging directory visible at ``final`` (rename locally, upload remotely)."""
+def commit_dir(staging: Path, fs: fsspec.AbstractFileSystem, root: str, name: str) -> str:
+    """Make a fully written local staging directory visible as shard ``name`` of the store at ``root``.
+
+    Renames locally, uploads remotely; returns the final path ``root/shards/name``. Only ever replaces that
+    one directory: ``name`` is checked with the readers' rule first.
+    """
+    final = f"{root}/{SHARDS_DIR}/{check_shard_name(name)}"
     if fs.exists(final):
         fs.rm(final, recursive=True)  # leftover of a killed run: it was never committed in the manifest
     if is_local(fs):
@@ -84,6 +105,7 @@ def commit_dir(staging: Path, fs: fsspec.AbstractFileSystem, final: str) -> None
     else:
         fs.put(str(staging), final, recursive=True)
         shutil.rmtree(staging, ignore_errors=True)
+    return final
 
 
 class StoreLockedError(RuntimeError):

@@ -6,6 +6,8 @@ import hashlib
 import re
 from typing import Any
 
+from e2kd.storage.names import is_valid_shard_name
+
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "IDENTITY_FIELDS", "new_manifest", "validate_manifest", "check_compatible",
            "input_fingerprint", "ManifestError", "shard_record"]
 
@@ -13,7 +15,6 @@ SCHEMA = "e2kd.teacher-cache"
 SCHEMA_VERSION = 1
 #: Fields that define what a cache holds: a run whose values differ must not write into the store.
 IDENTITY_FIELDS = ("format", "teacher", "explainer", "preprocessing", "views", "encoding", "precision")
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -65,7 +66,7 @@ def validate_manifest(m: Any) -> dict[str, Any]:
         _require(isinstance(m.get(field), dict), f"manifest field {field!r} is missing or not an object")
     _require(isinstance(m["teacher"].get("num_classes"), int), "manifest teacher.num_classes is not an integer")
     for name, rec in m["shards"].items():
-        _require(bool(_SHARD_NAME.match(name)) and ".." not in name, f"unsafe shard name {name!r} in manifest")
+        _require(is_valid_shard_name(name), f"unsafe shard name {name!r} in manifest")
         _require(isinstance(rec, dict), f"shard {name!r}: record is not an object")
         _require(isinstance(rec.get("num_samples"), int) and rec["num_samples"] >= 0,
                  f"shard {name!r}: bad num_samples")

@@ -11,11 +11,15 @@ import numpy as np
 import torch
 
 from e2kd.storage.encoding import Encoding
-from e2kd.storage.files import MANIFEST, SHARDS_DIR, checksum_files, read_json, resolve
+from e2kd.storage.files import MANIFEST, SHARDS_DIR, checksum_blobs, read_blobs, read_json, resolve
 from e2kd.storage.manifest import ManifestError, validate_manifest
 from e2kd.storage.shards import ERRORS_NAME, KEYS_NAME, shard_format
 
-__all__ = ["open_store", "CacheStore"]
+__all__ = ["open_store", "CacheStore", "StoreIntegrityError"]
+
+
+class StoreIntegrityError(ManifestError):
+    """A shard's files are not what the manifest recorded (changed, truncated, added, removed or miscounted)."""
 
 
 def open_store(uri: str) -> CacheStore:
@@ -29,7 +33,12 @@ def open_store(uri: str) -> CacheStore:
 
 
 class CacheStore:
-    """Read-only view of a complete-shards-only cache; only shards the manifest marks complete are visible."""
+    """Read-only view of a complete-shards-only cache; only shards the manifest marks complete are visible.
+
+    Every record read goes through :meth:`shard_columns`, which reads a shard's files once, checks them
+    against the manifest's checksum and counts, and decodes exactly the bytes it checked: data that
+    ``verify`` would reject is never returned.
+    """
 
     def __init__(self, uri: str) -> None:
         self.uri = str(uri)
@@ -91,8 +100,43 @@ class CacheStore:
         return key in self.index
 
     # ---- records -------------------------------------------------------------------------------
+    def shard_columns(self, name: str) -> tuple[list[str], dict[str, np.ndarray]]:
+        """``(keys, columns)`` of one complete shard, verified against the manifest (one read of its files).
+
+        Raises:
+            StoreIntegrityError: one line naming store, shard and what is wrong.
+        """
+        blobs = self._verified_blobs(name)
+        where = f"store {self.uri}: shard {name}"
+        try:
+            keys = json.loads(blobs[KEYS_NAME])
+            cols = self._format.columns_from_blobs(blobs, self.encoding.column_names(), where) if keys else {}
+        except (KeyError, ValueError) as exc:
+            raise StoreIntegrityError(f"{where}: unreadable ({exc})") from None
+        expected = self.manifest["shards"][name]["num_samples"]
+        rows = {k: int(v.shape[0]) for k, v in cols.items()}
+        if not isinstance(keys, list) or len(keys) != expected or any(r != expected for r in rows.values()):
+            count = len(keys) if isinstance(keys, list) else "no"
+            raise StoreIntegrityError(f"{where}: the manifest says {expected} samples, {KEYS_NAME} has {count} keys, "
+                                      f"arrays have {sorted(set(rows.values()))} rows")
+        return keys, cols
+
+    def _verified_blobs(self, name: str) -> dict[str, bytes]:
+        rec = self.manifest["shards"].get(name)
+        where = f"store {self.uri}: shard {name}"
+        if rec is None or not rec["complete"]:
+            raise StoreIntegrityError(f"{where}: not a complete shard of this store")
+        try:
+            blobs = read_blobs(self.fs, self.shard_path(name))
+        except FileNotFoundError:
+            raise StoreIntegrityError(f"{where}: missing") from None
+        if checksum_blobs(blobs)[0] != rec["sha256"]:
+            raise StoreIntegrityError(f"{where}: checksum mismatch (a file was changed, truncated, added or removed); "
+                                      f"run e2kd verify")
+        return blobs
+
     def _read_shard(self, name: str) -> dict[str, np.ndarray]:
-        return self._format.read_columns(self.fs, self.shard_path(name), self.encoding.column_names())
+        return self.shard_columns(name)[1]
 
     def _decode(self, cols: dict[str, np.ndarray], row: int) -> dict[str, Any]:
         one = {k: v[row] for k, v in cols.items()}
@@ -109,27 +153,21 @@ class CacheStore:
         return self._decode(self._load_columns(name), row)
 
     def iter_shard(self, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Sequentially yield ``(key, record)`` for one shard (one read of its data)."""
-        keys = self.shard_keys(name)
-        if not keys:
-            return
-        cols = self._read_shard(name)
+        """Sequentially yield ``(key, record)`` for one shard (one verified read of its data)."""
+        keys, cols = self.shard_columns(name)
         for row, key in enumerate(keys):
             yield key, self._decode(cols, row)
 
     # ---- integrity -----------------------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Recompute every shard's checksum; return one message per bad shard (empty when all is well)."""
+        """Check every shard (checksum, then key and row counts against the manifest); one message per bad shard."""
         problems = []
         for name, rec in sorted(self.manifest["shards"].items()):
             if not rec["complete"]:
                 problems.append(f"{name}: incomplete")
                 continue
             try:
-                sha, _ = checksum_files(self.fs, self.shard_path(name))
-            except FileNotFoundError:
-                problems.append(f"{name}: missing")
-                continue
-            if sha != rec["sha256"]:
-                problems.append(f"{name}: checksum mismatch (a file was changed, truncated, added or removed)")
+                self.shard_columns(name)
+            except StoreIntegrityError as exc:
+                problems.append(f"{name}: {str(exc).split(f'shard {name}: ', 1)[-1].removesuffix('; run e2kd verify')}")
         return problems

@@ -14,7 +14,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 
-__all__ = ["write_columns", "read_columns", "DATA_NAME"]
+__all__ = ["write_columns", "read_columns", "columns_from_blobs", "DATA_NAME"]
 
 DATA_NAME = "data.tar"
 _MEMBER = re.compile(r"^(\d{8})\.([a-z_]+)\.npy$")
@@ -37,15 +37,36 @@ def write_columns(shard_dir: Path, columns: dict[str, np.ndarray], encoding: obj
 def read_columns(fs: fsspec.AbstractFileSystem, shard_path: str, names: list[str],
                  rows: slice | None = None) -> dict[str, np.ndarray]:
     """Stream the tar once and stack the requested columns (all rows, or a slice)."""
+    with fs.open(f"{shard_path}/{DATA_NAME}", "rb") as f:
+        return _read_tar(f, shard_path, names, rows)
+
+
+def columns_from_blobs(blobs: dict[str, bytes], names: list[str], where: str = "shard") -> dict[str, np.ndarray]:
+    """Decode ``names`` from a shard's files already in memory (``relative path → bytes``, e.g. just verified)."""
+    if DATA_NAME not in blobs:
+        raise KeyError(f"{where} has no {DATA_NAME}")
+    return _read_tar(io.BytesIO(blobs[DATA_NAME]), where, names, None)
+
+
+def _read_tar(f: io.IOBase, shard_path: str, names: list[str], rows: slice | None) -> dict[str, np.ndarray]:
+    """Rows of every column must be ``0 … n−1``, once each and in order: a duplicated or missing row is an error."""
     per_row: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    with fs.open(f"{shard_path}/{DATA_NAME}", "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    next_row: dict[str, int] = {}
+    with tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
             match = _MEMBER.match(member.name)
             if not member.isfile() or match is None:
                 raise ValueError(f"{shard_path}: refused tar member {member.name!r} (not a row .npy file)")
-            if match.group(2) in per_row:
+            row, column = int(match.group(1)), match.group(2)
+            if row != next_row.get(column, 0):
+                raise ValueError(f"{shard_path}: tar member {member.name!r} out of order (expected row "
+                                 f"{next_row.get(column, 0)} of column {column!r}): duplicated or missing row")
+            next_row[column] = row + 1
+            if column in per_row:
                 data = tar.extractfile(member).read()
-                per_row[match.group(2)].append(np.load(io.BytesIO(data), allow_pickle=False))
+                per_row[column].append(np.load(io.BytesIO(data), allow_pickle=False))
+    if len(set(next_row.values())) > 1:
+        raise ValueError(f"{shard_path}: columns have different row counts {dict(sorted(next_row.items()))}")
     out = {}
     for name, items in per_row.items():
         if not items:

@@ -12,7 +12,7 @@ from zarr.codecs import BloscCodec
 from e2kd.storage.encoding import Encoding
 from e2kd.storage.files import is_local
 
-__all__ = ["write_columns", "read_columns", "DATA_NAME"]
+__all__ = ["write_columns", "read_columns", "columns_from_blobs", "DATA_NAME"]
 
 DATA_NAME = "data.zarr"
 
@@ -46,11 +46,24 @@ def _open(fs: fsspec.AbstractFileSystem, shard_path: str) -> zarr.Group:
 def read_columns(fs: fsspec.AbstractFileSystem, shard_path: str, names: list[str],
                  rows: slice | None = None) -> dict[str, np.ndarray]:
     """Read ``names`` (all rows, or a slice of rows) from one shard."""
-    group = _open(fs, shard_path)
+    return _columns(_open(fs, shard_path), shard_path, names, rows)
+
+
+def columns_from_blobs(blobs: dict[str, bytes], names: list[str], where: str = "shard") -> dict[str, np.ndarray]:
+    """Decode ``names`` from a shard's files already in memory (``relative path → bytes``, e.g. just verified)."""
+    from zarr.core.buffer import cpu
+
+    prefix = f"{DATA_NAME}/"
+    store = zarr.storage.MemoryStore({k[len(prefix):]: cpu.Buffer.from_bytes(v) for k, v in blobs.items()
+                                      if k.startswith(prefix)}, read_only=True)
+    return _columns(zarr.open_group(store, mode="r", zarr_format=3), where, names, None)
+
+
+def _columns(group: zarr.Group, where: str, names: list[str], rows: slice | None) -> dict[str, np.ndarray]:
     sel = rows if rows is not None else slice(None)
     out = {}
     for name in names:
         if name not in group:
-            raise KeyError(f"shard {shard_path} has no array {name!r}")
+            raise KeyError(f"{where} has no array {name!r}")
         out[name] = group[name][sel]
     return out

@@ -1,0 +1,130 @@
+"""Faults that used to lose data: hostile input file names, and a Ray worker killed while a checkpoint is in use."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TEACHER_KWARGS, cache_options, shard_checksums
+
+from e2kd.pipeline.loader import plan_join
+from e2kd.pipeline.sources import list_shards
+from e2kd.stages.cache_teacher import run_cache_teacher
+from e2kd.storage import open_store
+from e2kd.storage.files import commit_dir, resolve
+from e2kd.storage.names import is_valid_shard_name
+
+E2KD = [sys.executable, "-m", "e2kd.cli"]
+#: input file names (before ".tar") that once deleted a store (``...`` → ``shards/..``), every shard (``..``)
+#: or made the store unreadable (``my shard``)
+ODD_NAMES = ["...", "..", "", "~", "a b;c", "ü", "my shard"]
+
+
+def test_odd_input_names_are_cached_and_never_touch_other_shards(digits: Path, teacher_ckpt: Path,
+                                                                 tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    normal = inputs / "normal.tar"
+    shutil.copy(digits / "teacher-train-000000.tar", normal)
+    store = tmp_path / "store"
+    run_cache_teacher(cache_options(str(normal), store, teacher_ckpt, workers=1))
+    before = shard_checksums(store)
+    odd = []
+    for i, base in enumerate(ODD_NAMES, start=1):
+        path = inputs / f"{base}.tar"
+        shutil.copy(digits / f"teacher-train-{i:06d}.tar", path)
+        odd.append(str(path))
+    data = ",".join([str(normal), *odd])
+    summary = run_cache_teacher(cache_options(data, store, teacher_ckpt, workers=2))
+    assert summary["shards_cached_now"] == len(ODD_NAMES) and not summary["failed"]
+    after = shard_checksums(store)
+    assert after["normal"] == before["normal"]  # the shard cached first is untouched
+    assert len(after) == 1 + len(ODD_NAMES) and all(is_valid_shard_name(n) for n in after)
+    opened = open_store(str(store))
+    assert len(opened) == 50 * (1 + len(ODD_NAMES)) and opened.verify() == []
+    plan = plan_join(list_shards(data), opened)  # the student side finds every shard by the same names
+    assert plan.num_samples == len(opened) and not plan.missing_in_cache and not plan.missing_in_input
+    assert (store / "manifest.json").is_file()
+
+
+def test_commit_refuses_an_unsafe_shard_name_and_removes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    (root / "shards" / "keep").mkdir(parents=True)
+    (root / "manifest.json").write_text("{}")
+    staging = tmp_path / "staged"
+    staging.mkdir()
+    fs, path = resolve(str(root))
+    for bad in ("..", ".", "a/../..", "", "../x"):
+        with pytest.raises(ValueError, match="unsafe shard name"):
+            commit_dir(staging, fs, path, bad)
+    assert (root / "manifest.json").exists() and (root / "shards" / "keep").is_dir() and staging.is_dir()
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _teacher_workers(driver: int) -> list[int]:
+    pids = []
+    for pid in _descendants(driver):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "TeacherWorker" in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def test_a_killed_worker_is_restarted_with_the_checkpoint_and_its_shard_retried(digits: Path, teacher_ckpt: Path,
+                                                                               tmp_path: Path) -> None:
+    data = f"{digits}/teacher-train-{{000000..000021}}.tar"
+    reference = tmp_path / "reference"
+    run_cache_teacher(cache_options(data, reference, teacher_ckpt, workers=2))
+    out = tmp_path / "killed"
+    args = ["cache-teacher", "--data", data, "--out", str(out), "--teacher", "resnet18", "--num-classes", "10",
+            "--checkpoint", str(teacher_ckpt), "--teacher-kwargs", json.dumps(TEACHER_KWARGS), "--views", "2",
+            "--crop-scale", "0.3", "1.0", "--input-size", "64", "--batch-size", "16", "--workers", "2", "--quiet"]
+    proc = subprocess.Popen([*E2KD, *args], env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and killed is None:
+            manifest = out / "manifest.json"
+            done = json.loads(manifest.read_text())["shards"] if manifest.exists() else {}
+            workers = _teacher_workers(proc.pid)
+            if len(done) >= 8 and workers:  # late enough that a checkpoint reference dropped early is freed
+                killed = workers[0]
+                os.kill(killed, signal.SIGKILL)  # a worker dies while shards remain; its restart needs the checkpoint
+            time.sleep(0.05)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert killed is not None, "the worker kill must land while the job runs"
+    assert proc.returncode == 0, output[-3000:]
+    done = json.loads((out / "manifest.json").read_text())["shards"]
+    assert len(done) == 22
+    assert shard_checksums(out) == shard_checksums(reference)

@@ -1,0 +1,122 @@
+"""Never train on data that `verify` would reject: tampered stores stop verify, train-student and evaluate."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import cache_options
+
+from e2kd.cli import main
+from e2kd.stages.cache_teacher import run_cache_teacher
+from e2kd.storage import wds_store
+from e2kd.storage.files import resolve
+
+STUDENT = ["--student", "resnet18", "--student-kwargs",
+           json.dumps({"channels": [8, 8, 16, 32], "stem_width": 8, "output_stride": 16})]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory, digits: Path, teacher_ckpt: Path) -> dict[str, Path]:
+    data = f"{digits}/train-{{000000..000001}}.tar"
+    out = {}
+    for fmt in ("zarr", "wds"):
+        store = tmp_path_factory.mktemp("pristine") / fmt
+        run_cache_teacher(cache_options(data, store, teacher_ckpt, workers=1, format=fmt))
+        out[fmt] = store
+    return out
+
+
+def _largest_chunk(store: Path) -> Path:
+    files = [p for p in (store / "shards" / "train-000001").rglob("*") if p.is_file() and "/c/" in str(p)]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _flip(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+TAMPER = {
+    "deleted chunk": ("zarr", lambda s: _largest_chunk(s).unlink()),
+    "truncated chunk": ("zarr", lambda s: _largest_chunk(s).write_bytes(_largest_chunk(s).read_bytes()[:-7])),
+    "flipped chunk byte": ("zarr", lambda s: _flip(_largest_chunk(s))),
+    "extra file": ("zarr", lambda s: (s / "shards" / "train-000001" / "data.zarr" / "extra.bin").write_bytes(b"x")),
+    "flipped wds byte": ("wds", lambda s: _flip(s / "shards" / "train-000001" / "data.tar", 2000)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPER))
+def test_tampered_store_stops_verify_training_and_evaluation(case: str, pristine: dict[str, Path], digits: Path,
+                                                             tmp_path: Path) -> None:
+    fmt, tamper = TAMPER[case]
+    store = tmp_path / "store"
+    shutil.copytree(pristine[fmt], store)
+    tamper(store)
+    runner = CliRunner()
+    result = runner.invoke(main, ["verify", str(store)])
+    assert result.exit_code != 0 and "train-000001" in result.output
+    data = f"{digits}/train-{{000000..000001}}.tar"
+    run = tmp_path / "run"
+    result = runner.invoke(main, ["train-student", "--data", data, "--cache", str(store), *STUDENT, "--out", str(run),
+                                  "--batch-size", "16", "--epochs", "1", "--quiet"])
+    assert result.exit_code == 1, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("Error: store ") and "shard train-000001" in line and "Traceback" not in result.output
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoint.pt").exists()
+    for workers in ("0", "1"):  # also when the shard is read inside a DataLoader worker
+        result = runner.invoke(main, ["evaluate", "--data", data, "--cache", str(store), *STUDENT[:2], "--weights",
+                                      str(_any_weights(tmp_path)), "--student-kwargs", STUDENT[3],
+                                      "--workers", workers])
+        assert result.exit_code == 1, result.output
+        assert "shard train-000001" in result.output and "Traceback" not in result.output
+
+
+def _any_weights(tmp_path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from e2kd.models import create_model
+
+    path = tmp_path / "student.safetensors"
+    if not path.exists():
+        save_file(create_model("resnet18", 10, **json.loads(STUDENT[3])).state_dict(), path)
+    return path
+
+
+def test_verify_checks_counts_against_the_manifest(pristine: dict[str, Path], tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(pristine["zarr"], store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["shards"]["train-000000"]["num_samples"] += 4  # claims more samples than the shard holds
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["verify", str(store)])
+    assert result.exit_code != 0 and "train-000000" in result.output and "54 samples" in result.output
+
+
+def test_wds_reader_refuses_duplicated_or_missing_rows(tmp_path: Path) -> None:
+    def shard(rows: list[int]) -> str:
+        d = tmp_path / "-".join(map(str, rows))
+        d.mkdir()
+        with tarfile.open(d / wds_store.DATA_NAME, "w") as tar:
+            for row in rows:
+                buf = io.BytesIO()
+                np.save(buf, np.array([row], dtype=np.int32), allow_pickle=False)
+                info = tarfile.TarInfo(f"{row:08d}.labels.npy")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+        return resolve(d)[1]
+
+    fs = resolve(tmp_path)[0]
+    assert wds_store.read_columns(fs, shard([0, 1, 2]), ["labels"])["labels"].ravel().tolist() == [0, 1, 2]
+    for rows in ([0, 1, 1, 2], [0, 2], [1]):
+        with pytest.raises(ValueError, match="out of order"):
+            wds_store.read_columns(fs, shard(rows), ["labels"])
