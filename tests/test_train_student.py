@@ -55,6 +55,8 @@ def test_training_from_a_cache_never_builds_the_teacher_and_its_loss_falls(cache
                         out=str(tmp_path / "run"), epochs=4, batch_size=32, lr=3e-3, temperature=2.0, lam=1.0,
                         progress=False)
     summary = train_student(opts)
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["expl_resolution"] == written["expl_resolution"] == "input"
     assert built == ["resnet18"] and all(k.get("channels") == STUDENT_KWARGS["channels"] for k in timm_built)
     lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [ln["epoch"] for ln in lines] == [1, 2, 3, 4]
