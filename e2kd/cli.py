@@ -23,7 +23,24 @@ def _fail(exc: BaseException) -> click.ClickException:
     return click.ClickException(lines[0])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Cli(click.Group):
+    """The command group: an error no command expected still ends in one ``Error:`` line, never a traceback
+    (``E2KD_DEBUG=1`` shows it)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence of the CLI
+            if os.environ.get("E2KD_DEBUG"):
+                raise
+            message = _fail(exc).message
+            raise click.ClickException(f"{type(exc).__name__}: {message} (E2KD_DEBUG=1 shows the traceback)") \
+                from None
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="e2kd")
 def main() -> None:
     """e2kd: explanation-enhanced knowledge distillation with a cached teacher.

@@ -39,6 +39,13 @@ class Encoding:
     chunk_samples: int = 64
 
     def __post_init__(self) -> None:
+        for name in ("num_classes", "clevel", "chunk_samples") + (("topk",) if self.topk is not None else ()):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.map_size is not None and not all(isinstance(v, int) and not isinstance(v, bool)
+                                                 for v in self.map_size):
+            raise ValueError(f"map size must be two positive integers, got {self.map_size}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.topk is not None and not 1 <= self.topk <= self.num_classes:
@@ -61,9 +68,51 @@ class Encoding:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Encoding:
+        """Rebuild from :meth:`to_dict`; unknown keys or wrongly typed values raise ``ValueError``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"encoding must be an object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f for f in cls.__dataclass_fields__})
+        if unknown:
+            raise ValueError(f"unknown encoding key(s) {unknown}")
         d = dict(d)
+        if d.get("map_size") is not None and not isinstance(d["map_size"], (list, tuple)):
+            raise ValueError(f"map size must be two positive integers, got {d['map_size']!r}")
         d["map_size"] = tuple(d["map_size"]) if d.get("map_size") else None
+        if "num_classes" not in d:
+            raise ValueError("encoding has no num_classes")
         return cls(**d)
+
+    # ---- what a shard must hold (checked before any data is read) -------------------------------
+    def column_specs(self, num_views: int, map_shape: tuple[int, ...] | None) -> dict[str, tuple[str, tuple]]:
+        """``column → (dtype, shape of one row)`` for a shard of ``num_views`` views and maps of ``map_shape``."""
+        v, c = num_views, self.num_classes
+        specs: dict[str, tuple[str, tuple]] = {"labels": ("int32", ()), "views": ("float32", (v, 5)),
+                                               "target": ("int32", (v,))}
+        if self.topk is None:
+            specs["logits"] = ("float16", (v, c))
+        else:
+            specs.update(topk_values=("float16", (v, self.topk)), topk_indices=("int32", (v, self.topk)),
+                         logsumexp=("float32", (v,)))
+        maps = (v, *map_shape) if map_shape is not None else None
+        specs["maps"] = (self.map_dtype, maps)  # None: shape not known from the manifest (any 3-d map)
+        if self.map_dtype == "uint8":
+            specs.update(map_scale=("float32", (v,)), map_offset=("float32", (v,)))
+        return specs
+
+    def check_values(self, cols: dict[str, np.ndarray]) -> str | None:
+        """What is wrong with decoded columns (non-finite floats, out-of-range classes), or None."""
+        for name, col in cols.items():
+            if col.dtype.kind == "f" and not np.isfinite(col).all():
+                return f"non-finite values in column {name!r}"
+        c = self.num_classes
+        for name in ("target", "topk_indices"):
+            if name in cols and cols[name].size and not (0 <= cols[name].min() and cols[name].max() < c):
+                return f"column {name!r} holds classes outside [0, {c})"
+        if "labels" in cols and cols["labels"].size and not (-1 <= cols["labels"].min() and cols["labels"].max() < c):
+            return f"column 'labels' holds labels outside [-1, {c})"
+        if "views" in cols and cols["views"].size and not (0 <= cols["views"].min() and cols["views"].max() <= 1):
+            return "column 'views' holds boxes outside [0, 1]"
+        return None
 
     # ---- encode (writer side) -------------------------------------------------------------------
     def pool_maps(self, maps: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import hashlib
 import re
 from typing import Any
 
+from e2kd.storage.encoding import Encoding
 from e2kd.storage.names import is_valid_shard_name
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "IDENTITY_FIELDS", "new_manifest", "validate_manifest", "check_compatible",
@@ -64,16 +65,44 @@ def validate_manifest(m: Any) -> dict[str, Any]:
     _require(m.get("format") in ("zarr", "wds"), f"unknown store format {m.get('format')!r}")
     for field in ("teacher", "explainer", "preprocessing", "views", "encoding", "inputs", "shards"):
         _require(isinstance(m.get(field), dict), f"manifest field {field!r} is missing or not an object")
-    _require(isinstance(m["teacher"].get("num_classes"), int), "manifest teacher.num_classes is not an integer")
+    _require(_is_int(m["teacher"].get("num_classes"), 1), "manifest teacher.num_classes is not a positive integer")
+    _require(isinstance(m["teacher"].get("name"), str), "manifest teacher.name is not a string")
+    size = m["preprocessing"].get("input_size")
+    _require(isinstance(size, list) and len(size) == 2 and all(_is_int(v, 1, 1 << 16) for v in size),
+             f"manifest preprocessing.input_size is not two positive integers: {size!r}")
+    _require(_is_int(m["views"].get("k"), 1, 1 << 16), f"manifest views.k is not a positive integer: "
+                                                        f"{m['views'].get('k')!r}")
+    _require(isinstance(m["views"].get("policy"), str), "manifest views.policy is not a string")
+    _require(isinstance(m["explainer"].get("name"), str) and isinstance(m["explainer"].get("family"), str),
+             "manifest explainer needs string name and family")
+    try:
+        encoding = Encoding.from_dict(m["encoding"])
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"manifest encoding: {exc}") from None
+    _require(encoding.num_classes == m["teacher"]["num_classes"],
+             f"manifest encoding.num_classes {encoding.num_classes} differs from teacher.num_classes "
+             f"{m['teacher']['num_classes']}")
+    shape = m.get("map_shape")
+    _require(shape is None or (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v, 1, 1 << 16)
+                                                                                  for v in shape)),
+             f"manifest map_shape is not three positive integers: {shape!r}")
     for name, rec in m["shards"].items():
         _require(is_valid_shard_name(name), f"unsafe shard name {name!r} in manifest")
         _require(isinstance(rec, dict), f"shard {name!r}: record is not an object")
-        _require(isinstance(rec.get("num_samples"), int) and rec["num_samples"] >= 0,
+        _require(_is_int(rec.get("num_samples"), 0),
                  f"shard {name!r}: bad num_samples")
         _require(isinstance(rec.get("sha256"), str) and bool(_SHA256.match(rec["sha256"])),
                  f"shard {name!r}: bad sha256")
         _require(isinstance(rec.get("complete"), bool), f"shard {name!r}: bad complete flag")
+        _require(_is_int(rec.get("num_errors", 0), 0) and _is_int(rec.get("bytes", 0), 0),
+                 f"shard {name!r}: bad num_errors or bytes")
     return m
+
+
+def _is_int(value: Any, lo: int | None = None, hi: int | None = None) -> bool:
+    """An ``int`` (not a bool) within ``[lo, hi]``."""
+    return isinstance(value, int) and not isinstance(value, bool) and (lo is None or value >= lo) and \
+        (hi is None or value <= hi)
 
 
 def check_compatible(existing: dict[str, Any], wanted: dict[str, Any]) -> None:

@@ -32,6 +32,19 @@ def open_store(uri: str) -> CacheStore:
     return CacheStore(uri)
 
 
+def _parse_errors(raw: bytes | None, where: str) -> list[dict[str, str]]:
+    if raw is None:
+        raise StoreIntegrityError(f"{where}: {ERRORS_NAME} missing")
+    try:
+        errors = json.loads(raw)
+    except ValueError as exc:
+        raise StoreIntegrityError(f"{where}: {ERRORS_NAME} is not JSON ({exc})") from None
+    if not isinstance(errors, list) or not all(isinstance(e, dict) and isinstance(e.get("key"), str) and
+                                               all(isinstance(v, str) for v in e.values()) for e in errors):
+        raise StoreIntegrityError(f"{where}: {ERRORS_NAME} is not a list of {{key, shard, reason}} records")
+    return errors
+
+
 class CacheStore:
     """Read-only view of a complete-shards-only cache; only shards the manifest marks complete are visible.
 
@@ -64,14 +77,26 @@ class CacheStore:
         return f"{self.root}/{SHARDS_DIR}/{name}"
 
     def shard_keys(self, name: str) -> list[str]:
-        keys = read_json(self.fs, f"{self.shard_path(name)}/{KEYS_NAME}")
+        try:
+            keys = read_json(self.fs, f"{self.shard_path(name)}/{KEYS_NAME}")
+        except FileNotFoundError:
+            raise StoreIntegrityError(f"store {self.uri}: shard {name}: {KEYS_NAME} missing") from None
+        except ValueError as exc:
+            raise StoreIntegrityError(f"store {self.uri}: shard {name}: {KEYS_NAME} is not JSON ({exc})") from None
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise StoreIntegrityError(f"store {self.uri}: shard {name}: {KEYS_NAME} is not a list of keys")
         if len(keys) != self.manifest["shards"][name]["num_samples"]:
             raise ManifestError(f"shard {name}: {len(keys)} keys but the manifest says "
                                 f"{self.manifest['shards'][name]['num_samples']}; run e2kd verify")
         return keys
 
     def shard_errors(self, name: str) -> list[dict[str, str]]:
-        return read_json(self.fs, f"{self.shard_path(name)}/{ERRORS_NAME}")
+        """The samples one shard skipped: ``[{"key", "shard", "reason"}, …]`` (checked to be exactly that)."""
+        try:
+            raw = self.fs.cat_file(f"{self.shard_path(name)}/{ERRORS_NAME}")
+        except FileNotFoundError:
+            raise StoreIntegrityError(f"store {self.uri}: shard {name}: {ERRORS_NAME} missing") from None
+        return _parse_errors(raw, f"store {self.uri}: shard {name}")
 
     def errors(self) -> list[dict[str, str]]:
         """Every sample the cache skipped, with its key, shard and reason."""
@@ -108,18 +133,34 @@ class CacheStore:
         """
         blobs = self._verified_blobs(name)
         where = f"store {self.uri}: shard {name}"
+        expected = self.manifest["shards"][name]["num_samples"]
         try:
             keys = json.loads(blobs[KEYS_NAME])
-            cols = self._format.columns_from_blobs(blobs, self.encoding.column_names(), where) if keys else {}
+        except (KeyError, ValueError) as exc:
+            raise StoreIntegrityError(f"{where}: unreadable {KEYS_NAME} ({exc})") from None
+        if not isinstance(keys, list) or len(keys) != expected or not all(isinstance(k, str) for k in keys):
+            count = f"{len(keys)} keys" if isinstance(keys, list) else "no key list"
+            raise StoreIntegrityError(f"{where}: the manifest says {expected} samples, {KEYS_NAME} has {count}")
+        _parse_errors(blobs.get(ERRORS_NAME), where)
+        if not keys:
+            return keys, {}
+        specs = self.encoding.column_specs(self.manifest["views"]["k"], self.map_shape)
+        try:
+            cols = self._format.columns_from_blobs(blobs, self.encoding.column_names(), where, specs, expected)
         except (KeyError, ValueError) as exc:
             raise StoreIntegrityError(f"{where}: unreadable ({exc})") from None
-        expected = self.manifest["shards"][name]["num_samples"]
-        rows = {k: int(v.shape[0]) for k, v in cols.items()}
-        if not isinstance(keys, list) or len(keys) != expected or any(r != expected for r in rows.values()):
-            count = len(keys) if isinstance(keys, list) else "no"
-            raise StoreIntegrityError(f"{where}: the manifest says {expected} samples, {KEYS_NAME} has {count} keys, "
-                                      f"arrays have {sorted(set(rows.values()))} rows")
+        rows = sorted({int(v.shape[0]) for v in cols.values()})
+        if rows != [expected]:
+            raise StoreIntegrityError(f"{where}: the manifest says {expected} samples, arrays have {rows} rows")
+        problem = self.encoding.check_values(cols)
+        if problem:
+            raise StoreIntegrityError(f"{where}: {problem}")
         return keys, cols
+
+    @property
+    def map_shape(self) -> tuple[int, ...] | None:
+        shape = self.manifest.get("map_shape")
+        return tuple(shape) if shape is not None else None
 
     def _verified_blobs(self, name: str) -> dict[str, bytes]:
         rec = self.manifest["shards"].get(name)

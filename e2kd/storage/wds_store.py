@@ -41,14 +41,40 @@ def read_columns(fs: fsspec.AbstractFileSystem, shard_path: str, names: list[str
         return _read_tar(f, shard_path, names, rows)
 
 
-def columns_from_blobs(blobs: dict[str, bytes], names: list[str], where: str = "shard") -> dict[str, np.ndarray]:
-    """Decode ``names`` from a shard's files already in memory (``relative path → bytes``, e.g. just verified)."""
+def columns_from_blobs(blobs: dict[str, bytes], names: list[str], where: str = "shard",
+                       specs: dict[str, tuple[str, tuple | None]] | None = None,
+                       rows: int | None = None) -> dict[str, np.ndarray]:
+    """Decode ``names`` from a shard's files already in memory (``relative path → bytes``, e.g. just verified).
+
+    With ``specs`` (``column → (dtype, row shape)``) and ``rows``, each ``.npy`` header is checked before its
+    array is loaded, and no more than ``rows`` rows are read.
+    """
     if DATA_NAME not in blobs:
         raise KeyError(f"{where} has no {DATA_NAME}")
-    return _read_tar(io.BytesIO(blobs[DATA_NAME]), where, names, None)
+    return _read_tar(io.BytesIO(blobs[DATA_NAME]), where, names, None, specs, rows)
 
 
-def _read_tar(f: io.IOBase, shard_path: str, names: list[str], rows: slice | None) -> dict[str, np.ndarray]:
+def _load_row(data: bytes, column: str, spec: tuple[str, tuple | None] | None) -> np.ndarray:
+    """``np.load`` of one row, its header checked against ``spec`` first (no allocation sized by the file)."""
+    buf = io.BytesIO(data)
+    if spec is not None:
+        version = np.lib.format.read_magic(buf)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"column {column!r}: unsupported .npy format version {version}")
+        shape, _, dtype = readers[version](buf)
+        want_dtype, row_shape = spec
+        if str(dtype) != want_dtype or (row_shape is not None and tuple(shape) != tuple(row_shape)) or \
+                (row_shape is None and len(shape) != 4) or int(np.prod(shape)) * dtype.itemsize > len(data):
+            raise ValueError(f"column {column!r}: row header says {dtype} {tuple(shape)}, expected {want_dtype} "
+                             f"{row_shape if row_shape is not None else '(V, C_e, h, w)'}")
+        buf.seek(0)
+    return np.load(buf, allow_pickle=False)
+
+
+def _read_tar(f: io.IOBase, shard_path: str, names: list[str], rows: slice | None,
+              specs: dict[str, tuple[str, tuple | None]] | None = None,
+              max_rows: int | None = None) -> dict[str, np.ndarray]:
     """Rows of every column must be ``0 … n−1``, once each and in order: a duplicated or missing row is an error."""
     per_row: dict[str, list[np.ndarray]] = {name: [] for name in names}
     next_row: dict[str, int] = {}
@@ -62,9 +88,11 @@ def _read_tar(f: io.IOBase, shard_path: str, names: list[str], rows: slice | Non
                 raise ValueError(f"{shard_path}: tar member {member.name!r} out of order (expected row "
                                  f"{next_row.get(column, 0)} of column {column!r}): duplicated or missing row")
             next_row[column] = row + 1
+            if max_rows is not None and row >= max_rows:
+                raise ValueError(f"{shard_path}: more rows than the {max_rows} the manifest records")
             if column in per_row:
                 data = tar.extractfile(member).read()
-                per_row[column].append(np.load(io.BytesIO(data), allow_pickle=False))
+                per_row[column].append(_load_row(data, column, specs.get(column) if specs else None))
     if len(set(next_row.values())) > 1:
         raise ValueError(f"{shard_path}: columns have different row counts {dict(sorted(next_row.items()))}")
     out = {}

@@ -49,14 +49,39 @@ def read_columns(fs: fsspec.AbstractFileSystem, shard_path: str, names: list[str
     return _columns(_open(fs, shard_path), shard_path, names, rows)
 
 
-def columns_from_blobs(blobs: dict[str, bytes], names: list[str], where: str = "shard") -> dict[str, np.ndarray]:
-    """Decode ``names`` from a shard's files already in memory (``relative path → bytes``, e.g. just verified)."""
+def columns_from_blobs(blobs: dict[str, bytes], names: list[str], where: str = "shard",
+                       specs: dict[str, tuple[str, tuple | None]] | None = None,
+                       rows: int | None = None) -> dict[str, np.ndarray]:
+    """Decode ``names`` from a shard's files already in memory (``relative path → bytes``, e.g. just verified).
+
+    With ``specs`` (``column → (dtype, row shape)``) and ``rows``, every array's metadata — dtype, shape, chunk
+    shape — is checked before any chunk is decoded, so a hostile header cannot make the reader allocate.
+    """
     from zarr.core.buffer import cpu
 
     prefix = f"{DATA_NAME}/"
     store = zarr.storage.MemoryStore({k[len(prefix):]: cpu.Buffer.from_bytes(v) for k, v in blobs.items()
                                       if k.startswith(prefix)}, read_only=True)
-    return _columns(zarr.open_group(store, mode="r", zarr_format=3), where, names, None)
+    group = zarr.open_group(store, mode="r", zarr_format=3)
+    if specs is not None and rows is not None:
+        for name in names:
+            if name not in group:
+                raise KeyError(f"{where} has no array {name!r}")
+            _check_array(group[name], name, specs[name], rows)
+    return _columns(group, where, names, None)
+
+
+def _check_array(arr: zarr.Array, name: str, spec: tuple[str, tuple | None], rows: int) -> None:
+    dtype, row_shape = spec
+    shape = tuple(arr.shape)
+    if str(arr.dtype) != dtype:
+        raise ValueError(f"array {name!r} has dtype {arr.dtype}, expected {dtype}")
+    if shape[:1] != (rows,) or (row_shape is not None and shape[1:] != tuple(row_shape)) or \
+            (row_shape is None and len(shape) != 5):
+        want = (rows, *row_shape) if row_shape is not None else (rows, "V", "C_e", "h", "w")
+        raise ValueError(f"array {name!r} has shape {shape}, expected {want}")
+    if any(c > max(1, s) for c, s in zip(arr.chunks, shape, strict=True)):
+        raise ValueError(f"array {name!r} has chunks {arr.chunks} larger than its shape {shape}")
 
 
 def _columns(group: zarr.Group, where: str, names: list[str], rows: slice | None) -> dict[str, np.ndarray]:
