@@ -61,7 +61,7 @@ def stage(urls: str, out: Path, size: int, views: str, batch: int, workers: int)
     opts = CacheTeacherOptions(data=urls, out=str(out), teacher="resnet18", num_classes=10,
                                teacher_kwargs=TEACHER_KWARGS, views=views, flip_p=0.0, input_size=size,
                                batch_size=batch, workers=workers, threads_per_worker=1, progress=False,
-                               overwrite=True)
+                               overwrite=True, random_teacher=True)
     return run_cache_teacher(opts)
 
 

@@ -60,7 +60,7 @@ def bench_pair(name: str, teacher: tuple, student: tuple, data: str, work: Path,
     cache = work / f"cache-{teacher[0]}"
     run_cache_teacher(CacheTeacherOptions(data=data, out=str(cache), teacher=teacher[0], num_classes=10,
                                           teacher_kwargs=teacher[1], views="full", input_size=64, flip_p=0.0,
-                                          progress=False, overwrite=True))
+                                          progress=False, overwrite=True, random_teacher=True))
     opts = TrainOptions(data=data, cache=str(cache), student=student[0], student_kwargs=student[1],
                         out=str(work / "run"), batch_size=batch_size, lr=1e-3, temperature=4.0, lam=1.0,
                         crop_scale=(0.7, 1.0), progress=False, workers=1)

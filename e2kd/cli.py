@@ -92,6 +92,9 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 @click.option("--out", help="Store to write (local path or fsspec URL); re-running resumes it.")
 @click.option("--teacher", help="timm model name or bcos:<name>.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Teacher weights (.safetensors or .pt/.pth).")
+@click.option("--random-teacher", is_flag=True, default=None,
+              help="No checkpoint: a random-init teacher seeded by --seed, recorded in the manifest (tests, "
+                   "benchmarks).")
 @click.option("--num-classes", type=int, help="Teacher's class count.")
 @click.option("--teacher-kwargs", help='JSON kwargs for the model constructor, e.g. \'{"output_stride": 16}\'.')
 @click.option("--explainer", help="gradcam | bcos | input_x_gradient  [default: gradcam]")
@@ -153,8 +156,8 @@ def inspect_cmd(store: str, as_json: bool) -> None:
                f"checkpoint sha256={info['teacher'].get('checkpoint_sha256')}")
     click.echo(f"explainer   {info['explainer']['name']}  map {info['map_shape']}  views {info['views']['policy']} "
                f"×{info['num_views']}")
-    click.echo(f"samples     {info['num_samples']}  skipped {info['errors']}  shards {len(info['shards'])} "
-               f"({info['complete_shards']} complete)")
+    click.echo(f"samples     {info['num_samples']}  skipped {info['errors']}  bad labels {info['bad_labels']} "
+               f"(cached as unlabelled)  shards {len(info['shards'])} ({info['complete_shards']} complete)")
     click.echo(f"size        {info['bytes']} B  ({info['bytes_per_sample_view']:.0f} B per sample per view)")
 
 

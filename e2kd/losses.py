@@ -131,7 +131,7 @@ class E2KDLoss(nn.Module):
     Args:
         temperature: KD temperature τ (the KD term is multiplied by τ²).
         lam: weight λ of the explanation term; 0 gives plain KD.
-        ce_weight: weight of cross-entropy on ground-truth labels; samples labelled −1 are ignored.
+        ce_weight: weight of cross-entropy on ground-truth labels; labels outside [0, C) (−1: none) are ignored.
 
     Example:
         >>> loss_fn = E2KDLoss(temperature=4.0, lam=1.0)
@@ -160,8 +160,10 @@ class E2KDLoss(nn.Module):
                 raise ValueError("lam > 0 needs student_maps and teacher_maps")
             expl = explanation_loss(student_maps, teacher_maps, map_size)
         ce = zero
-        if self.ce_weight > 0 and labels is not None and bool((labels >= 0).any()):
-            ce = F.cross_entropy(_upcast(student_logits), labels.long(), ignore_index=-1)
+        if self.ce_weight > 0 and labels is not None:
+            labels = labels.long().masked_fill((labels < 0) | (labels >= student_logits.shape[-1]), -1)
+            if bool((labels >= 0).any()):
+                ce = F.cross_entropy(_upcast(student_logits), labels, ignore_index=-1)
         total = kd + self.lam * expl + self.ce_weight * ce
         return total, {"kd": kd, "expl": expl, "ce": ce}
 

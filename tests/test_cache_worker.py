@@ -98,10 +98,11 @@ def test_yaml_config_and_flag_overrides(tmp_path: Path) -> None:
 
 def test_cli_errors_are_one_line(tmp_path: Path, digits: Path, teacher_ckpt: Path) -> None:
     result = CliRunner().invoke(main, ["cache-teacher", "--data", str(tmp_path / "none.tar"), "--out",
-                                       str(tmp_path / "o"), "--teacher", "resnet18", "--num-classes", "3"])
+                                       str(tmp_path / "o"), "--teacher", "resnet18", "--num-classes", "3",
+                                       "--random-teacher"])
     assert result.exit_code == 1 and "input shard not found" in result.output
     result = CliRunner().invoke(main, ["cache-teacher", "--data", "x", "--out", "o", "--teacher", "bcos:resnet18",
-                                       "--num-classes", "3"])
+                                       "--num-classes", "3", "--random-teacher"])
     assert result.exit_code == 1 and "does not fit teacher" in result.output
     result = CliRunner().invoke(main, ["cache-teacher", "--data", f"{digits}/val-000000.tar", "--out",
                                        str(tmp_path / "o"), "--teacher", "resnet18", "--num-classes", "7",

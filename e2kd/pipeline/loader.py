@@ -51,12 +51,14 @@ def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool =
             keys.update(listed)
             counts[shard.name] = len(listed)
         return JoinPlan(keys, counts)
-    bad = {e["key"] for e in store.errors()}
+    errors = store.errors()
+    bad = {e["key"] for e in errors if "kept" not in e}
+    unlabelled = {e["key"] for e in errors if "kept" in e}  # cached with a label outside [0, C): now −1
     index = store.index
     plan = JoinPlan({}, {})
     for shard in shards:
         input_keys = dict(iter_keys(shard))
-        usable = {k: v for k, v in input_keys.items() if k in index and k not in bad}
+        usable = {k: (-1 if k in unlabelled else v) for k, v in input_keys.items() if k in index and k not in bad}
         plan.cache_bad += sum(1 for k in input_keys if k in bad)
         plan.missing_in_cache += [k for k in input_keys if k not in index and k not in bad]
         cached_here = store.shard_keys(shard.name) if shard.name in store.shard_names else []
@@ -198,7 +200,8 @@ class StudentStream(IterableDataset):
     def _item(self, sample: Sample, record: dict[str, Any] | None, cycle: int) -> dict[str, Any]:
         spec, hw = self.spec, tuple(sample.image.shape[1:])
         epoch_index = self.epoch * 1000 + cycle
-        item: dict[str, Any] = {"key": sample.key, "label": torch.tensor(sample.label)}
+        label = record["label"] if record is not None else sample.label  # the cache's label: −1 where it was bad
+        item: dict[str, Any] = {"key": sample.key, "label": torch.tensor(label)}
         full_cache = record is not None and self.store.manifest["views"]["policy"] == "full"
         if record is not None and not full_cache:  # K-view cache: replay one cached view exactly
             v = (_key_int(spec.seed, sample.key) + epoch_index) % record["views"].shape[0] if spec.random_crop else 0

@@ -64,11 +64,26 @@ def _expand(urls: str | Sequence[str]) -> list[str]:
     parts = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
     for part in parts:
-        for item in str(part).replace("\n", ",").split(","):
+        for item in _split_outside_braces(str(part).replace("\n", ",")):
             item = item.strip()
             if item:
-                out.extend(braceexpand.braceexpand(item))
+                try:
+                    out.extend(braceexpand.braceexpand(item))
+                except braceexpand.UnbalancedBracesError as exc:
+                    raise ValueError(f"input pattern {item!r}: {exc}") from None
     return out
+
+
+def _split_outside_braces(text: str) -> list[str]:
+    """Split a comma-separated list of URLs, keeping commas inside ``{a,b}`` brace lists."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
 
 
 def _shard_name(url: str) -> str:
@@ -147,10 +162,19 @@ def decode_image(data: bytes) -> Tensor:
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16/32-bit grey: scale, never clip, to 8 bit
+            rgb = np.repeat(_to_uint8(np.asarray(img), img.mode)[..., None], 3, axis=-1)
+        else:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
     if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ValueError(f"degenerate image of shape {rgb.shape}")
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit (0…65535) or 32-bit integer grey values → 0…255 by scaling (``convert("RGB")`` would clip)."""
+    top = 65535.0 if mode.startswith("I;16") or values.max(initial=0) <= 65535 else float(values.max())
+    return np.clip(np.rint(values.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
 def iter_shard(shard: InputShard) -> Iterator[Sample | BadSample]:
@@ -243,6 +267,8 @@ def _decode_tar_sample(raw: dict, key: str, shard: str) -> Sample | BadSample:
         label = int(raw["cls"].decode().strip()) if "cls" in raw else -1
     except (ValueError, UnicodeDecodeError) as exc:
         return BadSample(key, shard, f"cls is not an integer: {exc}")
+    if not -(2**31) <= label < 2**31:  # labels stored as int32; ones outside [0, C) are handled by the cache stage
+        return BadSample(key, shard, f"cls {label} is out of range (not a 32-bit integer)")
     try:
         return Sample(key, decode_image(raw[image_field]), label, shard)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample, recorded

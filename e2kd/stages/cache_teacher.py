@@ -51,6 +51,7 @@ class CacheTeacherOptions:
     teacher: str
     num_classes: int
     checkpoint: str | None = None
+    random_teacher: bool = False
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     explainer: str = "gradcam"
     views: str = "full"
@@ -82,6 +83,8 @@ class CacheTeacherOptions:
             raise ValueError(f"explainer {self.explainer!r} does not fit teacher {self.teacher!r}: use bcos for "
                              f"bcos:<name> teachers and gradcam/input_x_gradient for timm teachers")
         explainer_family(self.explainer)  # unknown names fail here, before any work
+        if self.checkpoint is not None and self.random_teacher:
+            raise ValueError("--checkpoint and --random-teacher exclude each other")
 
     @property
     def view_policy(self) -> ViewPolicy:
@@ -95,21 +98,39 @@ class CacheTeacherOptions:
 
 def _header(opts: CacheTeacherOptions, transform: InputTransform, checkpoint_sha: str | None) -> dict[str, Any]:
     size = [opts.input_size, opts.input_size]
+    teacher = {"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs,
+               "checkpoint_sha256": checkpoint_sha}
+    if opts.random_teacher:
+        teacher["random_init_seed"] = opts.seed
     return new_manifest(
         version=__version__, fmt=opts.format,
-        teacher={"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs,
-                 "checkpoint_sha256": checkpoint_sha},
+        teacher=teacher,
         explainer={"name": opts.explainer, "family": explainer_family(opts.explainer)},
         preprocessing={"input_size": size, "transform": transform.to_dict(), "render": RENDER_SPEC},
         views=opts.view_policy.to_dict(), encoding=opts.encoding.to_dict(), precision=opts.precision)
 
 
-def _teacher_transform(opts: CacheTeacherOptions) -> InputTransform:
-    """Build the teacher once in the driver: a bad name, kwargs or checkpoint fails here, before Ray starts."""
+def _build_teacher(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes]:
+    """Build the teacher once in the driver (a bad name, kwargs or checkpoint fails here, before Ray starts).
+
+    Returns its input transform and the weights every actor loads: the checkpoint file's bytes, or for
+    ``--random-teacher`` the state of a teacher initialised from ``--seed`` (identical in every actor and on
+    resume, recorded by its sha256 like a checkpoint).
+    """
+    import torch
+    from safetensors.torch import save
+
     from e2kd.models import create_model, input_transform
 
-    return input_transform(create_model(opts.teacher, opts.num_classes, checkpoint=opts.checkpoint,
-                                        **opts.teacher_kwargs))
+    if opts.random_teacher:
+        with torch.random.fork_rng():
+            torch.manual_seed(opts.seed)
+            model = create_model(opts.teacher, opts.num_classes, **opts.teacher_kwargs)
+        weights = save({k: v.detach().contiguous() for k, v in model.state_dict().items()})
+    else:
+        weights = Path(opts.checkpoint).read_bytes()
+        model = create_model(opts.teacher, opts.num_classes, checkpoint=opts.checkpoint, **opts.teacher_kwargs)
+    return input_transform(model), weights
 
 
 def _prepare_store(opts: CacheTeacherOptions, header: dict[str, Any]) -> dict[str, Any]:
@@ -198,10 +219,12 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
         StoreLockedError: another run is writing the store.
         RuntimeError: shards that failed (named), after every other shard was cached.
     """
+    if opts.checkpoint is None and not opts.random_teacher:
+        raise ValueError("no --checkpoint: give the teacher's weights, or --random-teacher to cache a randomly "
+                         "initialised teacher (seeded by --seed; for benchmarks and tests)")
     shards = list_shards(opts.data)
-    checkpoint = Path(opts.checkpoint).read_bytes() if opts.checkpoint else None
-    checkpoint_sha = hashlib.sha256(checkpoint).hexdigest() if checkpoint is not None else None
-    header = _header(opts, _teacher_transform(opts), checkpoint_sha)
+    transform, checkpoint = _build_teacher(opts)
+    header = _header(opts, transform, hashlib.sha256(checkpoint).hexdigest())
     fs, root = resolve(opts.out)
     fs.makedirs(root, exist_ok=True)
     with StoreLock(fs, root):
@@ -215,7 +238,7 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
 
 
 def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[InputShard],
-                checkpoint: bytes | None, sizes: dict[str, int | None]) -> tuple[dict[str, str], float]:
+                checkpoint: bytes, sizes: dict[str, int | None]) -> tuple[dict[str, str], float]:
     """Process shards on Ray actors; return (failed shard → reason, seconds from the first submission)."""
     import ray
     from tqdm import tqdm
@@ -229,9 +252,10 @@ def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[
                       fmt=opts.format, store_uri=store_uri, batch_size=opts.batch_size, precision=opts.precision,
                       threads=opts.threads_per_worker,
                       checkpoint_suffix=Path(opts.checkpoint).suffix if opts.checkpoint else ".safetensors")
-    ckpt_ref = ray.put(checkpoint) if checkpoint is not None else None  # alive until every shard is done
+    ckpt_ref = ray.put(checkpoint)  # the teacher's weights: kept alive until every shard is done
     actors = _start_workers(opts, spec, ckpt_ref, _default_workers(opts, len(todo)))
     queue, running, failed = list(todo), {}, {}
+    owners = _key_owners(fs, root, manifest)
     samples, t0 = 0, time.time()
     bar = tqdm(total=len(todo), unit="shard", desc="cache-teacher", disable=not opts.progress, dynamic_ncols=True)
     try:
@@ -244,11 +268,12 @@ def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[
             actor, shard = running.pop(done[0])
             try:
                 result = ray.get(done[0])
+                _claim_keys(owners, result["keys"], shard.name)
                 _record(manifest, result["name"], {**result["record"], "source_bytes": sizes[shard.name]})
                 write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
                 samples += result["record"]["num_samples"]
             except Exception as exc:  # noqa: BLE001 - one failed shard must not stop the others
-                failed[shard.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                failed[shard.name] = _reason(exc)
             bar.update(1)
             bar.set_postfix(samples=samples, rate=f"{samples / max(time.time() - t0, 1e-9):.1f}/s")
             if queue:
@@ -260,6 +285,31 @@ def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[
             ray.kill(actor)
         del ckpt_ref
     return failed, time.time() - t0
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the original error inside a Ray task error, else the error itself."""
+    cause = getattr(exc, "cause", None) or exc
+    lines = [ln for ln in str(cause).splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+
+
+def _key_owners(fs: Any, root: str, manifest: dict[str, Any]) -> dict[str, str]:
+    """``key → shard`` over the complete shards already in the store (resume)."""
+    owners: dict[str, str] = {}
+    for name, rec in sorted(manifest["shards"].items()):
+        if rec["complete"]:
+            owners.update(dict.fromkeys(read_json(fs, f"{root}/{SHARDS_DIR}/{name}/keys.json"), name))
+    return owners
+
+
+def _claim_keys(owners: dict[str, str], keys: list[str], shard: str) -> None:
+    """Refuse a shard holding a key that another shard of the store already holds (it is not recorded)."""
+    clash = next((k for k in keys if k in owners), None)
+    if clash is not None:
+        raise ValueError(f"key {clash!r} is also in input shard {owners[clash]}: keys must be unique across the "
+                         f"dataset (the shard is not recorded)")
+    owners.update(dict.fromkeys(keys, shard))
 
 
 def _summary(manifest: dict[str, Any], todo: list[InputShard], failed: dict[str, str], elapsed: float,

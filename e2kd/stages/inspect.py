@@ -23,6 +23,7 @@ def summarise_store(uri: str) -> dict[str, Any]:
             "explainer": m["explainer"], "map_shape": m["map_shape"], "bytes": nbytes,
             "bytes_per_sample_view": nbytes / max(1, n * views),
             "errors": sum(s["errors"] for s in shards if s["complete"]), "shards": shards,
+            "bad_labels": sum(r.get("num_bad_labels", 0) for r in m["shards"].values() if r["complete"]),
             "complete_shards": sum(s["complete"] for s in shards), "views": m["views"], "encoding": m["encoding"],
             "format": m["format"], "schema_version": m["schema_version"], "e2kd_version": m["e2kd_version"],
             "preprocessing": m["preprocessing"], "inputs": m["inputs"]}

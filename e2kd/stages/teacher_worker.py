@@ -102,7 +102,7 @@ class TeacherWorker:
                 continue
             sample_views, inputs = self._views_and_inputs(item)
             keys.append(item.key)
-            labels.append(item.label)
+            labels.append(self._checked_label(item, errors))
             views.append(sample_views)
             pending.extend(inputs)
             while len(pending) >= self.spec.batch_size:  # batches formed within the shard only
@@ -115,6 +115,15 @@ class TeacherWorker:
             logits.append(out_l)
             maps.append(out_m)
         return self._columns(keys, labels, views, logits, maps), keys, errors
+
+    def _checked_label(self, item: Sample, errors: list[dict[str, str]]) -> int:
+        """A label outside ``[0, C)`` (other than −1, unlabelled) is kept as −1 and recorded."""
+        num_classes = self.spec.teacher["num_classes"]
+        if -1 <= item.label < num_classes:
+            return item.label
+        errors.append({"key": item.key, "shard": item.shard, "kept": "unlabelled",
+                       "reason": f"label {item.label} outside [0, {num_classes}): cached as unlabelled (-1)"})
+        return -1
 
     def _columns(self, keys: list[str], labels: list[int], views: list, logits: list, maps: list
                  ) -> dict[str, np.ndarray]:
@@ -141,7 +150,8 @@ class TeacherWorker:
         staged, sha, nbytes = stage_shard(staging_root, self.spec.fmt, cols, keys, errors, self.encoding)
         commit_dir(staged, self.fs, self.root, shard.name)
         map_shape = list(cols["maps"].shape[2:]) if keys else None
-        record = shard_record(source=shard.url, num_samples=len(keys), num_errors=len(errors), sha256=sha,
-                              nbytes=nbytes, map_shape=map_shape)
+        relabelled = sum(1 for e in errors if "kept" in e)
+        record = shard_record(source=shard.url, num_samples=len(keys), num_errors=len(errors) - relabelled,
+                              sha256=sha, nbytes=nbytes, map_shape=map_shape, num_bad_labels=relabelled)
         record["source_sha256"] = input_sha256(shard)
-        return {"name": shard.name, "record": record}
+        return {"name": shard.name, "record": record, "keys": keys}

@@ -33,9 +33,10 @@ def new_manifest(*, version: str, fmt: str, teacher: dict, explainer: dict, prep
 
 
 def shard_record(*, source: str, num_samples: int, num_errors: int, sha256: str, nbytes: int,
-                 map_shape: list[int] | None) -> dict[str, Any]:
+                 map_shape: list[int] | None, num_bad_labels: int = 0) -> dict[str, Any]:
+    """A complete shard: ``num_errors`` samples skipped, ``num_bad_labels`` cached with their label set to −1."""
     return {"source": source, "num_samples": int(num_samples), "num_errors": int(num_errors), "sha256": sha256,
-            "bytes": int(nbytes), "map_shape": map_shape, "complete": True}
+            "bytes": int(nbytes), "map_shape": map_shape, "complete": True, "num_bad_labels": int(num_bad_labels)}
 
 
 def input_fingerprint(sources: dict[str, tuple[Any, ...]]) -> str:
