@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["load_yaml", "build_options", "parse_json_kwargs", "parse_size"]
+__all__ = ["load_yaml", "build_options", "parse_json_kwargs", "parse_size", "check_crop_scale", "check_range"]
 
 T = TypeVar("T")
 
@@ -18,7 +21,12 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     """Read a YAML mapping (``safe_load``); keys may use ``-`` or ``_``."""
     if path is None:
         return {}
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ValueError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must be a YAML mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -41,7 +49,78 @@ def build_options(cls: type[T], config: str | Path | None, flags: dict[str, Any]
     missing = [name for name in required if merged.get(name) is None]
     if missing:
         raise ValueError(f"missing required option(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    return cls(**{k: v for k, v in merged.items() if k in fields})
+    hints = typing.get_type_hints(cls)
+    values = {k: _checked(k, v, hints[k]) for k, v in merged.items() if k in fields}
+    return cls(**values)
+
+
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the option's type (an int for a float option, a list for a tuple), or ``ValueError``."""
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        return None
+    options = [h for h in typing.get_args(hint) if h is not type(None)] if _is_union(hint) else [hint]
+    for option in options:
+        ok, converted = _convert(value, option)
+        if ok:
+            return converted
+    expected = " or ".join(_describe(o) for o in options)
+    raise ValueError(f"{flag}: expected {expected}, got {value!r}")
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, float(value) if ok else value
+    if hint is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, str(value)  # YAML ``views: 8``
+        return isinstance(value, str), value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        args = typing.get_args(hint)
+        if len(args) != len(value):
+            return False, value
+        items = [_convert(v, a) for v, a in zip(value, args, strict=True)]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict), value
+    if origin is list:
+        return isinstance(value, list), value
+    return True, value  # anything else is checked by the options class itself
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return f"{len(typing.get_args(hint))} values ({', '.join(_describe(a) for a in typing.get_args(hint))})"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}.get(
+        hint, str(hint))
+
+
+def check_range(flag: str, value: float | None, lo: float | None = None, hi: float | None = None,
+                exclusive_lo: bool = False) -> None:
+    """``ValueError`` naming ``flag`` unless ``value`` is None or within ``[lo, hi]`` (``(lo, hi]`` if exclusive)."""
+    if value is None:
+        return
+    too_low = lo is not None and (value <= lo if exclusive_lo else value < lo)
+    if too_low or (hi is not None and value > hi):
+        bounds = f"{'(' if exclusive_lo else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{flag} must be in {bounds}, got {value}")
+
+
+def check_crop_scale(scale: tuple[float, float]) -> None:
+    """A random-resized-crop area range: ``0 < min <= max <= 1``."""
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"--crop-scale must be two numbers with 0 < min <= max <= 1, got {list(scale)}")
 
 
 def parse_json_kwargs(text: str | dict | None) -> dict[str, Any] | None:

@@ -102,7 +102,10 @@ def create_model(name: str, num_classes: int, checkpoint: str | Path | None = No
         if not timm.is_model(name):
             raise ValueError(f"unknown model {name!r}: not a timm model (see timm.list_models()) "
                              f"and not '{BCOS_PREFIX}<name>'")
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        except TypeError as exc:  # an unknown or wrongly typed kwarg
+            raise ValueError(f"{name} does not accept kwargs {kwargs}: {exc}") from None
     model.e2kd_spec = {"name": name, "num_classes": int(num_classes), "kwargs": _jsonable(kwargs)}
     if checkpoint is not None:
         load_state_dict(model, checkpoint)
@@ -205,6 +208,19 @@ def load_state_dict(model: nn.Module, checkpoint: str | Path) -> None:
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = _read_state(path)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors / torch report a bad file in many ways
+        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    state = _strip_prefix(state, "module.")
+    _check_compatible(model, state, path)
+    model.load_state_dict(state, strict=True)
+
+
+def _read_state(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -215,9 +231,7 @@ def load_state_dict(model: nn.Module, checkpoint: str | Path) -> None:
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a state_dict, got {type(state).__name__}")
-    state = _strip_prefix(state, "module.")
-    _check_compatible(model, state, path)
-    model.load_state_dict(state, strict=True)
+    return state
 
 
 def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

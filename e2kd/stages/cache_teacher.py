@@ -79,6 +79,14 @@ class CacheTeacherOptions:
             raise ValueError("--batch-size must be >= 1 and --input-size >= 8")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        from e2kd.config import check_crop_scale, check_range
+
+        check_crop_scale(tuple(self.crop_scale))
+        check_range("--flip-p", self.flip_p, 0, 1)
+        check_range("--threads-per-worker", self.threads_per_worker, 1)
+        check_range("--gpus-per-worker", self.gpus_per_worker, 0)
+        self.encoding  # noqa: B018 - top-k, map dtype and map size are checked here, before any work
+        self.view_policy  # noqa: B018
         if is_bcos_name(self.teacher) != (self.explainer == "bcos") and self.explainer != "input_x_gradient":
             raise ValueError(f"explainer {self.explainer!r} does not fit teacher {self.teacher!r}: use bcos for "
                              f"bcos:<name> teachers and gradcam/input_x_gradient for timm teachers")
@@ -130,7 +138,21 @@ def _build_teacher(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes]:
     else:
         weights = Path(opts.checkpoint).read_bytes()
         model = create_model(opts.teacher, opts.num_classes, checkpoint=opts.checkpoint, **opts.teacher_kwargs)
-    return input_transform(model), weights
+    transform = input_transform(model)
+    _check_map_size(opts, model.eval(), transform)
+    return transform, weights
+
+
+def _check_map_size(opts: CacheTeacherOptions, model: Any, transform: InputTransform) -> None:
+    """One explanation of a blank image: ``--map-size`` larger than the explainer's map fails here, not in a worker."""
+    import torch
+
+    from e2kd.explain import build_explainer
+
+    if opts.map_size is None:
+        return
+    maps = build_explainer(opts.explainer, model)(transform(torch.zeros(1, 3, opts.input_size, opts.input_size)))
+    opts.encoding.pool_maps(maps)
 
 
 def _prepare_store(opts: CacheTeacherOptions, header: dict[str, Any]) -> dict[str, Any]:

@@ -82,9 +82,30 @@ class TrainOptions:
             raise ValueError("--epochs and --batch-size must be >= 1")
         if self.lam < 0 or self.temperature <= 0:
             raise ValueError("--lambda must be >= 0 and --temperature > 0")
+        _check_ranges(self)
         if self.expl_resolution not in EXPL_RESOLUTIONS:
             raise ValueError(f"--expl-resolution must be one of {', '.join(EXPL_RESOLUTIONS)}, "
                              f"got {self.expl_resolution!r}")
+
+
+def _check_ranges(o: TrainOptions) -> None:
+    """Every option's range, checked up front — also where a value would be ignored."""
+    from e2kd.config import check_crop_scale, check_range
+
+    check_crop_scale(tuple(o.crop_scale))
+    check_range("--flip-p", o.flip_p, 0, 1)
+    check_range("--input-size", o.input_size, 8)
+    for flag, value in (("--steps-per-epoch", o.steps_per_epoch), ("--shots", o.shots),
+                        ("--num-classes", o.num_classes)):
+        check_range(flag, value, 1)
+    check_range("--lr", o.lr, 0, exclusive_lo=True)
+    for flag, value in (("--weight-decay", o.weight_decay), ("--warmup-epochs", o.warmup_epochs),
+                        ("--clip-grad", o.clip_grad), ("--ce-weight", o.ce_weight), ("--workers", o.workers)):
+        check_range(flag, value, 0)
+    if o.warmup_epochs >= o.epochs and o.warmup_epochs > 0:
+        raise ValueError(f"--warmup-epochs {o.warmup_epochs} must be fewer than --epochs {o.epochs}")
+    if o.val_cache and not o.val_data:
+        raise ValueError("--val-cache needs --val-data")
 
 
 # ---- set-up and compatibility ----------------------------------------------------------------------
@@ -119,6 +140,20 @@ def _open_cache(uri: str) -> Any:
         return open_store(uri)
     except (ManifestError, FileNotFoundError) as exc:
         raise CompatibilityError(f"cache: {exc}") from None
+
+
+def _check_validation_inputs(opts: TrainOptions) -> None:
+    """``--val-data`` / ``--val-cache`` fail here, before the first step, not after an epoch."""
+    if not opts.val_data:
+        return
+    val_store = _open_cache(opts.val_cache) if opts.val_cache else None
+    if val_store is not None and val_store.manifest["teacher"]["num_classes"] != opts.num_classes:
+        raise CompatibilityError(f"--val-cache: its teacher has {val_store.manifest['teacher']['num_classes']} "
+                                 f"classes, the student {opts.num_classes}")
+    try:
+        plan_join(list_shards(opts.val_data), val_store)
+    except ValueError as exc:
+        raise ValueError(f"--val-data: {exc}") from None
 
 
 def _distributed() -> tuple[int, int]:
@@ -167,6 +202,7 @@ def _build(opts: TrainOptions) -> _Run:
         raise ValueError("--online-teacher needs --num-classes, --explainer and --input-size")
     shards = list_shards(opts.data)
     plan = plan_join(shards, store, opts.allow_missing)
+    _check_validation_inputs(opts)
     keys = select_shots(plan.keys, opts.shots, opts.shot_seed) if opts.shots else plan.keys
     per_step = opts.batch_size * world
     steps = opts.steps_per_epoch or len(keys) // per_step
@@ -283,6 +319,11 @@ def _restore(run: _Run, out: Path) -> tuple[int, int]:
     return state["epoch"], state["num_updates"]
 
 
+def _last_metrics(path: Path) -> dict[str, float]:
+    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return {k: v for k, v in lines[-1].items() if k not in ("epoch", "steps")} if lines else {}
+
+
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
     if path.exists():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
@@ -312,7 +353,7 @@ def train_student(opts: TrainOptions) -> dict[str, Any]:
         start_epoch, num_updates = _restore(run, out)
     elif run.rank == 0 and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
-    metrics: dict[str, float] = {}
+    metrics = _last_metrics(out / "metrics.jsonl") if start_epoch else {}  # a finished run resumed keeps its final
     for epoch in range(start_epoch, opts.epochs):
         metrics, num_updates = _train_epoch(run, epoch, num_updates)
         if run.rank == 0:
