@@ -1,8 +1,10 @@
-"""Shared fixtures: one small digits-shift dataset, one tiny teacher, one Ray session and one cache."""
+"""Shared fixtures: one small digits-shift dataset, one tiny teacher, one Ray session and one cache; the fault
+suite's reference store and its tally (printed as one line at the end of the run)."""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,55 @@ def shard_checksums(store: Path | str) -> dict[str, str]:
     from e2kd.storage import open_store
 
     return {n: r["sha256"] for n, r in open_store(str(store)).manifest["shards"].items()}
+
+
+# ---- the fault suite (tests/faults) ---------------------------------------------------------------
+KINDS = ("clear error", "skipped+recorded", "fault survived")
+
+
+class FaultLog:
+    """What the fault cases found: each case records its outcome and the samples it lost (must be 0)."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter()
+        self.lost = 0
+
+    def record(self, kind: str, lost: int = 0) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown outcome {kind!r}")
+        self.outcomes[kind] += 1
+        self.lost += lost
+
+    def line(self) -> str:
+        tried = sum(self.outcomes.values())
+        return (f"fault suite: {tried} cases tried, {self.outcomes['clear error']} clear errors, "
+                f"{self.outcomes['skipped+recorded']} skipped+recorded, {self.outcomes['fault survived']} faults "
+                f"survived, {self.lost} samples lost")
+
+
+_LOG = FaultLog()
+
+
+@pytest.fixture(scope="session")
+def fault_log() -> FaultLog:
+    return _LOG
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's hook signature
+    if sum(_LOG.outcomes.values()):
+        terminalreporter.write_line(_LOG.line())
+
+
+@pytest.fixture(scope="session")
+def teacher_train_urls(digits: Path) -> str:
+    return f"{digits}/teacher-train-{{000000..000021}}.tar"
+
+
+@pytest.fixture(scope="session")
+def reference_22(tmp_path_factory: pytest.TempPathFactory, teacher_train_urls: str, teacher_ckpt: Path) -> Path:
+    """An uninterrupted cache of the 22 teacher-train shards (2 views, 2 workers): what every faulty run must equal."""
+    from e2kd.stages.cache_teacher import run_cache_teacher
+
+    out = tmp_path_factory.mktemp("reference") / "store"
+    run_cache_teacher(cache_options(teacher_train_urls, out, teacher_ckpt, workers=2))
+    return out

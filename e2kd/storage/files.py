@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -77,11 +78,16 @@ def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, data: dict[str, 
     text = json.dumps(data, indent=1, sort_keys=True).encode()
     if is_local(fs):
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)  # a full disk or a kill between write and rename: the old file stays intact
+            raise
     else:
         fs.pipe_file(path, text)
 

@@ -45,7 +45,7 @@ CACHE_MISUSE = {
 
 
 @pytest.mark.parametrize("case", list(CACHE_MISUSE))
-def test_cache_teacher_misuse(case: str, digits: Path, teacher_ckpt: Path, tmp_path: Path) -> None:
+def test_cache_teacher_misuse(case: str, digits: Path, teacher_ckpt: Path, tmp_path: Path, fault_log) -> None:
     extra, word = CACHE_MISUSE[case]
     if "GARBAGE" in extra:
         garbage = tmp_path / "garbage.safetensors"
@@ -54,9 +54,10 @@ def test_cache_teacher_misuse(case: str, digits: Path, teacher_ckpt: Path, tmp_p
     out = tmp_path / "store"
     _one_error_line(CliRunner().invoke(main, _cache_args(digits, out, teacher_ckpt, *extra)), word)
     assert not (out / "manifest.json").exists()
+    fault_log.record("clear error")
 
 
-def test_bad_config_files_get_one_line(digits: Path, teacher_ckpt: Path, tmp_path: Path) -> None:
+def test_bad_config_files_get_one_line(digits: Path, teacher_ckpt: Path, tmp_path: Path, fault_log) -> None:
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("teacher: [resnet18\nviews: 2\n")
     _one_error_line(CliRunner().invoke(main, _cache_args(digits, tmp_path / "a", teacher_ckpt, "--config",
@@ -67,6 +68,7 @@ def test_bad_config_files_get_one_line(digits: Path, teacher_ckpt: Path, tmp_pat
     args.remove("--num-classes")
     args.remove("10")
     _one_error_line(CliRunner().invoke(main, [*args, "--config", str(typed)]), "--num-classes", "ten")
+    fault_log.record("clear error")
 
 
 TRAIN_MISUSE = {
@@ -83,7 +85,7 @@ TRAIN_MISUSE = {
 
 @pytest.mark.parametrize("case", list(TRAIN_MISUSE))
 def test_train_student_misuse_is_caught_before_anything_is_written(case: str, digits: Path, cache: Path,
-                                                                  tmp_path: Path) -> None:
+                                                                  tmp_path: Path, fault_log) -> None:
     extra, word = TRAIN_MISUSE[case]
     args = _train_args(digits, cache, tmp_path / "run", *extra)
     if "--student-kwargs" in extra:
@@ -91,9 +93,10 @@ def test_train_student_misuse_is_caught_before_anything_is_written(case: str, di
         del args[i:i + 2]
     _one_error_line(CliRunner().invoke(main, args), word)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+    fault_log.record("clear error")
 
 
-def test_resuming_a_finished_run_keeps_its_final_metrics(digits: Path, cache: Path, tmp_path: Path) -> None:
+def test_resuming_a_finished_run_keeps_its_final_metrics(digits: Path, cache: Path, tmp_path: Path, fault_log) -> None:
     args = _train_args(digits, cache, tmp_path / "run", "--steps-per-epoch", "2")
     assert CliRunner().invoke(main, args).exit_code == 0
     final = json.loads((tmp_path / "run" / "summary.json").read_text())["final"]
@@ -101,3 +104,4 @@ def test_resuming_a_finished_run_keeps_its_final_metrics(digits: Path, cache: Pa
     result = CliRunner().invoke(main, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final"] == final
+    fault_log.record("fault survived")

@@ -27,8 +27,8 @@ E2KD = [sys.executable, "-m", "e2kd.cli"]
 ODD_NAMES = ["...", "..", "", "~", "a b;c", "ü", "my shard"]
 
 
-def test_odd_input_names_are_cached_and_never_touch_other_shards(digits: Path, teacher_ckpt: Path,
-                                                                 tmp_path: Path) -> None:
+def test_odd_input_names_are_cached_and_never_touch_other_shards(digits: Path, teacher_ckpt: Path, tmp_path: Path,
+                                                                 fault_log) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     normal = inputs / "normal.tar"
@@ -52,9 +52,10 @@ def test_odd_input_names_are_cached_and_never_touch_other_shards(digits: Path, t
     plan = plan_join(list_shards(data), opened)  # the student side finds every shard by the same names
     assert plan.num_samples == len(opened) and not plan.missing_in_cache and not plan.missing_in_input
     assert (store / "manifest.json").is_file()
+    fault_log.record("fault survived", lost=50 * (1 + len(ODD_NAMES)) - len(opened))
 
 
-def test_commit_refuses_an_unsafe_shard_name_and_removes_nothing(tmp_path: Path) -> None:
+def test_commit_refuses_an_unsafe_shard_name_and_removes_nothing(tmp_path: Path, fault_log) -> None:
     root = tmp_path / "store"
     (root / "shards" / "keep").mkdir(parents=True)
     (root / "manifest.json").write_text("{}")
@@ -65,6 +66,7 @@ def test_commit_refuses_an_unsafe_shard_name_and_removes_nothing(tmp_path: Path)
         with pytest.raises(ValueError, match="unsafe shard name"):
             commit_dir(staging, fs, path, bad)
     assert (root / "manifest.json").exists() and (root / "shards" / "keep").is_dir() and staging.is_dir()
+    fault_log.record("clear error")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -96,11 +98,9 @@ def _teacher_workers(driver: int) -> list[int]:
     return pids
 
 
-def test_a_killed_worker_is_restarted_with_the_checkpoint_and_its_shard_retried(digits: Path, teacher_ckpt: Path,
-                                                                               tmp_path: Path) -> None:
-    data = f"{digits}/teacher-train-{{000000..000021}}.tar"
-    reference = tmp_path / "reference"
-    run_cache_teacher(cache_options(data, reference, teacher_ckpt, workers=2))
+def test_a_killed_worker_is_restarted_with_the_checkpoint_and_its_shard_retried(
+        teacher_train_urls: str, reference_22: Path, teacher_ckpt: Path, tmp_path: Path, fault_log) -> None:
+    data, reference = teacher_train_urls, reference_22
     out = tmp_path / "killed"
     args = ["cache-teacher", "--data", data, "--out", str(out), "--teacher", "resnet18", "--num-classes", "10",
             "--checkpoint", str(teacher_ckpt), "--teacher-kwargs", json.dumps(TEACHER_KWARGS), "--views", "2",
@@ -128,3 +128,4 @@ def test_a_killed_worker_is_restarted_with_the_checkpoint_and_its_shard_retried(
     done = json.loads((out / "manifest.json").read_text())["shards"]
     assert len(done) == 22
     assert shard_checksums(out) == shard_checksums(reference)
+    fault_log.record("fault survived", lost=len(open_store(str(reference))) - len(open_store(str(out))))

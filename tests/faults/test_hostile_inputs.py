@@ -48,7 +48,7 @@ def _random_teacher_args(data: str, out: Path, *extra: str) -> list[str]:
 
 
 def test_a_random_teacher_must_be_asked_for_and_is_the_same_in_every_actor_and_on_resume(
-        train_urls: str, digits: Path, tmp_path: Path) -> None:
+        train_urls: str, digits: Path, tmp_path: Path, fault_log) -> None:
     runner = CliRunner()
     result = runner.invoke(main, _random_teacher_args(train_urls, tmp_path / "refused"))
     assert result.exit_code == 1 and "--random-teacher" in result.output and not (tmp_path / "refused").exists()
@@ -67,9 +67,12 @@ def test_a_random_teacher_must_be_asked_for_and_is_the_same_in_every_actor_and_o
     assert teacher["random_init_seed"] == 3 and len(teacher["checkpoint_sha256"]) == 64
     other_seed = runner.invoke(main, _random_teacher_args(train_urls, two, "--random-teacher", "--seed", "4"))
     assert other_seed.exit_code == 1 and "teacher" in other_seed.output
+    fault_log.record("clear error")
+    fault_log.record("fault survived", lost=len(open_store(str(one))) - len(open_store(str(two))))
 
 
-def test_labels_out_of_range_are_kept_unlabelled_or_skipped_and_reported(tmp_path: Path, teacher_ckpt: Path) -> None:
+def test_labels_out_of_range_are_kept_unlabelled_or_skipped_and_reported(tmp_path: Path, teacher_ckpt: Path,
+                                                                         fault_log) -> None:
     samples = [(f"s{i:03d}", str(i % 10)) for i in range(20)]
     samples[3] = ("s003", "99999999999")  # outside int32: the sample is skipped and recorded
     samples[4] = ("s004", "99")  # ≥ num_classes: cached as unlabelled, recorded
@@ -92,10 +95,11 @@ def test_labels_out_of_range_are_kept_unlabelled_or_skipped_and_reported(tmp_pat
                                     "--student-kwargs", json.dumps(TEACHER_KWARGS), "--out", str(tmp_path / "run"),
                                     "--batch-size", "8", "--epochs", "1", "--ce-weight", "1", "--quiet"])
     assert run.exit_code == 0, run.output
+    fault_log.record("skipped+recorded", lost=19 - len(opened))
 
 
-def test_a_key_in_two_input_shards_is_refused_when_the_manifest_is_updated(tmp_path: Path,
-                                                                          teacher_ckpt: Path) -> None:
+def test_a_key_in_two_input_shards_is_refused_when_the_manifest_is_updated(tmp_path: Path, teacher_ckpt: Path,
+                                                                          fault_log) -> None:
     a = _shard(tmp_path / "a.tar", [(f"k{i}", "1") for i in range(6)])
     b = _shard(tmp_path / "b.tar", [("k9", "1"), ("k3", "2"), ("k10", "3")], seed=1)
     store = tmp_path / "store"
@@ -104,9 +108,10 @@ def test_a_key_in_two_input_shards_is_refused_when_the_manifest_is_updated(tmp_p
         run_cache_teacher(cache_options(f"{a},{b}", store, teacher_ckpt, workers=1))
     opened = open_store(str(store))
     assert opened.shard_names == ["a"] and len(opened) == 6 and opened.verify() == []
+    fault_log.record("clear error")
 
 
-def test_16_bit_pngs_are_scaled_not_clipped() -> None:
+def test_16_bit_pngs_are_scaled_not_clipped(fault_log) -> None:
     from PIL import Image
 
     grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
@@ -116,10 +121,12 @@ def test_16_bit_pngs_are_scaled_not_clipped() -> None:
     expected = np.rint(grey / 257.0)
     assert abs(float(image.mean()) - float(expected.mean())) < 1.0 and float(image.min()) == 0.0
     np.testing.assert_allclose(image[0].numpy(), expected, atol=1)
+    fault_log.record("fault survived")
 
 
-def test_brace_lists_with_commas_expand(digits: Path) -> None:
+def test_brace_lists_with_commas_expand(digits: Path, fault_log) -> None:
     shards = list_shards(f"{digits}/train-{{000000,000002}}.tar,{digits}/val-000000.tar")
     assert [s.name for s in shards] == ["train-000000", "train-000002", "val-000000"]
     with pytest.raises(ValueError, match="Unbalanced"):
         list_shards(f"{digits}/train-{{000000,000002.tar")
+    fault_log.record("fault survived")

@@ -161,7 +161,7 @@ CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_store_gets_one_error_line_from_every_command(case: str, pristine: dict[str, Path], digits: Path,
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, fault_log) -> None:
     fmt, tamper, words = CASES[case]
     store = tmp_path / "store"
     shutil.copytree(pristine[fmt], store)
@@ -190,3 +190,4 @@ def test_hostile_store_gets_one_error_line_from_every_command(case: str, pristin
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     inspect = CliRunner().invoke(main, ["inspect", str(store)])
     assert "Traceback" not in inspect.output and inspect.exit_code in (0, 1)
+    fault_log.record("clear error")

@@ -56,7 +56,7 @@ TAMPER = {
 
 @pytest.mark.parametrize("case", sorted(TAMPER))
 def test_tampered_store_stops_verify_training_and_evaluation(case: str, pristine: dict[str, Path], digits: Path,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path, fault_log) -> None:
     fmt, tamper = TAMPER[case]
     store = tmp_path / "store"
     shutil.copytree(pristine[fmt], store)
@@ -78,6 +78,7 @@ def test_tampered_store_stops_verify_training_and_evaluation(case: str, pristine
                                       "--workers", workers])
         assert result.exit_code == 1, result.output
         assert "shard train-000001" in result.output and "Traceback" not in result.output
+    fault_log.record("clear error")
 
 
 def _any_weights(tmp_path: Path) -> Path:
@@ -91,7 +92,7 @@ def _any_weights(tmp_path: Path) -> Path:
     return path
 
 
-def test_verify_checks_counts_against_the_manifest(pristine: dict[str, Path], tmp_path: Path) -> None:
+def test_verify_checks_counts_against_the_manifest(pristine: dict[str, Path], tmp_path: Path, fault_log) -> None:
     store = tmp_path / "store"
     shutil.copytree(pristine["zarr"], store)
     manifest = json.loads((store / "manifest.json").read_text())
@@ -99,9 +100,10 @@ def test_verify_checks_counts_against_the_manifest(pristine: dict[str, Path], tm
     (store / "manifest.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(main, ["verify", str(store)])
     assert result.exit_code != 0 and "train-000000" in result.output and "54 samples" in result.output
+    fault_log.record("clear error")
 
 
-def test_wds_reader_refuses_duplicated_or_missing_rows(tmp_path: Path) -> None:
+def test_wds_reader_refuses_duplicated_or_missing_rows(tmp_path: Path, fault_log) -> None:
     def shard(rows: list[int]) -> str:
         d = tmp_path / "-".join(map(str, rows))
         d.mkdir()
@@ -120,3 +122,4 @@ def test_wds_reader_refuses_duplicated_or_missing_rows(tmp_path: Path) -> None:
     for rows in ([0, 1, 1, 2], [0, 2], [1]):
         with pytest.raises(ValueError, match="out of order"):
             wds_store.read_columns(fs, shard(rows), ["labels"])
+        fault_log.record("clear error")
