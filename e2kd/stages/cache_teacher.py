@@ -28,6 +28,7 @@ from e2kd.storage.files import (
     StoreLock,
     is_local,
     read_json,
+    remove_tree,
     resolve,
     write_json_atomic,
 )
@@ -169,7 +170,7 @@ def _prepare_store(opts: CacheTeacherOptions, header: dict[str, Any]) -> dict[st
         check_compatible(manifest, header)
     complete = {n for n, r in manifest["shards"].items() if r["complete"]}
     if fs.exists(f"{root}/{STAGING_DIR}"):
-        fs.rm(f"{root}/{STAGING_DIR}", recursive=True)
+        remove_tree(fs, f"{root}/{STAGING_DIR}")  # a killed run's worker may still be writing there
     if fs.exists(f"{root}/{SHARDS_DIR}"):
         for entry in fs.ls(f"{root}/{SHARDS_DIR}", detail=False):
             if entry.rstrip("/").rsplit("/", 1)[-1] not in complete:  # written, never committed in the manifest
@@ -249,18 +250,18 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
     header = _header(opts, transform, hashlib.sha256(checkpoint).hexdigest())
     fs, root = resolve(opts.out)
     fs.makedirs(root, exist_ok=True)
-    with StoreLock(fs, root):
+    with StoreLock(fs, root) as lock:
         manifest = _prepare_store(opts, header)
         sizes = _check_inputs_unchanged(manifest, shards)
         todo = [s for s in shards if not manifest["shards"].get(s.name, {}).get("complete")]
         t0 = time.time()
-        failed, processing = _run_shards(opts, manifest, todo, checkpoint, sizes) if todo else ({}, 0.0)
+        failed, processing = _run_shards(opts, manifest, todo, checkpoint, sizes, lock.token) if todo else ({}, 0.0)
         elapsed = time.time() - t0
     return _summary(manifest, todo, failed, elapsed, processing, len(shards) - len(todo))
 
 
 def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[InputShard],
-                checkpoint: bytes, sizes: dict[str, int | None]) -> tuple[dict[str, str], float]:
+                checkpoint: bytes, sizes: dict[str, int | None], lock_token: str) -> tuple[dict[str, str], float]:
     """Process shards on Ray actors; return (failed shard → reason, seconds from the first submission)."""
     import ray
     from tqdm import tqdm
@@ -273,7 +274,8 @@ def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[
                       input_size=(opts.input_size, opts.input_size), encoding=opts.encoding.to_dict(),
                       fmt=opts.format, store_uri=store_uri, batch_size=opts.batch_size, precision=opts.precision,
                       threads=opts.threads_per_worker,
-                      checkpoint_suffix=Path(opts.checkpoint).suffix if opts.checkpoint else ".safetensors")
+                      checkpoint_suffix=Path(opts.checkpoint).suffix if opts.checkpoint else ".safetensors",
+                      lock_token=lock_token)
     ckpt_ref = ray.put(checkpoint)  # the teacher's weights: kept alive until every shard is done
     actors = _start_workers(opts, spec, ckpt_ref, _default_workers(opts, len(todo)))
     queue, running, failed = list(todo), {}, {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from e2kd.models import create_model, input_transform
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_sha256, iter_shard
 from e2kd.pipeline.views import ViewPolicy, render_view
 from e2kd.storage.encoding import Encoding
-from e2kd.storage.files import STAGING_DIR, commit_dir, is_local, resolve
+from e2kd.storage.files import STAGING_DIR, check_lock_token, commit_dir, is_local, resolve
 from e2kd.storage.manifest import shard_record
 from e2kd.storage.shards import stage_shard
 
@@ -41,6 +42,7 @@ class WorkerSpec:
     precision: str = "fp32"
     threads: int = 1
     checkpoint_suffix: str = ".safetensors"
+    lock_token: str | None = None  # the driver's lock: checked before every commit
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -148,7 +150,13 @@ class TeacherWorker:
         else:
             staging_root = Path(tempfile.mkdtemp(prefix="e2kd-stage-"))
         staged, sha, nbytes = stage_shard(staging_root, self.spec.fmt, cols, keys, errors, self.encoding)
-        commit_dir(staged, self.fs, self.root, shard.name)
+        try:
+            if self.spec.lock_token is not None:  # a worker that outlived its killed driver must not commit
+                check_lock_token(self.fs, self.root, self.spec.lock_token)
+            commit_dir(staged, self.fs, self.root, shard.name)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
         map_shape = list(cols["maps"].shape[2:]) if keys else None
         relabelled = sum(1 for e in errors if "kept" in e)
         record = shard_record(source=shard.url, num_samples=len(keys), num_errors=len(errors) - relabelled,

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from fsspec.implementations.local import LocalFileSystem
 from e2kd.storage.names import check_shard_name
 
 __all__ = ["resolve", "is_local", "checksum_files", "checksum_blobs", "read_blobs", "checksum_local_dir",
-           "write_json_atomic", "read_json",
-           "StoreLock", "StoreLockedError", "commit_dir", "SHARDS_DIR", "STAGING_DIR", "MANIFEST", "LOCK"]
+           "write_json_atomic", "read_json", "StoreLock", "StoreLockedError", "check_lock_token", "remove_tree",
+           "commit_dir", "SHARDS_DIR", "STAGING_DIR", "MANIFEST", "LOCK"]
 
 SHARDS_DIR = "shards"
 STAGING_DIR = ".staging"
@@ -118,6 +119,34 @@ class StoreLockedError(RuntimeError):
     """Another writer holds the store."""
 
 
+def check_lock_token(fs: fsspec.AbstractFileSystem, root: str, token: str) -> None:
+    """Raise :class:`StoreLockedError` unless the store's lock file still holds ``token``.
+
+    A worker of a killed driver can outlive it for a while; once a new run has taken the lock over, that
+    worker must not commit into the store.
+    """
+    try:
+        holder = read_json(fs, f"{root}/{LOCK}")
+    except (FileNotFoundError, json.JSONDecodeError):
+        holder = {}
+    if holder.get("token") != token:
+        raise StoreLockedError(f"{root}: the store's lock is no longer this run's (held by host "
+                               f"{holder.get('host', '?')} pid {holder.get('pid', '?')}); not committing")
+
+
+def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Remove a directory tree, tolerating files that vanish or appear meanwhile (a dying worker's staging)."""
+    if is_local(fs):
+        for _ in range(3):
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):
+                return
+            time.sleep(0.1)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -133,7 +162,13 @@ class StoreLock:
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
         self.fs, self.path = fs, f"{root}/{LOCK}"
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+                      "token": uuid.uuid4().hex}
+
+    @property
+    def token(self) -> str:
+        """This holder's unique token: workers compare it with the lock file before they commit."""
+        return str(self.owner["token"])
 
     def acquire(self) -> None:
         if self.fs.exists(self.path):

@@ -129,3 +129,29 @@ def test_a_killed_worker_is_restarted_with_the_checkpoint_and_its_shard_retried(
     assert len(done) == 22
     assert shard_checksums(out) == shard_checksums(reference)
     fault_log.record("fault survived", lost=len(open_store(str(reference))) - len(open_store(str(out))))
+
+
+def test_a_worker_that_outlived_its_driver_does_not_commit(digits: Path, tmp_path: Path, fault_log) -> None:
+    """A killed driver's Ray worker can finish its shard after a new run took the lock over: it must not commit."""
+    from e2kd.pipeline.views import ViewPolicy
+    from e2kd.stages.teacher_worker import TeacherWorker, WorkerSpec
+    from e2kd.storage.encoding import Encoding
+    from e2kd.storage.files import StoreLock, StoreLockedError
+
+    store = tmp_path / "store"
+    store.mkdir()
+    fs, root = resolve(str(store))
+    with StoreLock(fs, root) as old:
+        old_token = old.token
+    spec = WorkerSpec(teacher={"name": "resnet18", "num_classes": 10, "kwargs": TEACHER_KWARGS}, explainer="gradcam",
+                      views=ViewPolicy(k=1, scale=(0.5, 1.0), flip_p=0.0, seed=0).to_dict(), input_size=(64, 64),
+                      encoding=Encoding(num_classes=10).to_dict(), fmt="zarr", store_uri=str(store),
+                      lock_token=old_token)
+    worker = TeacherWorker(spec)
+    shard = list_shards(f"{digits}/val-000000.tar")[0]
+    with StoreLock(fs, root):  # the new run holds the lock now
+        with pytest.raises(StoreLockedError, match="no longer this run's"):
+            worker.cache_shard(shard)
+    assert not (store / "shards").exists() or not any((store / "shards").iterdir())
+    assert not any((store / ".staging").glob("*"))
+    fault_log.record("clear error")
