@@ -100,6 +100,8 @@ def test_verify_checks_counts_against_the_manifest(pristine: dict[str, Path], tm
     (store / "manifest.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(main, ["verify", str(store)])
     assert result.exit_code != 0 and "train-000000" in result.output and "54 samples" in result.output
+    result = CliRunner().invoke(main, ["inspect", str(store)])  # never over-reports
+    assert result.exit_code == 1 and "train-000000" in result.output and "54" in result.output
     fault_log.record("clear error")
 
 
