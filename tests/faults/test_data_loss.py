@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TEACHER_KWARGS, cache_options, shard_checksums
 
 from e2kd.pipeline.loader import plan_join
@@ -147,11 +148,15 @@ def test_a_worker_that_outlived_its_driver_does_not_commit(digits: Path, tmp_pat
                       views=ViewPolicy(k=1, scale=(0.5, 1.0), flip_p=0.0, seed=0).to_dict(), input_size=(64, 64),
                       encoding=Encoding(num_classes=10).to_dict(), fmt="zarr", store_uri=str(store),
                       lock_token=old_token)
-    worker = TeacherWorker(spec)
-    shard = list_shards(f"{digits}/val-000000.tar")[0]
-    with StoreLock(fs, root):  # the new run holds the lock now
-        with pytest.raises(StoreLockedError, match="no longer this run's"):
-            worker.cache_shard(shard)
+    threads = torch.get_num_threads()
+    try:
+        worker = TeacherWorker(spec)  # (sets this process's torch threads, as in an actor)
+        shard = list_shards(f"{digits}/val-000000.tar")[0]
+        with StoreLock(fs, root):  # the new run holds the lock now
+            with pytest.raises(StoreLockedError, match="no longer this run's"):
+                worker.cache_shard(shard)
+    finally:
+        torch.set_num_threads(threads)
     assert not (store / "shards").exists() or not any((store / "shards").iterdir())
     assert not any((store / ".staging").glob("*"))
     fault_log.record("clear error")
