@@ -31,6 +31,13 @@ def _cache_args(data: str, out: Path, ckpt: Path, *extra: str) -> list[str]:
             *extra]
 
 
+def _first_shards(digits: Path, reference: Path, n: int = 8) -> tuple[str, dict[str, str]]:
+    """The first ``n`` teacher-train shards and their reference checksums (a shard's bytes depend on it alone)."""
+    names = [f"teacher-train-{i:06d}" for i in range(n)]
+    reference_sums = shard_checksums(reference)
+    return ",".join(f"{digits}/{name}.tar" for name in names), {name: reference_sums[name] for name in names}
+
+
 def _complete(out: Path) -> int:
     try:
         return sum(r["complete"] for r in json.loads((out / "manifest.json").read_text())["shards"].values())
@@ -68,11 +75,12 @@ def test_driver_killed_at_random_moments_then_resumed_equals_an_uninterrupted_ru
         fault_log.record("fault survived", lost=lost if i == 0 else 0)
 
 
-def test_two_writers_at_once_one_is_refused_and_the_store_is_whole(teacher_train_urls: str, reference_22: Path,
+def test_two_writers_at_once_one_is_refused_and_the_store_is_whole(digits: Path, reference_22: Path,
                                                                   teacher_ckpt: Path, tmp_path: Path,
                                                                   fault_log) -> None:
     out = tmp_path / "store"
-    procs = [subprocess.Popen([*E2KD, *_cache_args(teacher_train_urls, out, teacher_ckpt)], env=ENV,
+    data, expected = _first_shards(digits, reference_22)
+    procs = [subprocess.Popen([*E2KD, *_cache_args(data, out, teacher_ckpt)], env=ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
@@ -81,7 +89,7 @@ def test_two_writers_at_once_one_is_refused_and_the_store_is_whole(teacher_train
         assert any("already complete" in o for o in outputs)
     else:
         assert codes == [0, 1] and "locked" in refused[0].splitlines()[-1] and "Traceback" not in refused[0]
-    assert shard_checksums(out) == shard_checksums(reference_22)
+    assert shard_checksums(out) == expected
     fault_log.record("clear error")
 
 
@@ -115,23 +123,25 @@ def test_a_read_only_output_is_one_clear_error(digits: Path, teacher_ckpt: Path,
 
 
 def test_a_full_disk_fails_the_shards_it_hits_and_resume_completes_them(
-        teacher_train_urls: str, reference_22: Path, teacher_ckpt: Path, tmp_path: Path, fault_log) -> None:
+        digits: Path, reference_22: Path, teacher_ckpt: Path, tmp_path: Path, fault_log) -> None:
     disk = tmp_path / "disk"
-    if os.geteuid() != 0 or not _mount_tmpfs(disk, "300k"):
+    data, expected = _first_shards(digits, reference_22)
+    if os.geteuid() != 0 or not _mount_tmpfs(disk, "200k"):
         pytest.skip("a small disk needs a tmpfs mount (root with CAP_SYS_ADMIN); not available here")
     try:
         out = disk / "store"
-        result = CliRunner().invoke(main, _cache_args(teacher_train_urls, out, teacher_ckpt))
+        result = CliRunner().invoke(main, _cache_args(data, out, teacher_ckpt))
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert "No space left" in lines[-1] or "failed" in lines[-1], lines[-1]
         partial = open_store(str(out))  # whatever was recorded is complete and verifies
-        assert partial.verify() == [] and len(partial.shard_names) < 22
+        assert partial.verify() == [] and len(partial.shard_names) < len(expected)
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        result = CliRunner().invoke(main, _cache_args(teacher_train_urls, out, teacher_ckpt))
+        result = CliRunner().invoke(main, _cache_args(data, out, teacher_ckpt))
         assert result.exit_code == 0, result.output
-        assert shard_checksums(out) == shard_checksums(reference_22)
-        lost = len(open_store(str(reference_22))) - len(open_store(str(out)))
+        assert shard_checksums(out) == expected
+        reference = open_store(str(reference_22))
+        lost = sum(reference.manifest["shards"][n]["num_samples"] for n in expected) - len(open_store(str(out)))
     finally:
         _umount(disk)
     fault_log.record("fault survived", lost=lost)
