@@ -117,3 +117,17 @@ def reference_22(tmp_path_factory: pytest.TempPathFactory, teacher_train_urls: s
     out = tmp_path_factory.mktemp("reference") / "store"
     run_cache_teacher(cache_options(teacher_train_urls, out, teacher_ckpt, workers=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory: pytest.TempPathFactory, digits: Path, teacher_ckpt: Path) -> dict[str, Path]:
+    """Two-shard caches of train-000000..000001 in each format, to copy and tamper with (never modified)."""
+    from e2kd.stages.cache_teacher import run_cache_teacher
+
+    data = f"{digits}/train-{{000000..000001}}.tar"
+    out = {}
+    for fmt in ("zarr", "wds"):
+        store = tmp_path_factory.mktemp("pristine") / fmt
+        run_cache_teacher(cache_options(data, store, teacher_ckpt, workers=1, format=fmt))
+        out[fmt] = store
+    return out

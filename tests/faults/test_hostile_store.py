@@ -13,25 +13,12 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from conftest import cache_options
 
 from e2kd.cli import main
-from e2kd.stages.cache_teacher import run_cache_teacher
 from e2kd.storage.files import checksum_local_dir
 
 SHARD = "train-000001"
 KWARGS = json.dumps({"channels": [8, 8, 16, 32], "stem_width": 8, "output_stride": 16})
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory, digits: Path, teacher_ckpt: Path) -> dict[str, Path]:
-    data = f"{digits}/train-{{000000..000001}}.tar"
-    out = {}
-    for fmt in ("zarr", "wds"):
-        store = tmp_path_factory.mktemp("hostile") / fmt
-        run_cache_teacher(cache_options(data, store, teacher_ckpt, workers=1, format=fmt))
-        out[fmt] = store
-    return out
 
 
 def _manifest(store: Path, change: Callable[[dict], None]) -> None:

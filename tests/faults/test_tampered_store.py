@@ -11,26 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import cache_options
 
 from e2kd.cli import main
-from e2kd.stages.cache_teacher import run_cache_teacher
 from e2kd.storage import wds_store
 from e2kd.storage.files import resolve
 
 STUDENT = ["--student", "resnet18", "--student-kwargs",
            json.dumps({"channels": [8, 8, 16, 32], "stem_width": 8, "output_stride": 16})]
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory, digits: Path, teacher_ckpt: Path) -> dict[str, Path]:
-    data = f"{digits}/train-{{000000..000001}}.tar"
-    out = {}
-    for fmt in ("zarr", "wds"):
-        store = tmp_path_factory.mktemp("pristine") / fmt
-        run_cache_teacher(cache_options(data, store, teacher_ckpt, workers=1, format=fmt))
-        out[fmt] = store
-    return out
 
 
 def _largest_chunk(store: Path) -> Path:
