@@ -73,7 +73,7 @@ def storage_table(size: int, n: int = 64) -> list[dict]:
     for name, explainer_name, kwargs in (("resnet18", "gradcam", TEACHER_KWARGS),
                                          ("bcos:resnet18", "bcos", {"inplanes": 16})):
         model = create_model(name, 10, **kwargs).eval().requires_grad_(False)
-        maps = build_explainer(explainer_name, model)(input_transform(model)(images)).numpy()[:, None]
+        maps = build_explainer(explainer_name, model)(input_transform(model)(images))[0].numpy()[:, None]
         logits = np.zeros((n, 1, 10), np.float32)
         for map_dtype in ("float16", "uint8"):
             for cname in ("zstd", "lz4"):

@@ -30,8 +30,8 @@ from report import write_section  # noqa: E402
 from e2kd.models import create_model  # noqa: E402
 from e2kd.pipeline.datasets import make_digits_shift  # noqa: E402
 from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher  # noqa: E402
-from e2kd.stages.targets import OnlineTeacherTargets  # noqa: E402
-from e2kd.stages.train_student import TrainOptions, _build, _step  # noqa: E402
+from e2kd.stages.train_student import TrainOptions, prepare_student  # noqa: E402
+from e2kd.training import OnlineTeacherTargets  # noqa: E402
 
 PAIRS = {
     "demo (ResNet-18 w32–256 → ResNet-18 w16–128)": (
@@ -41,18 +41,18 @@ PAIRS = {
 }
 
 
-def _time_steps(run, batches, steps: int) -> float:
-    _step(run, batches[0])  # warm-up
+def _time_steps(trainer, batches, steps: int) -> float:
+    trainer.step(batches[0])  # warm-up
     t0 = time.perf_counter()
     for i in range(steps):
-        _step(run, batches[(i + 1) % len(batches)])
+        trainer.step(batches[(i + 1) % len(batches)])
     return (time.perf_counter() - t0) / steps
 
 
-def _time_loader_steps(run, it, steps: int) -> float:
+def _time_loader_steps(trainer, it, steps: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
-        _step(run, next(it))
+        trainer.step(next(it))
     return (time.perf_counter() - t0) / steps
 
 
@@ -64,15 +64,16 @@ def bench_pair(name: str, teacher: tuple, student: tuple, data: str, work: Path,
     opts = TrainOptions(data=data, cache=str(cache), student=student[0], student_kwargs=student[1],
                         out=str(work / "run"), batch_size=batch_size, lr=1e-3, temperature=4.0, lam=1.0,
                         crop_scale=(0.7, 1.0), progress=False, workers=1)
-    run = _build(opts)
-    it = iter(run.loader)
+    run = prepare_student(opts)
+    trainer = run.trainer
+    it = iter(trainer.loader)
     batches = [next(it) for _ in range(steps)]
-    _time_steps(run, batches, 3)  # warm-up: allocator, oneDNN primitives, loader worker start
-    floor = _time_steps(run, batches, steps)
-    cached = _time_loader_steps(run, it, steps)
-    floor = min(floor, _time_steps(run, batches, steps))  # floor measured before and after the cached run
-    run.targets = OnlineTeacherTargets(create_model(teacher[0], 10, **teacher[1]), "gradcam")
-    online = _time_steps(run, batches, steps)
+    _time_steps(trainer, batches, 3)  # warm-up: allocator, oneDNN primitives, loader worker start
+    floor = _time_steps(trainer, batches, steps)
+    cached = _time_loader_steps(trainer, it, steps)
+    floor = min(floor, _time_steps(trainer, batches, steps))  # floor measured before and after the cached run
+    run.objective.targets = OnlineTeacherTargets(create_model(teacher[0], 10, **teacher[1]), "gradcam")
+    online = _time_steps(trainer, batches, steps)
     return {"pair": name, "batch": batch_size, "steps": steps, "cache_s": cached, "floor_s": floor, "online_s": online,
             "cache_over_floor": cached / floor, "online_over_cache": online / cached}
 

@@ -70,8 +70,8 @@ def check_vit() -> dict:
     losses = []
     for _ in range(8):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            t_maps = t_explainer(input_transform(teacher)(images))
-            total, _ = objective(input_transform(student)(images), t_explainer.last_logits, t_maps)
+            t_maps, t_logits = t_explainer(input_transform(teacher)(images))
+            total, _ = objective(input_transform(student)(images), t_logits, t_maps)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -105,8 +105,8 @@ def time_steps(batch: int, steps: int) -> dict:
     cached = []
     for x in images:  # what a cache holds: the teacher's logits and native 7×7 maps
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            maps = t_explainer(input_transform(teacher)(x))
-        cached.append((x, t_explainer.last_logits.float(), maps.float()))
+            maps, logits = t_explainer(input_transform(teacher)(x))
+        cached.append((x, logits.float(), maps.float()))
 
     def student_step(item: tuple) -> None:
         x, t_logits, t_maps = item
@@ -119,8 +119,8 @@ def time_steps(batch: int, steps: int) -> dict:
     def online_step(item: tuple) -> None:
         x = item[0]
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            maps = t_explainer(input_transform(teacher)(x))
-        student_step((x, t_explainer.last_logits.float(), maps.float()))
+            maps, logits = t_explainer(input_transform(teacher)(x))
+        student_step((x, logits.float(), maps.float()))
 
     cached_s = _timed(student_step, cached, steps)
     online_s = _timed(online_step, cached, steps)

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from e2kd import __version__
+from e2kd.storage import MAP_DTYPES, PRECISIONS, list_formats
 
 
 def _fail(exc: BaseException) -> click.ClickException:
@@ -97,24 +98,26 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
                    "benchmarks).")
 @click.option("--num-classes", type=int, help="Teacher's class count.")
 @click.option("--teacher-kwargs", help='JSON kwargs for the model constructor, e.g. \'{"output_stride": 16}\'.')
-@click.option("--explainer", help="gradcam | bcos | input_x_gradient  [default: gradcam]")
+@click.option("--explainer", help="gradcam | bcos | input_x_gradient (`e2kd explainers`)  [default: gradcam]")
+@click.option("--explainer-kwargs", help="JSON kwargs of the explainer (recorded in the manifest).")
 @click.option("--views", help="'full' (one whole-image view; ❄ frozen e²KD) or K random-resized-crop views.")
 @click.option("--crop-scale", nargs=2, type=float, help="Area range of random crops  [default: 0.08 1.0]")
 @click.option("--flip-p", type=float, help="Flip probability of random views (0 for digits/text)  [default: 0.5]")
 @click.option("--input-size", type=int, help="Teacher input side in pixels  [default: 224]")
 @click.option("--batch-size", type=int, help="Views per teacher batch  [default: 64]")
 @click.option("--topk", type=int, help="Store only the top-k logits plus the log-sum-exp of all.")
-@click.option("--map-dtype", type=click.Choice(["float16", "uint8"]), help="[default: float16]")
+@click.option("--map-dtype", type=click.Choice(MAP_DTYPES), help="[default: float16]")
 @click.option("--map-size", help="Area-pool maps to H or HxW before storing.")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "wds"]), help="[default: zarr]")
+@click.option("--format", "fmt", type=click.Choice(list_formats()),
+              help="zarr (random access) or wds (a WebDataset tar per shard, joinable by __key__)  [default: zarr]")
 @click.option("--workers", type=int, help="Ray actors, one teacher each  [default: one per CPU/GPU slot]")
 @click.option("--gpus-per-worker", type=float, help="GPUs per actor  [default: 0]")
 @click.option("--threads-per-worker", type=int, help="Torch threads per actor (fixed for determinism)  [default: 1]")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Teacher autocast  [default: fp32]")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Teacher autocast  [default: fp32]")
 @click.option("--ray-address", help="'auto' or HOST:PORT to join a running Ray cluster (default: private local).")
 @click.option("--overwrite/--no-overwrite", default=None, help="Delete an existing store and start over.")
 @click.option("--seed", type=int, help="Seed of the random views  [default: 0]")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="YAML file of these options.")
+@click.option("--config", help="YAML file of these options, or a packaged preset name (demo-digits, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags: Any) -> None:
     """Run a teacher once over a dataset and cache its logits and explanation maps (Ray-parallel, resumable)."""
@@ -123,6 +126,7 @@ def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags:
 
     try:
         flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
+        flags["explainer_kwargs"] = parse_json_kwargs(flags["explainer_kwargs"])
         flags["map_size"] = parse_size(flags["map_size"])
         flags["format"] = fmt
         flags["progress"] = False if quiet else None
@@ -215,7 +219,7 @@ def verify_cmd(store: str) -> None:
 @click.option("--online-teacher", help="Live-teacher baseline (no --cache): teacher model name.")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), help="Weights of --online-teacher.")
 @click.option("--teacher-kwargs", help="JSON kwargs of --online-teacher.")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="YAML file of these options.")
+@click.option("--config", help="YAML file of these options, or a packaged preset name (demo-digits, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     """Train a student from cached teacher outputs (KD + λ·explanation loss); the teacher is never loaded."""
@@ -280,6 +284,8 @@ def evaluate_cmd(data: str, student: str, weights: str, student_kwargs: str | No
 @click.option("--flip-p", default=0.0, show_default=True)
 @click.option("--val-data", help="Validation shards (top-1 per epoch).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader workers.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_teacher_cmd(model_kwargs: str | None, quiet: bool, **kwargs: Any) -> None:
     """Train a teacher with plain supervised learning (timm optimiser and schedule, label smoothing)."""

@@ -12,15 +12,37 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["load_yaml", "build_options", "parse_json_kwargs", "parse_size", "check_crop_scale", "check_range"]
+__all__ = ["load_yaml", "preset_path", "list_presets", "build_options", "parse_json_kwargs", "parse_size",
+           "check_crop_scale", "check_range"]
 
 T = TypeVar("T")
 
 
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped inside the package (``e2kd/configs/<name>.yaml``)."""
+    from importlib.resources import files
+
+    return sorted(p.name[:-5] for p in files("e2kd").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_path(name: str | Path) -> Path:
+    """A config file path as given, or the packaged preset of that name (``demo-digits``); works from a wheel."""
+    if Path(name).exists():
+        return Path(name)
+    from importlib.resources import files
+
+    stem = Path(name).name.removesuffix(".yaml")
+    candidate = files("e2kd").joinpath("configs", f"{stem}.yaml")
+    if stem in list_presets():
+        return Path(str(candidate))
+    raise ValueError(f"config {name!r}: no such file, and not a preset ({', '.join(list_presets())})")
+
+
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
-    """Read a YAML mapping (``safe_load``); keys may use ``-`` or ``_``."""
+    """Read a YAML mapping (``safe_load``) from a file or a packaged preset name; keys may use ``-`` or ``_``."""
     if path is None:
         return {}
+    path = preset_path(path)
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as exc:

@@ -25,12 +25,13 @@ under-states it. Keep ``k`` large enough that the tail mass is small when traini
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from e2kd.storage.topk import logits_from_topk, topk_logits
 
 #: where the explanation cosine is taken: at the student's input size (paper) or at the maps' own size.
 EXPL_RESOLUTIONS = ("input", "native")
@@ -87,39 +88,6 @@ def explanation_similarity(student_maps: Tensor, teacher_maps: Tensor,
 def explanation_loss(student_maps: Tensor, teacher_maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:
     """Batch mean of ``1 − cos(E_S, E_T)`` over each whole flattened map (see :func:`explanation_similarity`)."""
     return (1.0 - explanation_similarity(student_maps, teacher_maps, size)).mean()
-
-
-def topk_logits(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Compress logits ``[..., C]`` to (top-k values, top-k indices, log-sum-exp of all logits)."""
-    values, indices = logits.float().topk(k, dim=-1)
-    return values, indices, torch.logsumexp(logits.float(), dim=-1)
-
-
-def logits_from_topk(values: Tensor, indices: Tensor, logsumexp: Tensor, num_classes: int) -> Tensor:
-    """Rebuild full log-probabilities ``[..., C]`` from a top-k cache (FKD marginal smoothing).
-
-    Args:
-        values: top-k logits ``[..., k]``.
-        indices: their class indices ``[..., k]`` (int).
-        logsumexp: log-sum-exp of **all** logits ``[...]``.
-        num_classes: ``C``.
-
-    Returns:
-        Log-probabilities: ``z_i − lse`` for the k known classes, ``log((1 − Σ p_known) / (C − k))`` for the rest.
-    """
-    values = values.float()
-    log_p_known = values - logsumexp.float().unsqueeze(-1)
-    k = values.shape[-1]
-    if k > num_classes:
-        raise ValueError(f"top-k cache has k={k} > num_classes={num_classes}")
-    if k == num_classes:
-        fill = torch.zeros_like(logsumexp, dtype=torch.float32)  # no other classes to fill
-    else:
-        known_mass = log_p_known.exp().sum(-1)
-        rest = (1.0 - known_mass).clamp_min(1e-12)  # float16 caches can round the known mass above 1
-        fill = torch.log(rest) - math.log(num_classes - k)
-    out = fill.unsqueeze(-1).expand(*values.shape[:-1], num_classes).clone()
-    return out.scatter(-1, indices.long(), log_p_known)
 
 
 class E2KDLoss(nn.Module):
@@ -225,8 +193,7 @@ class E2KDObjective:
         if self.lam > 0 or (not create_graph and teacher_maps is not None):
             if teacher_maps is None:
                 raise ValueError("lam > 0 needs teacher_maps")
-            s_maps = self.explainer(inputs, targets, create_graph=create_graph)
-            logits = self.explainer.last_logits
+            s_maps, logits = self.explainer(inputs, targets, create_graph=create_graph)
         else:
             logits = self.student(inputs)
         size = tuple(inputs.shape[-2:]) if self.expl_resolution == "input" else None

@@ -64,7 +64,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory, train_urls: str, teacher_ckp
 def shard_checksums(store: Path | str) -> dict[str, str]:
     from e2kd.storage import open_store
 
-    return {n: r["sha256"] for n, r in open_store(str(store)).manifest["shards"].items()}
+    return {n: r.sha256 for n, r in open_store(str(store)).manifest.shards.items()}
 
 
 # ---- the fault suite (tests/faults) ---------------------------------------------------------------

@@ -40,10 +40,10 @@ def _cli_args(data: str, out: Path, ckpt: Path, *extra: str) -> list[str]:
 
 def test_cached_outputs_equal_a_direct_recomputation(cache: Path, train_urls: str, teacher_ckpt: Path) -> None:
     store = open_store(str(cache))
-    assert len(store) == 300 and store.manifest["map_shape"] == [1, 4, 4]
+    assert len(store) == 300 and store.manifest.map_shape == (1, 4, 4)
     teacher = create_model("resnet18", 10, checkpoint=teacher_ckpt, **TEACHER_KWARGS).eval()
     explainer = build_explainer("gradcam", teacher)
-    policy = ViewPolicy.from_dict(store.manifest["views"])
+    policy = ViewPolicy.from_dict(store.manifest.views)
     shard = list_shards(train_urls)[3]
     samples = [s for s in iter_shard(shard)][::7]
     for sample in samples:
@@ -52,8 +52,7 @@ def test_cached_outputs_equal_a_direct_recomputation(cache: Path, train_urls: st
         np.testing.assert_array_equal(rec["views"].numpy(), np.array([v.as_list() for v in expected_views],
                                                                      dtype=np.float32))
         x = torch.stack([render_view(sample.image, v.tolist(), (64, 64)) for v in rec["views"]])
-        maps = explainer(input_transform(teacher)(x))
-        logits = explainer.last_logits
+        maps, logits = explainer(input_transform(teacher)(x))
         torch.testing.assert_close(rec["logits"], logits, rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(rec["maps"], maps, rtol=2e-3, atol=2e-3 * float(maps.abs().max()) + 1e-6)
         assert torch.equal(rec["target"], logits.argmax(1))
@@ -161,7 +160,7 @@ def test_wds_format_round_trips_the_same_content(cache: Path, train_urls: str, t
                                                 tmp_path: Path) -> None:
     run_cache_teacher(cache_options(train_urls, tmp_path / "wds", teacher_ckpt, format="wds"))
     zarr_store, wds_store = open_store(str(cache)), open_store(str(tmp_path / "wds"))
-    assert wds_store.manifest["format"] == "wds" and sorted(zarr_store.keys()) == sorted(wds_store.keys())
+    assert wds_store.manifest.format == "wds" and sorted(zarr_store.keys()) == sorted(wds_store.keys())
     for name in zarr_store.shard_names:
         for (k1, r1), (k2, r2) in zip(zarr_store.iter_shard(name), wds_store.iter_shard(name), strict=True):
             assert k1 == k2
@@ -221,7 +220,7 @@ def test_resume_extends_with_new_shards_and_refuses_other_settings(cache: Path, 
     out = tmp_path / "grow"
     first = f"{digits}/train-{{000000..000001}}.tar"
     run_cache_teacher(cache_options(first, out, teacher_ckpt))
-    assert len(open_store(str(out)).manifest["shards"]) == 2
+    assert len(open_store(str(out)).manifest.shards) == 2
     summary = run_cache_teacher(cache_options(train_urls, out, teacher_ckpt))
     assert summary["shards_already_complete"] == 2 and summary["shards_cached_now"] == 4
     assert shard_checksums(out) == shard_checksums(cache)
@@ -270,14 +269,14 @@ def test_an_input_shard_that_changed_since_caching_is_refused(digits: Path, teac
     shutil.copy(digits / "val-000000.tar", data)
     out = tmp_path / "store"
     run_cache_teacher(cache_options(str(data), out, teacher_ckpt, workers=1))
-    fingerprint = open_store(str(out)).manifest["inputs"]["fingerprint"]
-    record = open_store(str(out)).manifest["shards"]["in-000000"]
-    assert record["source_bytes"] == data.stat().st_size
-    assert record["source_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    fingerprint = open_store(str(out)).manifest.inputs["fingerprint"]
+    record = open_store(str(out)).manifest.shards["in-000000"]
+    assert record.source_bytes == data.stat().st_size
+    assert record.source_sha256 == hashlib.sha256(data.read_bytes()).hexdigest()
     with tarfile.open(digits / "val-000001.tar") as src, tarfile.open(data, "w") as dst:  # other content, size
         for member in list(src)[:20]:
             dst.addfile(member, src.extractfile(member))
     with pytest.raises(ManifestError, match="in-000000 changed since it was cached"):
         run_cache_teacher(cache_options(str(data), out, teacher_ckpt, workers=1))
     run_cache_teacher(cache_options(str(data), out, teacher_ckpt, workers=1, overwrite=True))
-    assert open_store(str(out)).manifest["inputs"]["fingerprint"] != fingerprint
+    assert open_store(str(out)).manifest.inputs["fingerprint"] != fingerprint

@@ -21,15 +21,15 @@ from e2kd.pipeline.sources import iter_shard, list_shards
 from e2kd.pipeline.views import ViewPolicy, render_view
 from e2kd.stages.cache_teacher import CacheTeacherOptions
 from e2kd.stages.teacher_worker import TeacherWorker, WorkerSpec
-from e2kd.storage import Encoding, open_store
+from e2kd.storage import Encoding, ShardWriter, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _spec(tmp_path: Path, teacher: dict, explainer: str, encoding: Encoding, views: int = 2) -> WorkerSpec:
-    return WorkerSpec(teacher=teacher, explainer=explainer,
+    return WorkerSpec(teacher=teacher, explainer={"name": explainer},
                       views=ViewPolicy(k=views, scale=(0.5, 1.0), flip_p=0.5, seed=1).to_dict(),
-                      input_size=(32, 32), encoding=encoding.to_dict(), fmt="zarr", store_uri=str(tmp_path))
+                      input_size=(32, 32), encoding=encoding, writer=ShardWriter(str(tmp_path), "zarr", encoding))
 
 
 def test_bcos_maps_pooled_and_quantised_match_a_direct_computation(digits: Path, tmp_path: Path) -> None:
@@ -45,7 +45,7 @@ def test_bcos_maps_pooled_and_quantised_match_a_direct_computation(digits: Path,
     for row in (0, 17):
         sample = samples[keys[row]]
         x = torch.stack([render_view(sample.image, v, (32, 32)) for v in cols["views"][row]])
-        maps = build_explainer("bcos", model)(input_transform(model)(x))
+        maps, _ = build_explainer("bcos", model)(input_transform(model)(x))
         pooled = torch.nn.functional.adaptive_avg_pool2d(maps, (8, 8))
         decoded = enc.decode_maps({k: v[row] for k, v in cols.items()})
         step = (pooled.flatten(1).amax(1) - pooled.flatten(1).amin(1)) / 255

@@ -39,7 +39,7 @@ def test_quick_demo_writes_results_for_every_method(demo_dir: Path) -> None:
     table = (demo_dir / "results.md").read_text()
     assert all(f"| {m} |" in table for m in ("teacher", *METHODS))
     assert (demo_dir / "explanations.png").stat().st_size > 10_000
-    assert open_store(str(demo_dir / "cache-views")).manifest["views"]["k"] == 2
+    assert open_store(str(demo_dir / "cache-views")).manifest.num_views == 2
 
 
 def test_evaluate_agrees_with_an_independent_computation(demo_dir: Path) -> None:
@@ -63,8 +63,8 @@ def test_evaluate_agrees_with_an_independent_computation(demo_dir: Path) -> None
         for s in iter_shard(shard):
             rec = store.read(s.key)
             x = render_view(s.image, rec["views"][0].tolist(), (64, 64))[None]
-            maps = explainer(input_transform(model)(x), rec["target"])
-            pred = int(explainer.last_logits.argmax())
+            maps, logits = explainer(input_transform(model)(x), rec["target"])
+            pred = int(logits.argmax())
             correct += pred == s.label
             agree += pred == int(rec["target"][0])
             sims.append(float(explanation_similarity(maps, rec["maps"])))

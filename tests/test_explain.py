@@ -37,8 +37,8 @@ def test_gradcam_matches_pytorch_grad_cam_and_captum(name: str) -> None:
     model = create_model(name, 7).eval()
     x = input_transform(model)(torch.rand(4, 3, size, size))
     explainer = build_explainer("gradcam", model)
-    ours = explainer(x)  # explains each image's top-1 class
-    targets = explainer.last_logits.argmax(1)
+    ours, logits = explainer(x)  # explains each image's top-1 class
+    targets = logits.argmax(1)
     assert ours.shape[1] == 1 and ours.shape[-1] == size // 32
     assert (ours.flatten(1).amax(1) > 0).all(), "degenerate test: an all-zero map"
     ours_up = _minmax_upsampled(ours, size)
@@ -60,7 +60,7 @@ def test_gradcam_vit_matches_pytorch_grad_cam() -> None:
     model = create_model("vit_tiny_patch16_224", 5, img_size=64, depth=2).eval()
     x = input_transform(model)(torch.rand(3, 3, 64, 64))
     targets = torch.tensor([1, 2, 4])
-    ours = build_explainer("gradcam", model)(x, targets)
+    ours, _ = build_explainer("gradcam", model)(x, targets)
     assert ours.shape == (3, 1, 4, 4)
 
     def reshape(t: torch.Tensor) -> torch.Tensor:
@@ -81,14 +81,14 @@ def test_explainer_logits_come_from_the_same_forward_and_default_target_is_top1(
     model.forward_features = lambda x: (feats_calls.append(1), orig(x))[1]
     explainer = build_explainer("gradcam", model)
     x = torch.rand(3, 3, 64, 64)
-    maps = explainer(x)
+    maps, logits = explainer(x)
     assert len(feats_calls) == 1 and not calls
     with torch.no_grad():
         expected = model.forward_head(orig(x))
-    torch.testing.assert_close(explainer.last_logits, expected)
-    explicit = explainer(x, expected.argmax(1))
+    torch.testing.assert_close(logits, expected)
+    explicit, _ = explainer(x, expected.argmax(1))
     torch.testing.assert_close(maps, explicit)
-    assert not maps.requires_grad and not explainer.last_logits.requires_grad
+    assert not maps.requires_grad and not logits.requires_grad
 
 
 def test_bcos_map_is_input_gradient_in_explanation_mode() -> None:
@@ -97,7 +97,7 @@ def test_bcos_map_is_input_gradient_in_explanation_mode() -> None:
     x = input_transform(model)(torch.rand(2, 3, 32, 32))
     assert x.shape[1] == 6
     targets = torch.tensor([1, 3])
-    maps = build_explainer("bcos", model)(x, targets)
+    maps, _ = build_explainer("bcos", model)(x, targets)
 
     ref = []
     for i in range(2):  # independent: one sample at a time, .backward() on a fresh leaf
@@ -120,7 +120,7 @@ def test_input_x_gradient_matches_captum() -> None:
     model = create_model("resnet18", 5, channels=(8, 16, 32, 64), stem_width=8).eval()
     x = torch.rand(2, 3, 64, 64)
     targets = torch.tensor([0, 4])
-    ours = build_explainer("input_x_gradient", model)(x, targets)
+    ours, _ = build_explainer("input_x_gradient", model)(x, targets)
     ref = RefIxG(model).attribute(x, target=targets).detach()
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-7)
 

@@ -91,14 +91,14 @@ def test_explanation_term_is_differentiable_and_matches_finite_differences() -> 
     model = _tiny_student()
     x = torch.rand(4, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     explainer = build_explainer("gradcam", model)
-    start = explainer(x)
-    targets = explainer.last_logits.argmax(1)
+    start, start_logits = explainer(x)
+    targets = start_logits.argmax(1)
     assert (start.flatten(1) > 0).any(1).all(), "degenerate test: an all-zero student map"
     teacher_maps = torch.rand(4, 1, 4, 4, dtype=torch.float64)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def loss_at() -> torch.Tensor:
-        return explanation_loss(explainer(x, targets, create_graph=True), teacher_maps)
+        return explanation_loss(explainer(x, targets, create_graph=True)[0], teacher_maps)
 
     grads = torch.autograd.grad(loss_at(), params, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
@@ -124,7 +124,7 @@ def test_explanation_term_is_differentiable_and_matches_finite_differences() -> 
 
 def test_teacher_side_keeps_no_graph() -> None:
     model = _tiny_student()
-    maps = build_explainer("gradcam", model)(torch.rand(2, 3, 32, 32, dtype=torch.float64))
+    maps, _ = build_explainer("gradcam", model)(torch.rand(2, 3, 32, 32, dtype=torch.float64))
     assert maps.grad_fn is None and not maps.requires_grad
 
 
@@ -141,8 +141,8 @@ def test_loss_decreases_when_training_a_student_on_fixed_targets() -> None:
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
     history = []
     for _ in range(50):
-        maps = explainer(x, targets, create_graph=True)
-        total, parts = loss_fn(explainer.last_logits, teacher_logits, maps, teacher_maps)
+        maps, logits = explainer(x, targets, create_graph=True)
+        total, parts = loss_fn(logits, teacher_logits, maps, teacher_maps)
         assert torch.isfinite(total)
         opt.zero_grad()
         total.backward()

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from e2kd.losses import E2KDObjective
 from e2kd.models import create_model
 from e2kd.pipeline.views import crop_map, pixel_view
-from e2kd.stages.train_student import TrainOptions, _build, _step
+from e2kd.stages.train_student import TrainOptions, prepare_student
 
 TAU, LAM, C, SIZE = 4.0, 1.0, 5, 32
 
@@ -143,8 +143,8 @@ def test_gated_forward_keeps_values_and_running_statistics_of_the_package() -> N
     from e2kd.explain import build_explainer
 
     leaf = x.clone().requires_grad_(True)
-    student_map = build_explainer("bcos", gated)(leaf, t_logits.argmax(1), create_graph=True)
-    teacher_map = build_explainer("bcos", gated)(x, t_logits.argmax(1))  # the package's explanation_mode path
+    student_map, _ = build_explainer("bcos", gated)(leaf, t_logits.argmax(1), create_graph=True)
+    teacher_map, _ = build_explainer("bcos", gated)(x, t_logits.argmax(1))  # the package's explanation_mode path
     torch.testing.assert_close(student_map.detach(), teacher_map, rtol=1e-12, atol=1e-14)
 
 
@@ -168,7 +168,7 @@ def test_explanation_cosine_is_taken_at_input_resolution() -> None:
     t_logits, t_maps = torch.randn(3, 10, dtype=torch.float64), torch.rand(3, 1, 2, 2, dtype=torch.float64)
     objective = E2KDObjective(student, "gradcam", temperature=1.0, lam=1.0)
     _, parts = objective(x, t_logits, t_maps)
-    s_maps = objective.explainer(x, t_logits.argmax(1))  # native 4×4 student maps
+    s_maps, _ = objective.explainer(x, t_logits.argmax(1))  # native 4×4 student maps
     up_s = _bilinear_matrix(4, 64) @ s_maps[:, 0] @ _bilinear_matrix(4, 64).T
     up_t = _bilinear_matrix(2, 64) @ t_maps[:, 0] @ _bilinear_matrix(2, 64).T
     cos = (up_s * up_t).sum((1, 2)) / (up_s.flatten(1).norm(dim=1) * up_t.flatten(1).norm(dim=1))
@@ -214,9 +214,9 @@ def bcos_cache(tmp_path_factory: pytest.TempPathFactory, digits: Path) -> Path:
 def _loss_falls(data: str, cache: Path, student: str, kwargs: dict, tmp_path: Path) -> None:
     opts = TrainOptions(data=data, cache=str(cache), student=student, student_kwargs=kwargs, out=str(tmp_path),
                         batch_size=8, lr=1e-3, temperature=2.0, lam=1.0, progress=False, clip_grad=None)
-    run = _build(opts)
-    batch = next(iter(run.loader))
-    losses = [_step(run, batch) for _ in range(6)]
+    trainer = prepare_student(opts).trainer
+    batch = next(iter(trainer.loader))
+    losses = [trainer.step(batch) for _ in range(6)]
     assert all(torch.isfinite(torch.tensor(o["loss"])) for o in losses)
     assert losses[-1]["loss"] < losses[0]["loss"], [round(o["loss"], 4) for o in losses]
     assert losses[0]["expl"] > 0

@@ -85,10 +85,10 @@ def test_joint_crop_of_a_full_map_equals_the_map_of_the_cropped_image(flip: bool
     explainer = build_explainer("input_x_gradient", model)
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
     full = render_view(image, View(0, 0, 1, 1, False).as_list(), (64, 64))
-    full_map = explainer(full[None], torch.tensor([2]))[0]
+    full_map = explainer(full[None], torch.tensor([2]))[0][0]
     view = View(10 / 64, 21 / 64, 32 / 64, 32 / 64, flip).as_list()  # a 32×32 px crop: no resampling
     cropped = render_view(image, view, (32, 32))
-    direct = explainer(cropped[None], torch.tensor([2]))[0]
+    direct = explainer(cropped[None], torch.tensor([2]))[0][0]
     torch.testing.assert_close(crop_map(full_map, view, (64, 64), (32, 32)), direct, rtol=1e-5, atol=1e-6)
     if flip:
         unflipped = crop_map(full_map, View(10 / 64, 21 / 64, 0.5, 0.5, False).as_list(), (64, 64))
@@ -98,7 +98,7 @@ def test_joint_crop_of_a_full_map_equals_the_map_of_the_cropped_image(flip: bool
 
 def test_k_view_replay_is_bit_identical_to_the_teachers_input(cache: Path, train_urls: str) -> None:
     store = open_store(str(cache))
-    policy = ViewPolicy.from_dict(store.manifest["views"])
+    policy = ViewPolicy.from_dict(store.manifest.views)
     shards = list_shards(train_urls)[:2]
     plan = plan_join(shards, store, allow_missing=True)
     images = {s.key: s.image for shard in shards for s in iter_shard(shard)}

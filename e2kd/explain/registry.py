@@ -17,10 +17,10 @@ _REGISTRY: dict[str, type[Explainer]] = {}
 class Explainer(ABC):
     """Explains a model's logits for given target classes, returning maps and logits of one forward pass.
 
-    Call as ``maps = explainer(inputs, targets=None, create_graph=False)``: ``inputs`` are model-ready
+    Call as ``maps, logits = explainer(inputs, targets=None, create_graph=False)``: ``inputs`` are model-ready
     tensors (after :func:`e2kd.models.input_transform`), ``targets`` are class indices ``[B]`` (``None``
     explains the model's own top-1 class). Returns float32 maps ``[B, C_e, h, w]`` (float64 for a float64
-    model); the logits of the same forward pass are in :attr:`last_logits`. With ``create_graph=True``
+    model) and the logits ``[B, C]`` of the same forward pass. With ``create_graph=True``
     the maps are differentiable w.r.t. the model's parameters (double backward); with ``False`` no graph is kept.
     """
 
@@ -30,10 +30,10 @@ class Explainer(ABC):
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.last_logits: Tensor | None = None
         self._prepared_for_double_backward = False
 
-    def __call__(self, inputs: Tensor, targets: Tensor | None = None, create_graph: bool = False) -> Tensor:
+    def __call__(self, inputs: Tensor, targets: Tensor | None = None,
+                 create_graph: bool = False) -> tuple[Tensor, Tensor]:
         if create_graph and not self._prepared_for_double_backward:
             self.prepare_double_backward()
             self._prepared_for_double_backward = True
@@ -41,8 +41,7 @@ class Explainer(ABC):
             logits, maps = self.explain(inputs, targets, create_graph)
         if not create_graph:
             logits, maps = logits.detach(), maps.detach()
-        self.last_logits = logits
-        return maps if maps.dtype == torch.float64 else maps.float()
+        return (maps if maps.dtype == torch.float64 else maps.float()), logits
 
     def prepare_double_backward(self) -> None:
         """Make the model twice differentiable (called once, before the first ``create_graph=True`` call).
@@ -59,8 +58,14 @@ class Explainer(ABC):
         """Return ``(logits, maps)`` from one forward pass."""
 
     def config(self) -> dict[str, Any]:
-        """Parameters that identify this explainer (written into cache manifests)."""
-        return {"name": self.name, "family": self.family}
+        """Name, family and constructor parameters: written into cache manifests, enough to rebuild it
+        (``build_explainer(**{k: v for k, v in config.items() if k != "family"}, model=...)``)."""
+        return {"name": self.name, "family": self.family, **self.params}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Constructor keyword arguments (JSON values); none for the built-in explainers."""
+        return {}
 
     @staticmethod
     def target_scores(logits: Tensor, targets: Tensor | None) -> Tensor:
@@ -104,8 +109,8 @@ def build_explainer(name: str, model: nn.Module, **kwargs: Any) -> Explainer:
     Example:
         >>> from e2kd.models import create_model
         >>> explainer = build_explainer("gradcam", create_model("resnet18", 10))
-        >>> maps = explainer(torch.rand(2, 3, 64, 64))
-        >>> maps.shape, explainer.last_logits.shape
+        >>> maps, logits = explainer(torch.rand(2, 3, 64, 64))
+        >>> maps.shape, logits.shape
         (torch.Size([2, 1, 2, 2]), torch.Size([2, 10]))
     """
     return _lookup(name)(model, **kwargs)

@@ -14,31 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from e2kd import __version__
-from e2kd.explain import explainer_family
+from e2kd.explain import build_explainer, explainer_family
 from e2kd.models import InputTransform, is_bcos_name
 from e2kd.pipeline.sources import InputShard, input_size_bytes, list_shards
 from e2kd.pipeline.views import RENDER_SPEC, ViewPolicy
 from e2kd.stages.ray_session import ensure_ray
-from e2kd.stages.teacher_worker import PRECISIONS, TeacherWorker, WorkerSpec
-from e2kd.storage.encoding import Encoding
-from e2kd.storage.files import (
-    MANIFEST,
-    SHARDS_DIR,
-    STAGING_DIR,
-    StoreLock,
-    is_local,
-    read_json,
-    remove_tree,
-    resolve,
-    write_json_atomic,
-)
-from e2kd.storage.manifest import (
-    ManifestError,
-    check_compatible,
-    input_fingerprint,
-    new_manifest,
-    validate_manifest,
-)
+from e2kd.stages.teacher_worker import TeacherWorker, WorkerSpec
+from e2kd.storage import PRECISIONS, CacheWriter, Encoding, Manifest, ManifestError, create_store, list_formats
 
 __all__ = ["CacheTeacherOptions", "run_cache_teacher"]
 
@@ -55,6 +37,7 @@ class CacheTeacherOptions:
     random_teacher: bool = False
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     explainer: str = "gradcam"
+    explainer_kwargs: dict[str, Any] = field(default_factory=dict)
     views: str = "full"
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip_p: float = 0.5
@@ -75,7 +58,9 @@ class CacheTeacherOptions:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+            raise ValueError(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.format not in list_formats():
+            raise ValueError(f"--format must be one of {list_formats()}, got {self.format!r}")
         if self.batch_size < 1 or self.input_size < 8:
             raise ValueError("--batch-size must be >= 1 and --input-size >= 8")
         if self.workers is not None and self.workers < 1:
@@ -105,26 +90,24 @@ class CacheTeacherOptions:
                         map_size=tuple(self.map_size) if self.map_size else None)
 
 
-def _header(opts: CacheTeacherOptions, transform: InputTransform, checkpoint_sha: str | None) -> dict[str, Any]:
+def _header(opts: CacheTeacherOptions, transform: InputTransform, checkpoint_sha: str | None,
+            explainer: dict[str, Any]) -> Manifest:
     size = [opts.input_size, opts.input_size]
     teacher = {"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs,
                "checkpoint_sha256": checkpoint_sha}
     if opts.random_teacher:
         teacher["random_init_seed"] = opts.seed
-    return new_manifest(
-        version=__version__, fmt=opts.format,
-        teacher=teacher,
-        explainer={"name": opts.explainer, "family": explainer_family(opts.explainer)},
-        preprocessing={"input_size": size, "transform": transform.to_dict(), "render": RENDER_SPEC},
-        views=opts.view_policy.to_dict(), encoding=opts.encoding.to_dict(), precision=opts.precision)
+    return Manifest(e2kd_version=__version__, format=opts.format, teacher=teacher, explainer=explainer,
+                    preprocessing={"input_size": size, "transform": transform.to_dict(), "render": RENDER_SPEC},
+                    views=opts.view_policy.to_dict(), encoding=opts.encoding, precision=opts.precision)
 
 
-def _build_teacher(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes]:
+def _build_teacher(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes, dict[str, Any]]:
     """Build the teacher once in the driver (a bad name, kwargs or checkpoint fails here, before Ray starts).
 
-    Returns its input transform and the weights every actor loads: the checkpoint file's bytes, or for
+    Returns its input transform, the weights every actor loads — the checkpoint file's bytes, or for
     ``--random-teacher`` the state of a teacher initialised from ``--seed`` (identical in every actor and on
-    resume, recorded by its sha256 like a checkpoint).
+    resume, recorded by its sha256 like a checkpoint) — and the explainer's config for the manifest.
     """
     import torch
     from safetensors.torch import save
@@ -140,65 +123,29 @@ def _build_teacher(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes]:
         weights = Path(opts.checkpoint).read_bytes()
         model = create_model(opts.teacher, opts.num_classes, checkpoint=opts.checkpoint, **opts.teacher_kwargs)
     transform = input_transform(model)
-    _check_map_size(opts, model.eval(), transform)
-    return transform, weights
+    explainer = build_explainer(opts.explainer, model.eval(), **opts.explainer_kwargs)
+    _check_map_size(opts, explainer, transform)
+    return transform, weights, explainer.config()
 
 
-def _check_map_size(opts: CacheTeacherOptions, model: Any, transform: InputTransform) -> None:
+def _check_map_size(opts: CacheTeacherOptions, explainer: Any, transform: InputTransform) -> None:
     """One explanation of a blank image: ``--map-size`` larger than the explainer's map fails here, not in a worker."""
     import torch
 
-    from e2kd.explain import build_explainer
-
     if opts.map_size is None:
         return
-    maps = build_explainer(opts.explainer, model)(transform(torch.zeros(1, 3, opts.input_size, opts.input_size)))
+    maps, _ = explainer(transform(torch.zeros(1, 3, opts.input_size, opts.input_size)))
     opts.encoding.pool_maps(maps)
 
 
-def _prepare_store(opts: CacheTeacherOptions, header: dict[str, Any]) -> dict[str, Any]:
-    """Load (resume) or start the manifest; drop leftovers of killed runs. Caller holds the lock."""
-    fs, root = resolve(opts.out)
-    path = f"{root}/{MANIFEST}"
-    if opts.overwrite:
-        for leftover in (f"{root}/{SHARDS_DIR}", f"{root}/{STAGING_DIR}", path):
-            if fs.exists(leftover):
-                fs.rm(leftover, recursive=True)
-    manifest = header
-    if fs.exists(path):
-        manifest = validate_manifest(read_json(fs, path))
-        check_compatible(manifest, header)
-    complete = {n for n, r in manifest["shards"].items() if r["complete"]}
-    if fs.exists(f"{root}/{STAGING_DIR}"):
-        remove_tree(fs, f"{root}/{STAGING_DIR}")  # a killed run's worker may still be writing there
-    if fs.exists(f"{root}/{SHARDS_DIR}"):
-        for entry in fs.ls(f"{root}/{SHARDS_DIR}", detail=False):
-            if entry.rstrip("/").rsplit("/", 1)[-1] not in complete:  # written, never committed in the manifest
-                fs.rm(entry, recursive=True)
-    write_json_atomic(fs, path, manifest)
-    return manifest
-
-
-def _record(manifest: dict[str, Any], name: str, record: dict[str, Any]) -> None:
-    shape = record.get("map_shape")
-    if shape is not None:
-        if manifest["map_shape"] not in (None, shape):
-            raise RuntimeError(f"shard {name} has map shape {shape}, others {manifest['map_shape']}")
-        manifest["map_shape"] = shape
-    manifest["shards"][name] = record
-    sources = {n: (r["source"], r.get("source_bytes"), r.get("source_sha256")) for n, r in manifest["shards"].items()}
-    manifest["inputs"] = {"urls": sorted({entry[0] for entry in sources.values()}),
-                          "fingerprint": input_fingerprint(sources)}
-
-
-def _check_inputs_unchanged(manifest: dict[str, Any], shards: list[InputShard]) -> dict[str, int | None]:
+def _check_inputs_unchanged(manifest: Manifest, shards: list[InputShard]) -> dict[str, int | None]:
     """Input sizes now; a complete shard whose input changed size since it was cached is refused."""
     sizes = {s.name: input_size_bytes(s) for s in shards}
     for shard in shards:
-        rec = manifest["shards"].get(shard.name)
-        if rec and rec["complete"] and None not in (rec.get("source_bytes"), sizes[shard.name]) and \
-                rec["source_bytes"] != sizes[shard.name]:
-            raise ManifestError(f"input shard {shard.name} changed since it was cached ({rec['source_bytes']} bytes "
+        rec = manifest.shards.get(shard.name)
+        if rec and rec.complete and None not in (rec.source_bytes, sizes[shard.name]) and \
+                rec.source_bytes != sizes[shard.name]:
+            raise ManifestError(f"input shard {shard.name} changed since it was cached ({rec.source_bytes} bytes "
                                 f"then, {sizes[shard.name]} now); use --overwrite to rebuild the cache")
     return sizes
 
@@ -246,40 +193,40 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
         raise ValueError("no --checkpoint: give the teacher's weights, or --random-teacher to cache a randomly "
                          "initialised teacher (seeded by --seed; for benchmarks and tests)")
     shards = list_shards(opts.data)
-    transform, checkpoint = _build_teacher(opts)
-    header = _header(opts, transform, hashlib.sha256(checkpoint).hexdigest())
-    fs, root = resolve(opts.out)
-    fs.makedirs(root, exist_ok=True)
-    with StoreLock(fs, root) as lock:
-        manifest = _prepare_store(opts, header)
-        sizes = _check_inputs_unchanged(manifest, shards)
-        todo = [s for s in shards if not manifest["shards"].get(s.name, {}).get("complete")]
+    transform, checkpoint, explainer = _build_teacher(opts)
+    header = _header(opts, transform, hashlib.sha256(checkpoint).hexdigest(), explainer)
+    with create_store(opts.out, header, overwrite=opts.overwrite) as writer:
+        sizes = _check_inputs_unchanged(writer.manifest, shards)
+        todo = [s for s in shards if s.name not in writer.complete]
         t0 = time.time()
-        failed, processing = _run_shards(opts, manifest, todo, checkpoint, sizes, lock.token) if todo else ({}, 0.0)
+        failed, processing = _run_shards(opts, writer, todo, checkpoint, sizes) if todo else ({}, 0.0)
         elapsed = time.time() - t0
-    return _summary(manifest, todo, failed, elapsed, processing, len(shards) - len(todo))
+        return _summary(writer.manifest, todo, failed, elapsed, processing, len(shards) - len(todo))
 
 
-def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[InputShard],
-                checkpoint: bytes, sizes: dict[str, int | None], lock_token: str) -> tuple[dict[str, str], float]:
-    """Process shards on Ray actors; return (failed shard → reason, seconds from the first submission)."""
+def _worker_spec(opts: CacheTeacherOptions, writer: CacheWriter) -> WorkerSpec:
+    m = writer.manifest
+    return WorkerSpec(teacher={"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs},
+                      explainer=m.explainer, views=m.views, input_size=m.input_size, encoding=m.encoding,
+                      writer=writer.shard_writer(), batch_size=opts.batch_size, precision=opts.precision,
+                      threads=opts.threads_per_worker,
+                      checkpoint_suffix=Path(opts.checkpoint).suffix if opts.checkpoint else ".safetensors")
+
+
+def _run_shards(opts: CacheTeacherOptions, writer: CacheWriter, todo: list[InputShard], checkpoint: bytes,
+                sizes: dict[str, int | None]) -> tuple[dict[str, str], float]:
+    """Process shards on Ray actors; return (failed shard → reason, seconds from the first submission).
+
+    A hand-written queue rather than ``ray.util.ActorPool``: a failed task must be attributed to its shard
+    (recorded as failed, the others go on), and ActorPool's unordered results lose that on an error.
+    """
     import ray
     from tqdm import tqdm
 
     ensure_ray(opts.ray_address)
-    fs, root = resolve(opts.out)
-    store_uri = str(Path(root).resolve()) if is_local(fs) else opts.out  # workers may run elsewhere
-    spec = WorkerSpec(teacher={"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs},
-                      explainer=opts.explainer, views=opts.view_policy.to_dict(),
-                      input_size=(opts.input_size, opts.input_size), encoding=opts.encoding.to_dict(),
-                      fmt=opts.format, store_uri=store_uri, batch_size=opts.batch_size, precision=opts.precision,
-                      threads=opts.threads_per_worker,
-                      checkpoint_suffix=Path(opts.checkpoint).suffix if opts.checkpoint else ".safetensors",
-                      lock_token=lock_token)
     ckpt_ref = ray.put(checkpoint)  # the teacher's weights: kept alive until every shard is done
-    actors = _start_workers(opts, spec, ckpt_ref, _default_workers(opts, len(todo)))
+    actors = _start_workers(opts, _worker_spec(opts, writer), ckpt_ref, _default_workers(opts, len(todo)))
     queue, running, failed = list(todo), {}, {}
-    owners = _key_owners(fs, root, manifest)
     samples, t0 = 0, time.time()
     bar = tqdm(total=len(todo), unit="shard", desc="cache-teacher", disable=not opts.progress, dynamic_ncols=True)
     try:
@@ -292,10 +239,8 @@ def _run_shards(opts: CacheTeacherOptions, manifest: dict[str, Any], todo: list[
             actor, shard = running.pop(done[0])
             try:
                 result = ray.get(done[0])
-                _claim_keys(owners, result["keys"], shard.name)
-                _record(manifest, result["name"], {**result["record"], "source_bytes": sizes[shard.name]})
-                write_json_atomic(fs, f"{root}/{MANIFEST}", manifest)
-                samples += result["record"]["num_samples"]
+                writer.record(result["name"], result["record"], result["keys"], source_bytes=sizes[shard.name])
+                samples += result["record"].num_samples
             except Exception as exc:  # noqa: BLE001 - one failed shard must not stop the others
                 failed[shard.name] = _reason(exc)
             bar.update(1)
@@ -318,32 +263,14 @@ def _reason(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
-def _key_owners(fs: Any, root: str, manifest: dict[str, Any]) -> dict[str, str]:
-    """``key → shard`` over the complete shards already in the store (resume)."""
-    owners: dict[str, str] = {}
-    for name, rec in sorted(manifest["shards"].items()):
-        if rec["complete"]:
-            owners.update(dict.fromkeys(read_json(fs, f"{root}/{SHARDS_DIR}/{name}/keys.json"), name))
-    return owners
-
-
-def _claim_keys(owners: dict[str, str], keys: list[str], shard: str) -> None:
-    """Refuse a shard holding a key that another shard of the store already holds (it is not recorded)."""
-    clash = next((k for k in keys if k in owners), None)
-    if clash is not None:
-        raise ValueError(f"key {clash!r} is also in input shard {owners[clash]}: keys must be unique across the "
-                         f"dataset (the shard is not recorded)")
-    owners.update(dict.fromkeys(keys, shard))
-
-
-def _summary(manifest: dict[str, Any], todo: list[InputShard], failed: dict[str, str], elapsed: float,
+def _summary(manifest: Manifest, todo: list[InputShard], failed: dict[str, str], elapsed: float,
              processing: float, skipped_complete: int) -> dict[str, Any]:
-    recs = manifest["shards"]
-    n = sum(r["num_samples"] for r in recs.values())
-    new = sum(recs[s.name]["num_samples"] for s in todo if s.name in recs)
-    nbytes = sum(r["bytes"] for r in recs.values())
-    views = manifest["views"]["k"]
-    summary = {"num_samples": n, "skipped": sum(r["num_errors"] for r in recs.values()), "shards": len(recs),
+    recs = manifest.shards
+    n = sum(r.num_samples for r in recs.values())
+    new = sum(recs[s.name].num_samples for s in todo if s.name in recs)
+    nbytes = sum(r.nbytes for r in recs.values())
+    views = manifest.num_views
+    summary = {"num_samples": n, "skipped": sum(r.num_errors for r in recs.values()), "shards": len(recs),
                "shards_cached_now": len(todo) - len(failed), "shards_already_complete": skipped_complete,
                "bytes": nbytes, "bytes_per_sample_view": nbytes / max(1, n * views),
                "samples_per_s": new / processing if processing > 0 else 0.0, "seconds": elapsed,

@@ -1,4 +1,8 @@
-"""``e2kd demo``: digits-shift end to end through the real CLI — teacher, caches, KD vs e²KD students, results.
+"""``e2kd demo``: digits-shift end to end through the library — teacher, caches, KD vs e²KD students, results.
+
+A workflow that composes the stages (the only module that does): it calls ``train_teacher``,
+``run_cache_teacher``, ``train_student`` and ``evaluate_weights`` directly, with its settings from the
+packaged ``demo-digits`` preset, so it runs from an installed wheel in any directory.
 
 Methods (names used in every output): ``teacher`` (reference row), ``kd`` (λ=0 from the ``full`` cache),
 ``e2kd-frozen`` (❄: ``full`` cache, joint crop), ``e2kd-views`` (K-view cache, exact view replay) and
@@ -7,8 +11,6 @@ Methods (names used in every output): ``teacher`` (reference row), ``kd`` (λ=0 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import statistics
 import time
@@ -16,11 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from e2kd.config import build_options
+from e2kd.pipeline.datasets import make_digits_shift
+from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
+from e2kd.stages.evaluate import evaluate_weights
+from e2kd.stages.inspect import summarise_store
+from e2kd.stages.train_student import TrainOptions, train_student
+from e2kd.stages.train_teacher import TeacherOptions, train_teacher
+
 __all__ = ["DemoPlan", "run_demo", "METHODS"]
 
 METHODS = ("kd", "e2kd-frozen", "e2kd-views", "e2kd-live")
 TEACHER_KWARGS = {"channels": [32, 64, 128, 256], "stem_width": 32, "output_stride": 16}
 STUDENT_KWARGS = {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 16}
+PRESET = "demo-digits"
 
 
 @dataclass(frozen=True)
@@ -41,54 +52,50 @@ class DemoPlan:
         return cls(teacher_epochs=2, student_epochs=2, steps_per_epoch=2, batch_size=32, views=2, seeds=(0,))
 
 
-def _cli(*args: str, capture: bool = False) -> str:
-    """Run one e2kd command through the real click CLI (in-process: one Ray session for the whole demo)."""
-    from e2kd.cli import main
-
-    print(f"\n$ e2kd {' '.join(args)}", flush=True)
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext():
-        main.main(args=list(args), prog_name="e2kd", standalone_mode=False)
-    return buf.getvalue()
+def _say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
 
 
-def _cache(data: str, out: Path, teacher: Path, views: str, plan: DemoPlan) -> int:
-    _cli("cache-teacher", "--config", str(_config()), "--data", data, "--out", str(out), "--checkpoint", str(teacher),
-         "--views", views, "--crop-scale", "0.7", "1.0", "--flip-p", "0", "--overwrite", "--quiet")  # demo owns DIR
-    _cli("inspect", str(out))
-    return json.loads(_cli("inspect", str(out), "--json", capture=True))["bytes"]
+def _cache(data: str, out: Path, teacher: Path, views: str) -> int:
+    """Cache the teacher on ``data`` (the demo owns ``out``: overwritten); return the store's bytes."""
+    _say(f"cache-teacher --config {PRESET} --views {views} → {out}")
+    opts = build_options(CacheTeacherOptions, PRESET, {"data": data, "out": str(out), "checkpoint": str(teacher),
+                                                       "views": views, "crop_scale": (0.7, 1.0), "flip_p": 0.0,
+                                                       "overwrite": True, "progress": False})
+    summary = run_cache_teacher(opts)
+    info = summarise_store(str(out))
+    print(f"cached {summary['num_samples']} samples, {info['bytes']} B ({info['bytes_per_sample_view']:.0f} B per "
+          f"sample per view), map {info['map_shape']}", flush=True)
+    return int(info["bytes"])
 
 
-def _config() -> Path:
-    return Path(__file__).resolve().parents[2] / "configs" / "demo-digits.yaml"
-
-
-def _student_args(method: str, seed: int, d: dict[str, Any], plan: DemoPlan) -> list[str]:
-    args = ["train-student", "--data", d["train"], "--student", "resnet18", "--student-kwargs",
-            json.dumps(STUDENT_KWARGS), "--out", str(d["runs"] / f"{method}-seed{seed}"), "--epochs",
-            str(plan.student_epochs), "--steps-per-epoch", str(plan.steps_per_epoch), "--batch-size",
-            str(plan.batch_size), "--lr", "3e-3", "--temperature", str(plan.temperature), "--crop-scale", "0.7",
-            "1.0", "--flip-p", "0", "--seed", str(seed), "--quiet",
-            "--lambda", "0" if method == "kd" else str(plan.lam)]
+def _student_options(method: str, seed: int, d: dict[str, Any], plan: DemoPlan) -> TrainOptions:
+    common = dict(data=d["train"], student="resnet18", student_kwargs=STUDENT_KWARGS,
+                  out=str(d["runs"] / f"{method}-seed{seed}"), epochs=plan.student_epochs,
+                  steps_per_epoch=plan.steps_per_epoch, batch_size=plan.batch_size, lr=3e-3,
+                  temperature=plan.temperature, crop_scale=(0.7, 1.0), flip_p=0.0, seed=seed, progress=False,
+                  lam=0.0 if method == "kd" else plan.lam)
     if method == "e2kd-live":
-        return args + ["--online-teacher", "resnet18", "--teacher-checkpoint", str(d["teacher"]), "--teacher-kwargs",
-                       json.dumps(TEACHER_KWARGS), "--num-classes", "10", "--explainer", "gradcam",
-                       "--input-size", "64"]
-    return args + ["--cache", str(d["cache_views"] if method == "e2kd-views" else d["cache_full"])]
+        return TrainOptions(**common, online_teacher="resnet18", teacher_checkpoint=str(d["teacher"]),
+                            teacher_kwargs=TEACHER_KWARGS, num_classes=10, explainer="gradcam", input_size=64)
+    return TrainOptions(**common, cache=str(d["cache_views"] if method == "e2kd-views" else d["cache_full"]))
 
 
-def _evaluate(weights: Path, data: str, cache: Path, model: str, kwargs: dict) -> dict[str, float]:
-    return json.loads(_cli("evaluate", "--data", data, "--cache", str(cache), "--student", model, "--student-kwargs",
-                           json.dumps(kwargs), "--weights", str(weights), "--json", capture=True))
-
-
-def _row(method: str, seed: int, weights: Path, d: dict[str, Any], model: str, kwargs: dict, sec: float,
+def _row(method: str, seed: int, weights: Path, d: dict[str, Any], kwargs: dict, sec: float,
          cache_bytes: int) -> dict[str, Any]:
-    val = _evaluate(weights, d["val"], d["cache_val"], model, kwargs)
-    ood = _evaluate(weights, d["ood"], d["cache_ood"], model, kwargs)
+    val = evaluate_weights(d["val"], "resnet18", str(weights), kwargs, cache=str(d["cache_val"]))
+    ood = evaluate_weights(d["ood"], "resnet18", str(weights), kwargs, cache=str(d["cache_ood"]))
     return {"method": method, "seed": seed, "id_acc": val["top1"], "ood_acc": ood["top1"],
             "agreement": val["agreement"], "expl_sim": val["expl_sim"], "sec_per_epoch": sec,
             "cache_bytes": cache_bytes}
+
+
+def _data(root: Path) -> dict[str, Any]:
+    _say(f"make-dataset digits-shift → {root / 'data'}")
+    written = make_digits_shift(root / "data")
+    d: dict[str, Any] = {split: ",".join(str(p) for p in sorted(paths)) for split, paths in written.items()}
+    d.update(ood=d.pop("test-ood"), runs=root / "runs", teacher=root / "teacher" / "teacher.safetensors")
+    return d
 
 
 def run_demo(out: str | Path, quick: bool = False) -> list[dict[str, Any]]:
@@ -96,29 +103,26 @@ def run_demo(out: str | Path, quick: bool = False) -> list[dict[str, Any]]:
     plan = DemoPlan.quick() if quick else DemoPlan()
     root = Path(out)
     t0 = time.time()
-    _cli("make-dataset", "digits-shift", "--out", str(root / "data"))
-    shards = {split: sorted((root / "data").glob(f"{split}-*.tar")) for split in ("teacher-train", "train", "val",
-                                                                                   "test-ood")}
-    d: dict[str, Any] = {k: ",".join(str(p) for p in v) for k, v in shards.items()}
-    d.update(val=d.pop("val"), ood=d.pop("test-ood"), runs=root / "runs", teacher=root / "teacher" /
-             "teacher.safetensors")
-    _cli("train-teacher", "--data", d["teacher-train"], "--model", "resnet18", "--model-kwargs",
-         json.dumps(TEACHER_KWARGS), "--num-classes", "10", "--input-size", "64", "--epochs", str(plan.teacher_epochs),
-         "--out", str(root / "teacher"), "--quiet")
-    sizes = {"full": _cache(d["train"], root / "cache-full", d["teacher"], "full", plan),
-             "views": _cache(d["train"], root / "cache-views", d["teacher"], str(plan.views), plan)}
-    _cache(d["val"], root / "cache-val", d["teacher"], "full", plan)
-    _cache(d["ood"], root / "cache-ood", d["teacher"], "full", plan)
+    d = _data(root)
+    _say(f"train-teacher ({plan.teacher_epochs} epochs)")
+    train_teacher(TeacherOptions(data=d["teacher-train"], model="resnet18", model_kwargs=TEACHER_KWARGS,
+                                 num_classes=10, input_size=64, epochs=plan.teacher_epochs,
+                                 out=str(root / "teacher"), progress=False))
+    sizes = {"full": _cache(d["train"], root / "cache-full", d["teacher"], "full"),
+             "views": _cache(d["train"], root / "cache-views", d["teacher"], str(plan.views))}
+    _cache(d["val"], root / "cache-val", d["teacher"], "full")
+    _cache(d["ood"], root / "cache-ood", d["teacher"], "full")
     d.update(cache_full=root / "cache-full", cache_views=root / "cache-views", cache_val=root / "cache-val",
              cache_ood=root / "cache-ood")
     teacher_sec = _mean_sec(root / "teacher" / "metrics.jsonl")
-    rows = [_row("teacher", 0, d["teacher"], d, "resnet18", TEACHER_KWARGS, teacher_sec, 0)]
+    rows = [_row("teacher", 0, d["teacher"], d, TEACHER_KWARGS, teacher_sec, 0)]
     for method in METHODS:
         for seed in plan.seeds:
-            _cli(*_student_args(method, seed, d, plan))
+            _say(f"train-student {method} seed {seed}")
+            train_student(_student_options(method, seed, d, plan))
             run = d["runs"] / f"{method}-seed{seed}"
             nbytes = {"kd": sizes["full"], "e2kd-frozen": sizes["full"], "e2kd-views": sizes["views"]}.get(method, 0)
-            rows.append(_row(method, seed, run / "student.safetensors", d, "resnet18", STUDENT_KWARGS,
+            rows.append(_row(method, seed, run / "student.safetensors", d, STUDENT_KWARGS,
                              _mean_sec(run / "metrics.jsonl"), nbytes))
     (root / "results.json").write_text(json.dumps(rows, indent=1))
     table = results_table(rows, plan, time.time() - t0)

@@ -32,7 +32,7 @@ def _heat(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _student_maps(model: torch.nn.Module, explainer: str, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return build_explainer(explainer, model.eval())(input_transform(model)(images), targets)
+    return build_explainer(explainer, model.eval())(input_transform(model)(images), targets)[0]
 
 
 def explanation_grid(data: str, cache: str | Path, students: dict[str, Path], model: str, kwargs: dict[str, Any],
@@ -46,14 +46,14 @@ def explanation_grid(data: str, cache: str | Path, students: dict[str, Path], mo
         samples += [s for s in iter_shard(shard) if isinstance(s, Sample) and s.key in store][: n - len(samples)]
         if len(samples) >= n:
             break
-    size = tuple(store.manifest["preprocessing"]["input_size"])
+    size = store.manifest.input_size
     images = torch.stack([render_view(s.image, store.read(s.key)["views"][0].tolist(), size) for s in samples])
     records = [store.read(s.key) for s in samples]
     targets = torch.stack([r["target"][0] for r in records])
     rows = [("image", None), ("teacher", torch.stack([r["maps"][0] for r in records]))]
     for name, weights in students.items():
-        net = create_model(model, store.manifest["teacher"]["num_classes"], checkpoint=weights, **kwargs)
-        rows.append((f"{name} student", _student_maps(net, store.manifest["explainer"]["name"], images, targets)))
+        net = create_model(model, store.manifest.num_classes, checkpoint=weights, **kwargs)
+        rows.append((f"{name} student", _student_maps(net, store.manifest.explainer_name, images, targets)))
     plt = _plt()
     fig, axes = plt.subplots(len(rows), len(samples), figsize=(1.6 * len(samples), 1.7 * len(rows)), squeeze=False)
     for r, (title, maps) in enumerate(rows):
@@ -76,7 +76,7 @@ def explanation_grid(data: str, cache: str | Path, students: dict[str, Path], mo
 def find_image(store: Any, key: str, data: str | None = None) -> torch.Tensor:
     """The uint8 image of ``key``: from ``data``, else from the manifest's local input path (never a ``pipe:``)."""
     name, _ = store.index[key]
-    source = data or store.manifest["shards"][name]["source"]
+    source = data or store.manifest.shards[name].source
     if source.startswith("pipe:"):
         raise ValueError(f"the manifest names a pipe: command for shard {name}; pass --data (commands from a shared "
                          f"store are never run)")
@@ -96,13 +96,13 @@ def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None,
 
     store = open_store(store_uri)
     rec, image = store.read(key), find_image(store, key, data)
-    size = tuple(store.manifest["preprocessing"]["input_size"])
+    size = store.manifest.input_size
     inputs = torch.stack([render_view(image, v.tolist(), size) for v in rec["views"]])
     student_maps = None
     if student and weights:
-        net = create_model(student, store.manifest["teacher"]["num_classes"], checkpoint=weights,
+        net = create_model(student, store.manifest.num_classes, checkpoint=weights,
                            **(student_kwargs or {}))
-        student_maps = _student_maps(net, store.manifest["explainer"]["name"], inputs, rec["target"])
+        student_maps = _student_maps(net, store.manifest.explainer_name, inputs, rec["target"])
     views = len(rec["views"])
     cols = 1 + views * (2 if student_maps is not None else 1)
     plt = _plt()

@@ -17,17 +17,16 @@ def summarise_store(uri: str) -> dict[str, Any]:
     store = open_store(uri)
     store.index  # noqa: B018 - one key file per shard: a count that disagrees with the manifest fails here
     m = store.manifest
-    shards = [{"name": n, "num_samples": r["num_samples"], "errors": r["num_errors"], "sha256": r["sha256"],
-               "bytes": r["bytes"], "complete": r["complete"], "source": r["source"]}
-              for n, r in sorted(m["shards"].items())]
-    n = sum(s["num_samples"] for s in shards if s["complete"])
-    nbytes = sum(s["bytes"] for s in shards if s["complete"])
-    views = m["views"]["k"]
-    return {"num_samples": n, "num_views": views, "num_classes": m["teacher"]["num_classes"], "teacher": m["teacher"],
-            "explainer": m["explainer"], "map_shape": m["map_shape"], "bytes": nbytes,
-            "bytes_per_sample_view": nbytes / max(1, n * views),
-            "errors": sum(s["errors"] for s in shards if s["complete"]), "shards": shards,
-            "bad_labels": sum(r.get("num_bad_labels", 0) for r in m["shards"].values() if r["complete"]),
-            "complete_shards": sum(s["complete"] for s in shards), "views": m["views"], "encoding": m["encoding"],
-            "format": m["format"], "schema_version": m["schema_version"], "e2kd_version": m["e2kd_version"],
-            "preprocessing": m["preprocessing"], "inputs": m["inputs"]}
+    shards = [{"name": n, "num_samples": r.num_samples, "errors": r.num_errors, "sha256": r.sha256,
+               "bytes": r.nbytes, "complete": r.complete, "source": r.source} for n, r in sorted(m.shards.items())]
+    complete = [m.shards[n] for n in m.complete_shards]
+    n = sum(r.num_samples for r in complete)
+    nbytes = sum(r.nbytes for r in complete)
+    return {"num_samples": n, "num_views": m.num_views, "num_classes": m.num_classes, "teacher": m.teacher,
+            "explainer": m.explainer, "map_shape": list(m.map_shape) if m.map_shape else None, "bytes": nbytes,
+            "bytes_per_sample_view": nbytes / max(1, n * m.num_views),
+            "errors": sum(r.num_errors for r in complete), "shards": shards,
+            "bad_labels": sum(r.num_bad_labels for r in complete), "complete_shards": len(complete),
+            "views": m.views, "encoding": m.encoding.to_dict(), "format": m.format,
+            "schema_version": m.schema_version, "e2kd_version": m.e2kd_version, "preprocessing": m.preprocessing,
+            "inputs": m.inputs}

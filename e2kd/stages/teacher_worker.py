@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +15,12 @@ from e2kd.explain import build_explainer
 from e2kd.models import create_model, input_transform
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_sha256, iter_shard
 from e2kd.pipeline.views import ViewPolicy, render_view
-from e2kd.storage.encoding import Encoding
-from e2kd.storage.files import STAGING_DIR, check_lock_token, commit_dir, is_local, resolve
-from e2kd.storage.manifest import shard_record
-from e2kd.storage.shards import stage_shard
+from e2kd.storage import PRECISIONS, Encoding, ShardWriter
 
-__all__ = ["WorkerSpec", "TeacherWorker", "PRECISIONS"]
+__all__ = ["WorkerSpec", "TeacherWorker", "AUTOCAST_DTYPES"]
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``--precision`` → the teacher's autocast dtype (None: plain fp32).
+AUTOCAST_DTYPES = dict(zip(PRECISIONS, (None, torch.bfloat16, torch.float16), strict=True))
 
 
 @dataclass
@@ -32,18 +28,15 @@ class WorkerSpec:
     """Everything a worker needs, as plain values (it travels to Ray workers)."""
 
     teacher: dict[str, Any]  # model_spec: name, num_classes, kwargs
-    explainer: str
+    explainer: dict[str, Any]  # name + constructor kwargs (the manifest's explainer entry, less its family)
     views: dict[str, Any]
     input_size: tuple[int, int]
-    encoding: dict[str, Any]
-    fmt: str
-    store_uri: str
+    encoding: Encoding
+    writer: ShardWriter
     batch_size: int = 64
     precision: str = "fp32"
     threads: int = 1
     checkpoint_suffix: str = ".safetensors"
-    lock_token: str | None = None  # the driver's lock: checked before every commit
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TeacherWorker:
@@ -55,13 +48,11 @@ class TeacherWorker:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = self._load_teacher(spec, checkpoint).to(self.device).eval().requires_grad_(False)
         self.transform = input_transform(self.model)
-        self.explainer = build_explainer(spec.explainer, self.model)
+        kwargs = {k: v for k, v in spec.explainer.items() if k not in ("name", "family")}
+        self.explainer = build_explainer(spec.explainer["name"], self.model, **kwargs)
         self.policy = ViewPolicy.from_dict(spec.views)
-        self.encoding = Encoding.from_dict(spec.encoding)
-        self.fs, self.root = resolve(spec.store_uri)
-        if is_local(self.fs) and not os.path.isdir(self.root):
-            raise RuntimeError(f"store {self.root} is not visible on this node: on a multi-node cluster --out must "
-                               f"be shared storage or an object-store URL")
+        self.encoding = spec.encoding
+        spec.writer.check_reachable()
 
     @staticmethod
     def _load_teacher(spec: WorkerSpec, checkpoint: bytes | None) -> torch.nn.Module:
@@ -77,7 +68,7 @@ class TeacherWorker:
         return str(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.spec.precision]
+        dtype = AUTOCAST_DTYPES[self.spec.precision]
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
@@ -85,9 +76,9 @@ class TeacherWorker:
     def _explain(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         x = self.transform(torch.stack(images).to(self.device))
         with self._autocast():
-            maps = self.explainer(x)
+            maps, logits = self.explainer(x)
         maps = self.encoding.pool_maps(maps.float())
-        return self.explainer.last_logits.float().cpu().numpy(), maps.cpu().numpy()
+        return logits.float().cpu().numpy(), maps.cpu().numpy()
 
     def _views_and_inputs(self, sample: Sample) -> tuple[list[list[float]], list[torch.Tensor]]:
         _, h, w = sample.image.shape
@@ -143,23 +134,8 @@ class TeacherWorker:
         return cols
 
     def cache_shard(self, shard: InputShard) -> dict[str, Any]:
-        """Compute, stage and commit one shard; return ``{"name", "record"}`` for the manifest."""
+        """Compute, write and commit one shard; return ``{"name", "record", "keys"}`` for the driver to record."""
         cols, keys, errors = self.compute(shard)
-        if is_local(self.fs):
-            staging_root = Path(self.root) / STAGING_DIR
-        else:
-            staging_root = Path(tempfile.mkdtemp(prefix="e2kd-stage-"))
-        staged, sha, nbytes = stage_shard(staging_root, self.spec.fmt, cols, keys, errors, self.encoding)
-        try:
-            if self.spec.lock_token is not None:  # a worker that outlived its killed driver must not commit
-                check_lock_token(self.fs, self.root, self.spec.lock_token)
-            commit_dir(staged, self.fs, self.root, shard.name)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
-        map_shape = list(cols["maps"].shape[2:]) if keys else None
-        relabelled = sum(1 for e in errors if "kept" in e)
-        record = shard_record(source=shard.url, num_samples=len(keys), num_errors=len(errors) - relabelled,
-                              sha256=sha, nbytes=nbytes, map_shape=map_shape, num_bad_labels=relabelled)
-        record["source_sha256"] = input_sha256(shard)
+        record = self.spec.writer.write_shard(shard.name, cols, keys, errors, source=shard.url,
+                                              source_sha256=input_sha256(shard))
         return {"name": shard.name, "record": record, "keys": keys}

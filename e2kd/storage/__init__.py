@@ -1,7 +1,16 @@
-"""Teacher caches: a manifest plus one self-contained shard per input shard (Zarr v3 or WebDataset tar)."""
+"""Teacher caches: a manifest plus one self-contained shard per input shard (Zarr v3 or WebDataset tar).
 
-from e2kd.storage.encoding import Encoding
-from e2kd.storage.manifest import ManifestError
+Reading: :func:`open_store` → :class:`CacheStore`. Writing: :func:`create_store` → :class:`CacheWriter`.
+Formats: :func:`list_formats`, :func:`get_format`, :func:`register_format`. Nothing here imports models,
+explainers, losses or stages.
+"""
+
+from e2kd.storage.encoding import MAP_DTYPES, Encoding
+from e2kd.storage.formats import ShardFormat, get_format, list_formats, register_format
+from e2kd.storage.manifest import PRECISIONS, CompatibilityError, Manifest, ManifestError, ShardRecord
 from e2kd.storage.reader import CacheStore, StoreIntegrityError, open_store
+from e2kd.storage.writer import CacheWriter, ShardWriter, create_store
 
-__all__ = ["open_store", "CacheStore", "Encoding", "ManifestError", "StoreIntegrityError"]
+__all__ = ["open_store", "CacheStore", "create_store", "CacheWriter", "ShardWriter", "Manifest", "ShardRecord",
+           "Encoding", "ManifestError", "CompatibilityError", "StoreIntegrityError", "ShardFormat", "get_format",
+           "list_formats", "register_format", "MAP_DTYPES", "PRECISIONS"]

@@ -12,13 +12,14 @@ Columns of one shard (``N`` samples, ``V`` views):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from e2kd.losses import logits_from_topk
+from e2kd.storage.topk import encode_topk, logits_from_topk
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Encoding", "MAP_DTYPES", "CNAMES"]
 
@@ -117,6 +118,8 @@ class Encoding:
     # ---- encode (writer side) -------------------------------------------------------------------
     def pool_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """Area-pool ``[B, C_e, h, w]`` maps to ``map_size`` (no-op when unset or already that size)."""
+        import torch.nn.functional as F
+
         if self.map_size is None or tuple(maps.shape[-2:]) == tuple(self.map_size):
             return maps
         if maps.shape[-2] < self.map_size[0] or maps.shape[-1] < self.map_size[1]:
@@ -129,11 +132,9 @@ class Encoding:
         if self.topk is None:
             cols["logits"] = logits.astype(np.float16)
         else:
-            order = np.argsort(-logits, axis=-1, kind="stable")[..., : self.topk]
-            cols["topk_values"] = np.take_along_axis(logits, order, -1).astype(np.float16)
-            cols["topk_indices"] = order.astype(np.int32)
-            top = logits.max(-1, keepdims=True)
-            cols["logsumexp"] = (top[..., 0] + np.log(np.exp(logits - top).sum(-1))).astype(np.float32)
+            values, indices, lse = encode_topk(logits, self.topk)
+            cols["topk_values"], cols["topk_indices"] = values.astype(np.float16), indices.astype(np.int32)
+            cols["logsumexp"] = lse
         if self.map_dtype == "float16":
             cols["maps"] = maps.astype(np.float16)
         else:
@@ -149,6 +150,8 @@ class Encoding:
     # ---- decode (reader side) -------------------------------------------------------------------
     def decode_logits(self, cols: dict[str, np.ndarray]) -> torch.Tensor:
         """Full float32 logits ``[..., V, C]`` (rebuilt from the top-k cache when ``topk`` is set)."""
+        import torch
+
         if self.topk is None:
             return torch.from_numpy(np.asarray(cols["logits"], dtype=np.float32))
         return logits_from_topk(torch.from_numpy(np.asarray(cols["topk_values"], dtype=np.float32)),
@@ -157,6 +160,8 @@ class Encoding:
 
     def decode_maps(self, cols: dict[str, np.ndarray]) -> torch.Tensor:
         """Float32 maps ``[..., V, C_e, h, w]``."""
+        import torch
+
         maps = np.asarray(cols["maps"], dtype=np.float32)
         if self.map_dtype == "uint8":
             scale = np.asarray(cols["map_scale"], dtype=np.float32)[..., None, None, None]

@@ -8,12 +8,11 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import torch
 
-from e2kd.storage.encoding import Encoding
 from e2kd.storage.files import MANIFEST, SHARDS_DIR, checksum_blobs, read_blobs, read_json, resolve
-from e2kd.storage.manifest import ManifestError, validate_manifest
-from e2kd.storage.shards import ERRORS_NAME, KEYS_NAME, shard_format
+from e2kd.storage.formats import get_format
+from e2kd.storage.manifest import Manifest, ManifestError
+from e2kd.storage.shards import ERRORS_NAME, KEYS_NAME
 
 __all__ = ["open_store", "CacheStore", "StoreIntegrityError"]
 
@@ -60,18 +59,18 @@ class CacheStore:
         if not self.fs.exists(path):
             raise FileNotFoundError(f"{uri} is not an e2kd cache: {MANIFEST} not found")
         try:
-            self.manifest: dict[str, Any] = validate_manifest(read_json(self.fs, path))
+            self.manifest: Manifest = Manifest.from_json(read_json(self.fs, path))
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{path} is not valid JSON: {exc}") from None
-        self.encoding = Encoding.from_dict(self.manifest["encoding"])
-        self._format = shard_format(self.manifest["format"])
+        self.encoding = self.manifest.encoding
+        self._format = get_format(self.manifest.format)
         self._index: dict[str, tuple[str, int]] | None = None
         self._load_columns = lru_cache(maxsize=2)(self._read_shard)
 
     # ---- index ---------------------------------------------------------------------------------
     @property
     def shard_names(self) -> list[str]:
-        return sorted(n for n, r in self.manifest["shards"].items() if r["complete"])
+        return self.manifest.complete_shards
 
     def shard_path(self, name: str) -> str:
         return f"{self.root}/{SHARDS_DIR}/{name}"
@@ -85,9 +84,9 @@ class CacheStore:
             raise StoreIntegrityError(f"store {self.uri}: shard {name}: {KEYS_NAME} is not JSON ({exc})") from None
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise StoreIntegrityError(f"store {self.uri}: shard {name}: {KEYS_NAME} is not a list of keys")
-        if len(keys) != self.manifest["shards"][name]["num_samples"]:
+        if len(keys) != self.manifest.shards[name].num_samples:
             raise ManifestError(f"shard {name}: {len(keys)} keys but the manifest says "
-                                f"{self.manifest['shards'][name]['num_samples']}; run e2kd verify")
+                                f"{self.manifest.shards[name].num_samples}; run e2kd verify")
         return keys
 
     def shard_errors(self, name: str) -> list[dict[str, str]]:
@@ -119,7 +118,7 @@ class CacheStore:
         return iter(self.index)
 
     def __len__(self) -> int:
-        return sum(self.manifest["shards"][n]["num_samples"] for n in self.shard_names)
+        return self.manifest.num_samples
 
     def __contains__(self, key: object) -> bool:
         return key in self.index
@@ -133,7 +132,7 @@ class CacheStore:
         """
         blobs = self._verified_blobs(name)
         where = f"store {self.uri}: shard {name}"
-        expected = self.manifest["shards"][name]["num_samples"]
+        expected = self.manifest.shards[name].num_samples
         try:
             keys = json.loads(blobs[KEYS_NAME])
         except (KeyError, ValueError) as exc:
@@ -144,9 +143,9 @@ class CacheStore:
         _parse_errors(blobs.get(ERRORS_NAME), where)
         if not keys:
             return keys, {}
-        specs = self.encoding.column_specs(self.manifest["views"]["k"], self.map_shape)
+        specs = self.encoding.column_specs(self.manifest.num_views, self.map_shape)
         try:
-            cols = self._format.columns_from_blobs(blobs, self.encoding.column_names(), where, specs, expected)
+            cols = self._format.read(blobs, self.encoding.column_names(), where, specs, keys)
         except (KeyError, ValueError) as exc:
             raise StoreIntegrityError(f"{where}: unreadable ({exc})") from None
         rows = sorted({int(v.shape[0]) for v in cols.values()})
@@ -159,19 +158,18 @@ class CacheStore:
 
     @property
     def map_shape(self) -> tuple[int, ...] | None:
-        shape = self.manifest.get("map_shape")
-        return tuple(shape) if shape is not None else None
+        return self.manifest.map_shape
 
     def _verified_blobs(self, name: str) -> dict[str, bytes]:
-        rec = self.manifest["shards"].get(name)
+        rec = self.manifest.shards.get(name)
         where = f"store {self.uri}: shard {name}"
-        if rec is None or not rec["complete"]:
+        if rec is None or not rec.complete:
             raise StoreIntegrityError(f"{where}: not a complete shard of this store")
         try:
             blobs = read_blobs(self.fs, self.shard_path(name))
         except FileNotFoundError:
             raise StoreIntegrityError(f"{where}: missing") from None
-        if checksum_blobs(blobs)[0] != rec["sha256"]:
+        if checksum_blobs(blobs)[0] != rec.sha256:
             raise StoreIntegrityError(f"{where}: checksum mismatch (a file was changed, truncated, added or removed); "
                                       f"run e2kd verify")
         return blobs
@@ -180,6 +178,8 @@ class CacheStore:
         return self.shard_columns(name)[1]
 
     def _decode(self, cols: dict[str, np.ndarray], row: int) -> dict[str, Any]:
+        import torch
+
         one = {k: v[row] for k, v in cols.items()}
         return {"logits": self.encoding.decode_logits(one), "target": torch.from_numpy(one["target"].astype(np.int64)),
                 "maps": self.encoding.decode_maps(one), "views": torch.from_numpy(one["views"].astype(np.float32)),
@@ -203,8 +203,8 @@ class CacheStore:
     def verify(self) -> list[str]:
         """Check every shard (checksum, then key and row counts against the manifest); one message per bad shard."""
         problems = []
-        for name, rec in sorted(self.manifest["shards"].items()):
-            if not rec["complete"]:
+        for name, rec in sorted(self.manifest.shards.items()):
+            if not rec.complete:
                 problems.append(f"{name}: incomplete")
                 continue
             try:

@@ -1,4 +1,4 @@
-"""Writing one shard: columns + key index + error list into a private staging directory, then commit."""
+"""Staging one shard: columns + key index + error list written into a private local directory, checksummed."""
 
 from __future__ import annotations
 
@@ -6,26 +6,17 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
-from e2kd.storage import wds_store, zarr_store
 from e2kd.storage.encoding import Encoding
 from e2kd.storage.files import checksum_local_dir
+from e2kd.storage.formats import get_format
 
-__all__ = ["FORMATS", "shard_format", "stage_shard", "KEYS_NAME", "ERRORS_NAME"]
+__all__ = ["stage_shard", "KEYS_NAME", "ERRORS_NAME"]
 
-FORMATS: dict[str, ModuleType] = {"zarr": zarr_store, "wds": wds_store}
 KEYS_NAME = "keys.json"
 ERRORS_NAME = "errors.json"
-
-
-def shard_format(name: str) -> ModuleType:
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise ValueError(f"unknown store format {name!r}; available: {', '.join(sorted(FORMATS))}") from None
 
 
 def stage_shard(staging_root: Path, fmt: str, columns: dict[str, np.ndarray], keys: list[str],
@@ -39,7 +30,7 @@ def stage_shard(staging_root: Path, fmt: str, columns: dict[str, np.ndarray], ke
     shard_dir = staging_root / uuid.uuid4().hex
     shard_dir.mkdir(parents=True)
     try:
-        shard_format(fmt).write_columns(shard_dir, columns, encoding)
+        get_format(fmt).write(shard_dir, columns, keys, encoding)
         (shard_dir / KEYS_NAME).write_text(json.dumps(keys))
         (shard_dir / ERRORS_NAME).write_text(json.dumps(errors, sort_keys=True))
         sha, nbytes = checksum_local_dir(shard_dir)

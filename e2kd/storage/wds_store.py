@@ -1,7 +1,15 @@
 """WebDataset shard format: the same columns as ``.npy`` members of one tar per shard, for sequential streaming.
 
-Members are ``{row:08d}.{column}.npy`` (saved with ``allow_pickle=False``); anything else in the tar, or a
-name that could escape a directory, is refused on reading.
+The tar is a real WebDataset: members are ``<sample key>.<column>.npy`` written by ``webdataset.TarWriter``
+(fixed mtime, owner and order), so plain webdataset code can read it and join it with the input by
+``__key__``. A key that cannot be a WebDataset member name (a dot in its last path part — webdataset would
+split the key there —, an empty, ``.`` or ``..`` path part, a leading ``/``, control characters, or too long
+for a USTAR header) is written under its row number ``<row:08d>`` instead; ``keys.json`` always holds the
+true key of every row. Stores written by e2kd 0.1 (every row under its number) read unchanged.
+
+Reading never extracts anything: members are matched against the expected ``<key or row>.<column>.npy`` of
+the current row, so a name that could escape a directory, a foreign member, a duplicated, missing or
+reordered row is refused; every ``.npy`` is loaded with ``allow_pickle=False`` after its header is checked.
 """
 
 from __future__ import annotations
@@ -10,48 +18,63 @@ import io
 import re
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
 
-__all__ = ["write_columns", "read_columns", "columns_from_blobs", "DATA_NAME"]
+__all__ = ["WdsFormat", "read_columns", "member_key", "DATA_NAME"]
 
 DATA_NAME = "data.tar"
-_MEMBER = re.compile(r"^(\d{8})\.([a-z_]+)\.npy$")
+_COLUMN = re.compile(r"^[a-z_]+$")
+_USTAR_NAME_MAX = 100
 
 
-def write_columns(shard_dir: Path, columns: dict[str, np.ndarray], encoding: object = None) -> None:
-    """Write the columns row by row into ``shard_dir/data.tar`` (deterministic: fixed mtime, owner, order)."""
-    n = len(next(iter(columns.values())))
-    with tarfile.open(shard_dir / DATA_NAME, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for row in range(n):
-            for name in sorted(columns):
-                buf = io.BytesIO()
-                np.save(buf, np.array(columns[name][row]), allow_pickle=False)  # keeps 0-d rows 0-d
-                info = tarfile.TarInfo(f"{row:08d}.{name}.npy")
-                info.size, info.mtime, info.mode = buf.tell(), 0, 0o444
-                buf.seek(0)
-                tar.addfile(info, buf)
+def member_key(key: str, row: int, longest_column: int = 16) -> str:
+    """The ``__key__`` under which row ``row`` is written: the sample key if WebDataset can carry it, else the row."""
+    parts = key.split("/")
+    safe = (key and not key.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+            and "." not in parts[-1] and "\\" not in key and key.isprintable()
+            and len(key.encode()) + longest_column + 6 <= _USTAR_NAME_MAX)
+    return key if safe else f"{row:08d}"
+
+
+def _npy_bytes(value: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array(value), allow_pickle=False)  # np.array keeps 0-d rows 0-d
+    return buf.getvalue()
+
+
+class WdsFormat:
+    """Columns as ``.npy`` members of one WebDataset tar, one sample per row."""
+
+    name = "wds"
+    data_name = DATA_NAME
+    random_access = False
+    joinable_by_key = True
+
+    def write(self, shard_dir: Path, columns: dict[str, np.ndarray], keys: list[str], encoding: Any = None) -> None:
+        from webdataset import TarWriter
+
+        longest = max((len(name) for name in columns), default=0)
+        with TarWriter(str(shard_dir / DATA_NAME), encoder=False, mtime=0, user="e2kd", group="e2kd") as sink:
+            for row, key in enumerate(keys):
+                sample = {f"{name}.npy": _npy_bytes(columns[name][row]) for name in columns}
+                sink.write({"__key__": member_key(key, row, longest), **sample})
+
+    def read(self, blobs: dict[str, bytes], names: list[str], where: str,
+             specs: dict[str, tuple[str, tuple | None]] | None, keys: list[str]) -> dict[str, np.ndarray]:
+        """Decode from memory; each ``.npy`` header is checked against ``specs`` before its array is loaded."""
+        if DATA_NAME not in blobs:
+            raise KeyError(f"{where} has no {DATA_NAME}")
+        return _read_tar(io.BytesIO(blobs[DATA_NAME]), where, names, specs, keys)
 
 
 def read_columns(fs: fsspec.AbstractFileSystem, shard_path: str, names: list[str],
-                 rows: slice | None = None) -> dict[str, np.ndarray]:
-    """Stream the tar once and stack the requested columns (all rows, or a slice)."""
+                 keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Stream one shard's tar and stack the requested columns (rows named by number unless ``keys`` are given)."""
     with fs.open(f"{shard_path}/{DATA_NAME}", "rb") as f:
-        return _read_tar(f, shard_path, names, rows)
-
-
-def columns_from_blobs(blobs: dict[str, bytes], names: list[str], where: str = "shard",
-                       specs: dict[str, tuple[str, tuple | None]] | None = None,
-                       rows: int | None = None) -> dict[str, np.ndarray]:
-    """Decode ``names`` from a shard's files already in memory (``relative path → bytes``, e.g. just verified).
-
-    With ``specs`` (``column → (dtype, row shape)``) and ``rows``, each ``.npy`` header is checked before its
-    array is loaded, and no more than ``rows`` rows are read.
-    """
-    if DATA_NAME not in blobs:
-        raise KeyError(f"{where} has no {DATA_NAME}")
-    return _read_tar(io.BytesIO(blobs[DATA_NAME]), where, names, None, specs, rows)
+        return _read_tar(f, shard_path, names, None, keys)
 
 
 def _load_row(data: bytes, column: str, spec: tuple[str, tuple | None] | None) -> np.ndarray:
@@ -72,32 +95,60 @@ def _load_row(data: bytes, column: str, spec: tuple[str, tuple | None] | None) -
     return np.load(buf, allow_pickle=False)
 
 
-def _read_tar(f: io.IOBase, shard_path: str, names: list[str], rows: slice | None,
-              specs: dict[str, tuple[str, tuple | None]] | None = None,
-              max_rows: int | None = None) -> dict[str, np.ndarray]:
+def _column_of(name: str, row: int, keys: list[str] | None) -> str | None:
+    """The column of member ``name`` if it belongs to row ``row`` (named by its key or its number), else None."""
+    prefixes = [f"{row:08d}."]
+    if keys is not None and row < len(keys):
+        prefixes.insert(0, f"{keys[row]}.")
+    for prefix in prefixes:
+        if name.startswith(prefix) and name.endswith(".npy"):
+            column = name[len(prefix):-4]
+            if _COLUMN.match(column):
+                return column
+    return None
+
+
+def _read_tar(f: io.IOBase, where: str, names: list[str], specs: dict[str, tuple[str, tuple | None]] | None,
+              keys: list[str] | None) -> dict[str, np.ndarray]:
     """Rows of every column must be ``0 … n−1``, once each and in order: a duplicated or missing row is an error."""
     per_row: dict[str, list[np.ndarray]] = {name: [] for name in names}
     next_row: dict[str, int] = {}
+    row = 0
     with tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
-            match = _MEMBER.match(member.name)
-            if not member.isfile() or match is None:
-                raise ValueError(f"{shard_path}: refused tar member {member.name!r} (not a row .npy file)")
-            row, column = int(match.group(1)), match.group(2)
+            column = _member_column(member, row, keys)
+            if column is None:
+                row += 1
+                column = _member_column(member, row, keys)
+            if column is None:
+                row = _row_number(member.name)
+                column = _member_column(member, row, None)
+            if column is None:
+                raise ValueError(f"{where}: refused tar member {member.name!r} (not a row .npy file of this shard)")
             if row != next_row.get(column, 0):
-                raise ValueError(f"{shard_path}: tar member {member.name!r} out of order (expected row "
+                raise ValueError(f"{where}: tar member {member.name!r} out of order (expected row "
                                  f"{next_row.get(column, 0)} of column {column!r}): duplicated or missing row")
             next_row[column] = row + 1
-            if max_rows is not None and row >= max_rows:
-                raise ValueError(f"{shard_path}: more rows than the {max_rows} the manifest records")
+            if keys is not None and row >= len(keys):
+                raise ValueError(f"{where}: more rows than the {len(keys)} the manifest records")
             if column in per_row:
                 data = tar.extractfile(member).read()
                 per_row[column].append(_load_row(data, column, specs.get(column) if specs else None))
     if len(set(next_row.values())) > 1:
-        raise ValueError(f"{shard_path}: columns have different row counts {dict(sorted(next_row.items()))}")
+        raise ValueError(f"{where}: columns have different row counts {dict(sorted(next_row.items()))}")
     out = {}
     for name, items in per_row.items():
         if not items:
-            raise KeyError(f"shard {shard_path} has no column {name!r}")
-        out[name] = np.stack(items)[rows if rows is not None else slice(None)]
+            raise KeyError(f"shard {where} has no column {name!r}")
+        out[name] = np.stack(items)
     return out
+
+
+def _member_column(member: tarfile.TarInfo, row: int, keys: list[str] | None) -> str | None:
+    return _column_of(member.name, row, keys) if member.isfile() else None
+
+
+def _row_number(name: str) -> int:
+    """A member named by an explicit row number (duplicated / out-of-order rows are then reported as such)."""
+    match = re.match(r"^(\d{8})\.", name)
+    return int(match.group(1)) if match else -1

@@ -136,7 +136,7 @@ def test_a_worker_that_outlived_its_driver_does_not_commit(digits: Path, tmp_pat
     """A killed driver's Ray worker can finish its shard after a new run took the lock over: it must not commit."""
     from e2kd.pipeline.views import ViewPolicy
     from e2kd.stages.teacher_worker import TeacherWorker, WorkerSpec
-    from e2kd.storage.encoding import Encoding
+    from e2kd.storage import Encoding, ShardWriter
     from e2kd.storage.files import StoreLock, StoreLockedError
 
     store = tmp_path / "store"
@@ -144,10 +144,11 @@ def test_a_worker_that_outlived_its_driver_does_not_commit(digits: Path, tmp_pat
     fs, root = resolve(str(store))
     with StoreLock(fs, root) as old:
         old_token = old.token
-    spec = WorkerSpec(teacher={"name": "resnet18", "num_classes": 10, "kwargs": TEACHER_KWARGS}, explainer="gradcam",
+    spec = WorkerSpec(teacher={"name": "resnet18", "num_classes": 10, "kwargs": TEACHER_KWARGS},
+                      explainer={"name": "gradcam"},
                       views=ViewPolicy(k=1, scale=(0.5, 1.0), flip_p=0.0, seed=0).to_dict(), input_size=(64, 64),
-                      encoding=Encoding(num_classes=10).to_dict(), fmt="zarr", store_uri=str(store),
-                      lock_token=old_token)
+                      encoding=Encoding(num_classes=10),
+                      writer=ShardWriter(str(store), "zarr", Encoding(num_classes=10), lock_token=old_token))
     threads = torch.get_num_threads()
     try:
         worker = TeacherWorker(spec)  # (sets this process's torch threads, as in an actor)

@@ -63,7 +63,7 @@ def test_a_random_teacher_must_be_asked_for_and_is_the_same_in_every_actor_and_o
                                                        "--seed", "3"))  # a new driver: same teacher, extends
     assert resumed.exit_code == 0, resumed.output
     assert shard_checksums(one) == shard_checksums(two)
-    teacher = open_store(str(one)).manifest["teacher"]
+    teacher = open_store(str(one)).manifest.teacher
     assert teacher["random_init_seed"] == 3 and len(teacher["checkpoint_sha256"]) == 64
     other_seed = runner.invoke(main, _random_teacher_args(train_urls, two, "--random-teacher", "--seed", "4"))
     assert other_seed.exit_code == 1 and "teacher" in other_seed.output

@@ -141,7 +141,7 @@ def test_a_full_disk_fails_the_shards_it_hits_and_resume_completes_them(
         assert result.exit_code == 0, result.output
         assert shard_checksums(out) == expected
         reference = open_store(str(reference_22))
-        lost = sum(reference.manifest["shards"][n]["num_samples"] for n in expected) - len(open_store(str(out)))
+        lost = sum(reference.manifest.shards[n].num_samples for n in expected) - len(open_store(str(out)))
     finally:
         _umount(disk)
     fault_log.record("fault survived", lost=lost)

@@ -40,6 +40,5 @@ class OnlineTeacherTargets:
             with torch.no_grad():
                 logits = self.teacher(x).float()
             return logits, logits.new_zeros(len(logits), 1, 1, 1), logits.argmax(1)
-        maps = self.explainer(x)
-        logits = self.explainer.last_logits.float()
-        return logits, maps.float(), logits.argmax(1)
+        maps, logits = self.explainer(x)
+        return logits.float(), maps.float(), logits.argmax(1)

@@ -1,0 +1,200 @@
+"""Writing a cache: ``create_store(uri, manifest)`` → :class:`CacheWriter` (the whole write path of a store).
+
+The writer owns the lock (one writer per store), resume (which shards are complete; leftovers of a killed
+run removed), writing one shard (stage → checksum → commit: a rename locally, an upload remotely) and
+recording it in the manifest (an atomic replace). A shard becomes visible to readers only when the manifest
+records it, so the store is consistent at every instant.
+
+Work can be spread over processes (Ray actors): :meth:`CacheWriter.shard_writer` gives a small picklable
+:class:`ShardWriter` that writes and commits shards; only the process holding the :class:`CacheWriter`
+records them.
+
+Example:
+    >>> with create_store("cache/", manifest) as writer:          # doctest: +SKIP
+    ...     record = writer.write_shard("train-0", columns, keys, errors, source="train-0.tar")
+    ...     writer.record("train-0", record, keys)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from e2kd.storage.encoding import Encoding
+from e2kd.storage.files import (
+    MANIFEST,
+    SHARDS_DIR,
+    STAGING_DIR,
+    StoreLock,
+    check_lock_token,
+    commit_dir,
+    is_local,
+    read_json,
+    remove_tree,
+    resolve,
+    write_json_atomic,
+)
+from e2kd.storage.manifest import Manifest, ManifestError, ShardRecord
+from e2kd.storage.shards import KEYS_NAME, stage_shard
+
+__all__ = ["create_store", "CacheWriter", "ShardWriter"]
+
+
+@dataclass(frozen=True)
+class ShardWriter:
+    """Writes and commits whole shards of one store; plain values, so it travels to other processes.
+
+    ``lock_token`` is the token of the :class:`CacheWriter` that handed it out: a shard is committed only
+    while the store's lock still holds it (a worker that outlived its killed driver never commits).
+    """
+
+    uri: str
+    fmt: str
+    encoding: Encoding
+    lock_token: str | None = None
+
+    def check_reachable(self) -> None:
+        """Raise unless this process can see the store (a local path on another node of a cluster cannot)."""
+        fs, root = resolve(self.uri)
+        if is_local(fs) and not os.path.isdir(root):
+            raise RuntimeError(f"store {root} is not visible on this node: on a multi-node cluster the store must "
+                               f"be on shared storage or at an object-store URL")
+
+    def write_shard(self, name: str, columns: dict[str, np.ndarray], keys: list[str], errors: list[dict[str, str]],
+                    *, source: str, source_sha256: str | None = None) -> ShardRecord:
+        """Stage, checksum and commit one shard; return its record (not yet in the manifest).
+
+        ``errors`` lists skipped samples (``{"key", "shard", "reason"}``) and samples kept with their label
+        set to −1 (those also carry ``"kept"``). A failure at any point leaves no visible shard.
+        """
+        fs, root = resolve(self.uri)
+        staging_root = Path(root) / STAGING_DIR if is_local(fs) else Path(tempfile.mkdtemp(prefix="e2kd-stage-"))
+        staged, sha, nbytes = stage_shard(staging_root, self.fmt, columns, keys, errors, self.encoding)
+        try:
+            if self.lock_token is not None:
+                check_lock_token(fs, root, self.lock_token)
+            commit_dir(staged, fs, root, name)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        finally:
+            if not is_local(fs):
+                shutil.rmtree(staging_root, ignore_errors=True)
+        relabelled = sum(1 for e in errors if "kept" in e)
+        map_shape = tuple(int(v) for v in columns["maps"].shape[2:]) if keys else None
+        return ShardRecord(source=source, num_samples=len(keys), num_errors=len(errors) - relabelled, sha256=sha,
+                           nbytes=nbytes, map_shape=map_shape, num_bad_labels=relabelled, source_sha256=source_sha256)
+
+
+class CacheWriter:
+    """The one writer of a store: holds its lock, knows its manifest, records committed shards.
+
+    Use :func:`create_store`; close it (or use it as a context manager) to release the lock.
+    """
+
+    def __init__(self, uri: str, manifest: Manifest, *, overwrite: bool = False) -> None:
+        self.uri = str(uri)
+        self.fs, self.root = resolve(uri)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self._lock = StoreLock(self.fs, self.root)
+        self._lock.acquire()
+        try:
+            self.manifest = self._prepare(manifest, overwrite)
+            self._owners = self._key_owners()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    # ---- resume --------------------------------------------------------------------------------
+    def _prepare(self, wanted: Manifest, overwrite: bool) -> Manifest:
+        """Load (resume) or start the manifest; drop leftovers of killed runs."""
+        path = f"{self.root}/{MANIFEST}"
+        if overwrite:
+            for leftover in (f"{self.root}/{SHARDS_DIR}", f"{self.root}/{STAGING_DIR}", path):
+                if self.fs.exists(leftover):
+                    self.fs.rm(leftover, recursive=True)
+        manifest = wanted
+        if self.fs.exists(path):
+            manifest = Manifest.from_json(read_json(self.fs, path))
+            manifest.check_same_run(wanted)
+        if self.fs.exists(f"{self.root}/{STAGING_DIR}"):
+            remove_tree(self.fs, f"{self.root}/{STAGING_DIR}")  # a killed run's worker may still be writing there
+        complete = set(manifest.complete_shards)
+        if self.fs.exists(f"{self.root}/{SHARDS_DIR}"):
+            for entry in self.fs.ls(f"{self.root}/{SHARDS_DIR}", detail=False):
+                if entry.rstrip("/").rsplit("/", 1)[-1] not in complete:  # written, never recorded in the manifest
+                    self.fs.rm(entry, recursive=True)
+        write_json_atomic(self.fs, path, manifest.to_json())
+        return manifest
+
+    def _key_owners(self) -> dict[str, str]:
+        """``key → shard`` over the complete shards already in the store."""
+        owners: dict[str, str] = {}
+        for name in self.manifest.complete_shards:
+            owners.update(dict.fromkeys(read_json(self.fs, f"{self.root}/{SHARDS_DIR}/{name}/{KEYS_NAME}"), name))
+        return owners
+
+    @property
+    def complete(self) -> set[str]:
+        """Names of the shards already complete (skip them on resume)."""
+        return set(self.manifest.complete_shards)
+
+    # ---- writing -------------------------------------------------------------------------------
+    def shard_writer(self) -> ShardWriter:
+        """A picklable writer of shards for other processes (commits only while this writer holds the lock)."""
+        uri = str(Path(self.root).resolve()) if is_local(self.fs) else self.uri  # workers may run elsewhere
+        return ShardWriter(uri, self.manifest.format, self.manifest.encoding, self._lock.token)
+
+    def write_shard(self, name: str, columns: dict[str, np.ndarray], keys: list[str], errors: list[dict[str, str]],
+                    *, source: str, source_sha256: str | None = None) -> ShardRecord:
+        """Write and commit one shard from this process (see :meth:`ShardWriter.write_shard`)."""
+        return self.shard_writer().write_shard(name, columns, keys, errors, source=source,
+                                               source_sha256=source_sha256)
+
+    def record(self, name: str, record: ShardRecord, keys: list[str], *, source_bytes: int | None = None) -> None:
+        """Record a committed shard in the manifest (atomic replace): from now on readers see it.
+
+        Raises:
+            ManifestError: a key is already held by another shard (keys are unique across a store; the shard
+                stays unrecorded), or its map shape differs from the other shards'.
+        """
+        clash = next((k for k in keys if self._owners.get(k, name) != name), None)
+        if clash is not None:
+            raise ManifestError(f"key {clash!r} is also in input shard {self._owners[clash]}: keys must be unique "
+                                f"across the dataset (the shard is not recorded)")
+        if source_bytes is not None:
+            record = replace(record, source_bytes=source_bytes)
+        manifest = self.manifest.with_shard(name, record)
+        write_json_atomic(self.fs, f"{self.root}/{MANIFEST}", manifest.to_json())
+        self.manifest = manifest
+        self._owners.update(dict.fromkeys(keys, name))
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the lock (the store stays as recorded)."""
+        self._lock.release()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def create_store(uri: str, manifest: Manifest, *, overwrite: bool = False) -> CacheWriter:
+    """Open a store at ``uri`` (local path or fsspec URL) for writing shards described by ``manifest``.
+
+    A new store starts with ``manifest``; an existing one is resumed if it was written with the same identity
+    (teacher, explainer, preprocessing, views, encoding, precision, format), else refused. ``overwrite``
+    deletes an existing store first.
+
+    Raises:
+        StoreLockedError: another writer holds the store.
+        ManifestError: the existing store was written with different settings.
+    """
+    return CacheWriter(uri, manifest, overwrite=overwrite)

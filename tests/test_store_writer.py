@@ -1,0 +1,201 @@
+"""The store's write path on its own (no teacher, no Ray): create_store → write_shard → record, resume, kills,
+object storage, the typed manifest and the format registry."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from e2kd.storage import (
+    CompatibilityError,
+    Encoding,
+    Manifest,
+    ManifestError,
+    ShardRecord,
+    create_store,
+    get_format,
+    list_formats,
+    open_store,
+)
+from e2kd.storage.files import StoreLockedError
+
+
+def _manifest(fmt: str = "zarr", classes: int = 3, k: int = 2, policy: str = "random_resized_crop") -> Manifest:
+    return Manifest(e2kd_version="test", format=fmt, teacher={"name": "t", "num_classes": classes, "kwargs": {}},
+                    explainer={"name": "gradcam", "family": "gradcam"},
+                    preprocessing={"input_size": [8, 8]}, views={"policy": policy, "k": k},
+                    encoding=Encoding(num_classes=classes), precision="fp32")
+
+
+def _columns(n: int, seed: int, k: int = 2, classes: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k, classes)).astype(np.float32)
+    cols = Encoding(num_classes=classes).encode(logits, rng.random((n, k, 1, 2, 2), dtype=np.float32))
+    cols["labels"] = rng.integers(0, classes, n).astype(np.int32)
+    cols["views"] = rng.random((n, k, 5), dtype=np.float32)
+    return cols
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_a_shard_is_written_committed_and_visible_only_once_recorded(tmp_path: Path, fmt: str) -> None:
+    uri = str(tmp_path / "store")
+    cols, keys = _columns(5, seed=0), [f"s/{i}" for i in range(5)]
+    with create_store(uri, _manifest(fmt)) as writer:
+        record = writer.write_shard("part-0", cols, keys, [{"key": "bad", "shard": "part-0", "reason": "x"}],
+                                    source="in/part-0.tar")
+        assert record.num_samples == 5 and record.num_errors == 1 and record.map_shape == (1, 2, 2)
+        assert (tmp_path / "store" / "shards" / "part-0").is_dir()  # committed ...
+        assert len(open_store(uri)) == 0  # ... but not visible before the manifest records it
+        with pytest.raises(StoreLockedError):
+            create_store(uri, _manifest(fmt))  # one writer per store
+        writer.record("part-0", record, keys, source_bytes=123)
+        store = open_store(uri)
+        assert sorted(store.keys()) == sorted(keys) and store.manifest.shards["part-0"].source_bytes == 123
+        got_keys, got = store.shard_columns("part-0")
+        assert got_keys == keys and all(np.array_equal(got[c], cols[c]) for c in cols)
+        assert store.errors() == [{"key": "bad", "shard": "part-0", "reason": "x"}] and store.verify() == []
+    with create_store(uri, _manifest(fmt)) as resumed:  # lock released; resume keeps the recorded shard
+        assert resumed.complete == {"part-0"}
+        with pytest.raises(ManifestError, match="also in input shard part-0"):
+            resumed.record("part-1", resumed.write_shard("part-1", _columns(1, 1), ["s/3"], [], source="b"), ["s/3"])
+    assert open_store(uri).shard_names == ["part-0"]
+
+
+def test_resume_refuses_other_settings_and_overwrite_starts_over(tmp_path: Path) -> None:
+    uri = str(tmp_path / "store")
+    with create_store(uri, _manifest()) as writer:
+        writer.record("a", writer.write_shard("a", _columns(2, 0), ["x", "y"], [], source="a"), ["x", "y"])
+    other = _manifest()
+    other = Manifest(**{**other.__dict__, "encoding": Encoding(num_classes=3, map_dtype="uint8")})
+    with pytest.raises(ManifestError, match="different encoding: map_dtype='float16' in the store, 'uint8' now"):
+        create_store(uri, other)
+    with create_store(uri, other, overwrite=True) as writer:
+        assert writer.complete == set() and not (tmp_path / "store" / "shards").exists()
+
+
+_KILLED_WRITER = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_store_writer import _columns, _manifest
+    import e2kd.storage.shards as shards
+    from e2kd.storage import create_store
+
+    writer = create_store({uri!r}, _manifest())
+    writer.record("a", writer.write_shard("a", _columns(4, 0), list("abcd"), [], source="a"), list("abcd"))
+    if {where!r} == "staging":  # killed while the shard is being staged
+        def stuck(path):
+            print("READY", flush=True)
+            time.sleep(60)
+        shards.checksum_local_dir = stuck
+        writer.write_shard("b", _columns(4, 1), list("efgh"), [], source="b")
+    else:  # killed after the commit, before the manifest records it
+        writer.write_shard("b", _columns(4, 1), list("efgh"), [], source="b")
+        print("READY", flush=True)
+        time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("where", ["staging", "committed"])
+def test_a_killed_write_leaves_no_visible_shard_and_resume_cleans_up(tmp_path: Path, where: str) -> None:
+    uri = str(tmp_path / "store")
+    script = _KILLED_WRITER.format(tests=str(Path(__file__).parent), uri=uri, where=where)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    leftover = tmp_path / "store" / (".staging" if where == "staging" else "shards/b")
+    assert leftover.exists() and any(leftover.iterdir())  # the kill really left a half-written shard behind
+    store = open_store(uri)
+    assert store.shard_names == ["a"] and "e" not in store and store.verify() == []
+    with create_store(uri, _manifest()) as writer:  # the dead writer's lock is taken over, leftovers removed
+        assert writer.complete == {"a"}
+        assert not (tmp_path / "store" / "shards" / "b").exists()
+        assert not (tmp_path / "store" / ".staging").exists()
+        writer.record("b", writer.write_shard("b", _columns(4, 1), list("efgh"), [], source="b"), list("efgh"))
+    assert sorted(open_store(uri).keys()) == list("abcdefgh")
+
+
+def test_object_storage_path_uploads_then_records(tmp_path: Path) -> None:
+    """A non-local filesystem (fsspec memory://) goes through the upload commit and the remote lock."""
+    uri = "memory://e2kd-writer-test/store"
+    cols = _columns(3, 2)
+    with create_store(uri, _manifest("wds")) as writer:
+        assert writer.shard_writer().uri == uri
+        writer.record("p", writer.write_shard("p", cols, ["k0", "k1", "k2"], [], source="p"), ["k0", "k1", "k2"])
+    store = open_store(uri)
+    assert store.verify() == [] and np.array_equal(store.shard_columns("p")[1]["maps"], cols["maps"])
+
+
+def test_manifest_round_trip_and_student_checks() -> None:
+    m = _manifest().with_shard("a", ShardRecord(source="a", num_samples=2, num_errors=0, sha256="0" * 64, nbytes=9,
+                                                map_shape=(1, 2, 2)))
+    assert Manifest.from_json(m.to_json()) == m and m.map_shape == (1, 2, 2) and m.num_samples == 2
+    assert m.inputs["urls"] == ["a"] and m.inputs["fingerprint"]
+    m.check_student(num_classes=3, explainer_family="gradcam", input_size=8)
+    for kwargs, field in [({"num_classes": 4}, "num_classes"), ({"explainer_family": "bcos"}, "explainer"),
+                          ({"input_size": 16}, "input_size")]:
+        with pytest.raises(CompatibilityError, match=f"^{field}:"):
+            m.check_student(**kwargs)
+    full = _manifest(k=1, policy="full").with_shard("a", m.shards["a"])
+    full.check_student(input_size=16)  # a full cache is joint-cropped at any student size
+    with pytest.raises(CompatibilityError, match="incomplete store"):
+        _manifest().check_student()
+    bad = m.to_json()
+    bad["shards"]["a"]["num_samples"] = -1
+    with pytest.raises(ManifestError, match="shard 'a': bad num_samples"):
+        Manifest.from_json(bad)
+
+
+def test_format_registry_feeds_the_cli_and_wds_shards_are_webdataset_joinable(tmp_path: Path) -> None:
+    import webdataset as wds
+
+    from e2kd.cli import main
+
+    cache_teacher = main.commands["cache-teacher"]
+    choices = next(p for p in cache_teacher.params if p.name == "fmt").type.choices
+    assert list(choices) == list_formats() == ["wds", "zarr"]
+    with pytest.raises(ValueError, match="unknown store format 'hdf5'; available: wds, zarr"):
+        get_format("hdf5")
+    keys = ["cls-a/img1", "img.with.dots", "../escape"]  # the last two cannot be WebDataset keys
+    cols = _columns(3, 3)
+    get_format("wds").write(tmp_path, cols, keys, Encoding(num_classes=3))
+    with tarfile.open(tmp_path / "data.tar") as tar:
+        names = tar.getnames()
+    assert all(not n.startswith(("/", "..")) for n in names)
+    samples = list(wds.WebDataset(str(tmp_path / "data.tar"), shardshuffle=False).decode())
+    assert [s["__key__"] for s in samples] == ["cls-a/img1", "00000001", "00000002"]
+    assert np.array_equal(samples[0]["maps.npy"], cols["maps"][0])
+    blob = {"data.tar": (tmp_path / "data.tar").read_bytes()}
+    read = get_format("wds").read(blob, ["labels"], "shard", None, keys)
+    assert np.array_equal(read["labels"], cols["labels"])
+    with pytest.raises(ValueError, match="refused tar member"):  # rows named by another shard's keys
+        get_format("wds").read(blob, ["labels"], "shard", None, ["x", "y", "z"])
+
+
+def test_wds_shards_of_e2kd_0_1_still_read(tmp_path: Path) -> None:
+    """Version-1 stores named every row by its number: they read unchanged."""
+    cols = _columns(2, 4)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for row in range(2):
+            for name in sorted(cols):
+                data = io.BytesIO()
+                np.save(data, np.array(cols[name][row]), allow_pickle=False)
+                info = tarfile.TarInfo(f"{row:08d}.{name}.npy")
+                info.size = data.tell()
+                data.seek(0)
+                tar.addfile(info, data)
+    read = get_format("wds").read({"data.tar": buf.getvalue()}, sorted(cols), "shard", None, ["k0", "k1"])
+    assert all(np.array_equal(read[c], cols[c]) for c in cols)
