@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from e2kd.storage.topk import logits_from_topk, topk_logits
+from e2kd.topk import logits_from_topk, topk_logits
 
 #: where the explanation cosine is taken: at the student's input size (paper) or at the maps' own size.
 EXPL_RESOLUTIONS = ("input", "native")

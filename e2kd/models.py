@@ -52,7 +52,11 @@ def input_transform(model: nn.Module) -> InputTransform:
     spec = getattr(model, "e2kd_spec", None)
     if spec is not None and is_bcos_name(spec["name"]):
         return InputTransform(add_inverse=True)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if not getattr(model, "pretrained_cfg", None):
+        return InputTransform()  # not a timm model: inputs stay in [0, 1]
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or std is None:
         return InputTransform()
@@ -215,28 +219,18 @@ def load_state_dict(model: nn.Module, checkpoint: str | Path) -> None:
     except Exception as exc:  # noqa: BLE001 - safetensors / torch report a bad file in many ways
         raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    state = _strip_prefix(state, "module.")
     _check_compatible(model, state, path)
     model.load_state_dict(state, strict=True)
 
 
 def _read_state(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """timm's loader: safetensors, or ``torch.load(weights_only=True)`` of a state_dict or a training checkpoint
+    (``state_dict`` / ``model`` entry, e.g. e2kd's ``checkpoint.pt``), ``module.`` prefixes removed."""
+    from timm.models import load_state_dict as timm_load_state_dict
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state_dict, got {type(state).__name__}")
-    return state
-
-
-def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
+    state = timm_load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state_dict of tensors, got {type(state).__name__}")
     return state
 
 

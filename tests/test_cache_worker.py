@@ -20,7 +20,7 @@ from e2kd.models import create_model, input_transform
 from e2kd.pipeline.sources import iter_shard, list_shards
 from e2kd.pipeline.views import ViewPolicy, render_view
 from e2kd.stages.cache_teacher import CacheTeacherOptions
-from e2kd.stages.teacher_worker import TeacherWorker, WorkerSpec
+from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
 from e2kd.storage import Encoding, ShardWriter, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,3 +132,44 @@ def test_a_truncated_tar_yields_its_intact_samples_then_a_recorded_error(digits:
     good = [i for i in items if hasattr(i, "image")]
     assert 0 < len(good) < 50 and items[-1].key == "*" and "unreadable shard" in items[-1].reason
     assert [k for k, _ in iter_keys(shard)] == [g.key for g in good]
+
+
+def test_explainer_parameters_travel_from_the_options_through_the_manifest_to_the_worker(
+        digits: Path, teacher_ckpt: Path, tmp_path: Path) -> None:
+    from e2kd.explain.gradcam import GradCAM
+    from e2kd.explain.registry import _REGISTRY, register_explainer
+    from e2kd.stages.cache_teacher.stage import _build_teacher
+
+    @register_explainer
+    class ScaledGradCAM(GradCAM):
+        name = "scaled_gradcam_test"
+
+        def __init__(self, model: torch.nn.Module, scale: float = 1.0) -> None:
+            super().__init__(model)
+            self.scale = scale
+
+        @property
+        def params(self) -> dict:
+            return {"scale": self.scale}
+
+        def explain(self, inputs, targets, create_graph):
+            logits, maps = super().explain(inputs, targets, create_graph)
+            return logits, maps * self.scale
+
+    try:
+        opts = CacheTeacherOptions(data=f"{digits}/val-000000.tar", out=str(tmp_path / "o"), teacher="resnet18",
+                                   num_classes=10, checkpoint=str(teacher_ckpt), teacher_kwargs=TEACHER_KWARGS,
+                                   explainer="scaled_gradcam_test", explainer_kwargs={"scale": 3.0}, input_size=64)
+        _, _, config = _build_teacher(opts)
+        assert config == {"name": "scaled_gradcam_test", "family": "gradcam", "scale": 3.0}
+        teacher = {"name": "resnet18", "num_classes": 10, "kwargs": TEACHER_KWARGS}
+        spec = _spec(tmp_path, teacher, "gradcam", Encoding(10), views=1)
+        spec.explainer = config
+        worker = TeacherWorker(spec, (teacher_ckpt).read_bytes())
+        assert isinstance(worker.explainer, ScaledGradCAM) and worker.explainer.scale == 3.0
+        x = torch.rand(2, 3, 64, 64)
+        plain, _ = build_explainer("gradcam", worker.model)(input_transform(worker.model)(x))
+        scaled, _ = worker.explainer(input_transform(worker.model)(x))
+        torch.testing.assert_close(scaled, 3.0 * plain)
+    finally:
+        _REGISTRY.pop("scaled_gradcam_test", None)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +23,37 @@ from e2kd.pipeline.views import render_view
 from e2kd.stages.demo import METHODS
 from e2kd.storage import open_store
 
+ROOT = Path(__file__).resolve().parents[1]
+_FROM_WHEEL = """
+import sys
+import e2kd
+assert e2kd.__file__.startswith(sys.argv[1]), e2kd.__file__  # the installed wheel, not the repository
+from e2kd.cli import main
+main(sys.argv[2:], prog_name="e2kd")
+"""
+
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
-    assert result.exit_code == 0, result.output[-3000:]
+    """``e2kd demo --quick`` run from a wheel installed outside the repository, in another directory."""
+    build = tmp_path_factory.mktemp("build")
+    src = build / "src"
+    shutil.copytree(ROOT / "e2kd", src / "e2kd", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(build / "dist"), str(src)],
+                   check=True, capture_output=True)
+    site = build / "site"
+    wheel = next((build / "dist").glob("e2kd-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True,
+                   capture_output=True)
+    out, elsewhere = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("elsewhere")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run([sys.executable, "-c", _FROM_WHEEL, str(site), "demo", "--quick", "--out", str(out)],
+                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert not list(elsewhere.iterdir())  # everything went to --out
     return out
 
 

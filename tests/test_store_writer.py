@@ -65,7 +65,7 @@ def test_a_shard_is_written_committed_and_visible_only_once_recorded(tmp_path: P
         assert store.errors() == [{"key": "bad", "shard": "part-0", "reason": "x"}] and store.verify() == []
     with create_store(uri, _manifest(fmt)) as resumed:  # lock released; resume keeps the recorded shard
         assert resumed.complete == {"part-0"}
-        with pytest.raises(ManifestError, match="also in input shard part-0"):
+        with pytest.raises(ValueError, match="also in input shard part-0"):
             resumed.record("part-1", resumed.write_shard("part-1", _columns(1, 1), ["s/3"], [], source="b"), ["s/3"])
     assert open_store(uri).shard_names == ["part-0"]
 

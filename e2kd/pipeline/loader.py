@@ -1,25 +1,36 @@
 """The student's stream: input shards joined with cached teacher outputs by key, views replayed, batched.
 
-Stages (each a plain generator): shards of this rank/worker → decoded samples ⋈ cached records (by key) →
-view replay (K-view cache) or joint crop (``full`` cache) → shuffle buffer → DataLoader batching. The store is
-opened lazily inside each DataLoader worker (zarr's threads do not survive fork).
+Stages (webdataset ``DataPipeline`` stages, each testable alone): shards of this rank/worker (:func:`shard_order`,
+:func:`split_by_node`, :func:`split_by_worker`) → decoded samples ⋈ cached records by key
+(:meth:`StudentStream.samples`) → view replay (K-view cache) or joint crop (``full`` cache)
+(:meth:`StudentStream.items`), passes repeated while a rank runs short (:func:`cycled`) → seeded shuffle buffer
+(``webdataset.filters.shuffle``) → DataLoader batching. The store is opened lazily inside each DataLoader worker
+(zarr's threads do not survive fork).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from itertools import count, islice
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle as wds_shuffle
+from webdataset.pipeline import DataPipeline
 
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, iter_keys, iter_shard
 from e2kd.pipeline.views import FULL_VIEW, crop_map, draw_view, render_view
 
-__all__ = ["JoinPlan", "plan_join", "StreamSpec", "StudentStream", "build_loader", "select_shots"]
+__all__ = ["JoinPlan", "plan_join", "StreamSpec", "StudentStream", "build_loader", "select_shots", "pass_index",
+           "shard_order", "split_by_node", "split_by_worker", "cycled"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -114,67 +125,158 @@ def _key_int(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
+# ---- stages that need no store: plain functions, testable alone ----------------------------------------------
+
+
+def pass_index(epoch: int, cycle: int) -> int:
+    """The view index of pass ``cycle`` of ``epoch``: a bijection of ``(epoch ≥ 0, cycle ≥ 0)`` onto the integers.
+
+    Cycle 0 (every rank's first pass) gives ``epoch`` itself, so a K-view cache replays its views in turn:
+    view ``(hash(seed, key) + epoch) % K`` uses each cached view once every K epochs. The extra passes of a rank
+    that ran short (cycle ≥ 1) go to the negative integers, ``-1 - cantor(epoch, cycle - 1)``, so no two passes
+    share an index (the former ``epoch * 1000 + cycle`` made epoch 0 cycle 1000 equal epoch 1 cycle 0, and with
+    K dividing 1000 it replayed the same view every epoch). Both users take any int: ``% K`` and
+    :func:`~e2kd.pipeline.views.draw_view` (which hashes its decimal form).
+    """
+    if epoch < 0 or cycle < 0:
+        raise ValueError(f"epoch and cycle must be >= 0, got {epoch}, {cycle}")
+    if cycle == 0:
+        return epoch
+    s = epoch + cycle - 1  # Cantor pairing of (epoch, cycle - 1)
+    return -1 - (s * (s + 1) // 2 + cycle - 1)
+
+
+def shard_order(shards: Sequence[InputShard], seed: int, epoch: int, cycle: int) -> list[InputShard]:
+    """All shards in an order that depends on ``(seed, epoch, cycle)`` only (identical on every rank and worker)."""
+    return sorted(shards, key=lambda s: _key_int(seed, epoch, cycle, s.name))
+
+
+def split_by_node(src: Iterable[T], rank: int, world_size: int) -> Iterator[T]:
+    """This rank's slice: every ``world_size``-th item from ``rank`` (webdataset's ``split_by_node`` rule).
+
+    webdataset's own stage takes rank and world size from ``$RANK``/``$WORLD_SIZE`` or ``torch.distributed``;
+    here the spec's explicit values always win (tests and single-process DDP simulations set them alone).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    return islice(src, rank, None, world_size)
+
+
+def split_by_worker(src: Iterable[T], worker: int | None = None, num_workers: int | None = None) -> Iterator[T]:
+    """This DataLoader worker's slice (webdataset's ``split_by_worker`` rule); by default from ``get_worker_info``.
+
+    webdataset's stage would prefer ``$WORKER``/``$NUM_WORKERS`` when set; only the DataLoader's own worker info
+    is used here, so the split cannot disagree with the worker id the shuffle rng is seeded with.
+    """
+    if worker is None or num_workers is None:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return islice(src, worker, None, num_workers)
+
+
+def cycled(one_pass: Callable[[int], Iterable[T]], endless: bool) -> Iterator[T]:
+    """Passes 0, 1, 2, … of ``one_pass(cycle)`` (one pass only unless ``endless``); stops after an empty pass.
+
+    A training stream is endless: a rank whose shards hold fewer samples than its steps need starts over (with a
+    new shard order and new views), and the trainer decides where an epoch ends.
+    """
+    for cycle in count():
+        produced = 0
+        for item in one_pass(cycle):
+            produced += 1
+            yield item
+        if produced == 0 or not endless:
+            return  # nothing to cycle (no usable samples here), or a single evaluation pass
+
+
 class StudentStream(IterableDataset):
-    """Endless stream (one pass per epoch over this rank's shards, cycled when a rank runs short)."""
+    """Endless stream (one pass per epoch over this rank's shards, cycled when a rank runs short).
+
+    Built per ``iter()`` as webdataset stages (``DataPipeline``), since the epoch and the DataLoader worker are only
+    known then::
+
+        cycled(pass c: shards_for(epoch, c) → samples → items(pass_index(epoch, c))) → shuffle
+
+    The object itself holds only the spec and the epoch (plus per-process caches that pickling drops), so it
+    pickles into DataLoader workers as is. The order is a function of (seed, epoch, rank, worker) alone.
+    """
 
     def __init__(self, spec: StreamSpec) -> None:
         super().__init__()
         self.spec, self.epoch = spec, 0
-        self._store = None
+        self._store: Any = None
+        self._store_pid: int | None = None
         self._decoded: dict[str, tuple[list[Sample | BadSample], dict[str, Any] | None]] = {}
         self._decoded_bytes = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # an open store (zarr threads, file handles) and the RAM cache of decoded images stay in their process
+        return {**self.__dict__, "_store": None, "_store_pid": None, "_decoded": {}, "_decoded_bytes": 0}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     @property
     def store(self) -> Any:
-        if self._store is None and self.spec.cache_uri is not None:
+        """The cache, opened lazily in the process that reads it (a forked worker opens its own)."""
+        if self.spec.cache_uri is not None and self._store_pid != os.getpid():
             from e2kd.storage import open_store
 
-            self._store = open_store(self.spec.cache_uri)  # opened in the worker process, never before fork
+            # never used across fork: zarr's threads do not survive it, so a child reopens instead of inheriting
+            self._store, self._store_pid = open_store(self.spec.cache_uri), os.getpid()
         return self._store
 
-    def _my_shards(self, cycle: int) -> list[InputShard]:
-        order = sorted(self.spec.shards, key=lambda s: _key_int(self.spec.seed, self.epoch, cycle, s.name))
-        mine = order[self.spec.rank::self.spec.world_size]
-        info = get_worker_info()
-        return mine[info.id::info.num_workers] if info is not None else mine
+    def _replays_views(self) -> bool:
+        """The cache holds K views to replay exactly (else ``full``: one whole-image view, cropped jointly)."""
+        return self.store.manifest.replays_views
+
+    # ---- the stages ------------------------------------------------------------------------------------------
+
+    def shards_for(self, epoch: int, cycle: int) -> list[InputShard]:
+        """This rank's and this DataLoader worker's shards for pass ``cycle`` of ``epoch``, in order."""
+        order = shard_order(self.spec.shards, self.spec.seed, epoch, cycle)
+        return list(split_by_worker(split_by_node(order, self.spec.rank, self.spec.world_size)))
+
+    def samples(self, shards: Iterable[InputShard]) -> Iterator[tuple[Sample, dict[str, Any] | None]]:
+        """Decoded samples joined with their cached record (None without a cache for the shard).
+
+        Skipped: bad samples, keys outside ``spec.keys`` (bad in the cache, not chosen by ``--shots``) and, where
+        the shard is cached, keys the cache does not hold (``--allow-missing``).
+        """
+        for shard in shards:
+            decoded, records = self._shard_data(shard)
+            for sample in decoded:
+                if isinstance(sample, BadSample) or sample.key not in self.spec.keys:
+                    continue
+                if records is not None and sample.key not in records:
+                    continue
+                yield sample, records[sample.key] if records is not None else None
+
+    def items(self, joined: Iterable[tuple[Sample, dict[str, Any] | None]], index: int) -> Iterator[dict[str, Any]]:
+        """Training items: the view of pass ``index`` (see :func:`pass_index`) rendered, with teacher outputs."""
+        replay: bool | None = None  # asked once, on the first cached record (no store is opened without one)
+        for sample, record in joined:
+            if record is not None and replay is None:
+                replay = self._replays_views()
+            yield self._item(sample, record, index, bool(replay))
+
+    def _one_pass(self, cycle: int) -> Iterator[dict[str, Any]]:
+        # the shard list is a callable source: DataPipeline would splice a list argument in as stages
+        return iter(DataPipeline(partial(self.shards_for, self.epoch, cycle), self.samples,
+                                 partial(self.items, index=pass_index(self.epoch, cycle))))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rng = random.Random(_key_int("shuffle", self.spec.seed, self.epoch, self.spec.rank,
-                                     getattr(get_worker_info(), "id", 0)))
-        buffer: list[dict[str, Any]] = []
-        for sample in self._cycled():
-            if len(buffer) < self.spec.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
+        spec = self.spec
+        shuffle = None  # a buffer of ≤ 1 keeps the order (evaluation): no stage
+        if spec.shuffle_buffer > 1:
+            # seeded per (seed, epoch, rank, worker): the stream is reproducible (resume) yet differs per worker;
+            # initial=bufsize fills the buffer before the first item leaves it
+            rng = random.Random(_key_int("shuffle", spec.seed, self.epoch, spec.rank,
+                                         getattr(get_worker_info(), "id", 0)))
+            shuffle = wds_shuffle(spec.shuffle_buffer, spec.shuffle_buffer, rng=rng)
+        return iter(DataPipeline(partial(cycled, self._one_pass, spec.random_crop), shuffle))
 
-    def _cycled(self) -> Iterator[dict[str, Any]]:
-        cycle = 0
-        while True:
-            produced = 0
-            for shard in self._my_shards(cycle):
-                for item in self._shard_items(shard, cycle):
-                    produced += 1
-                    yield item
-            if produced == 0 or not self.spec.random_crop:
-                return  # nothing to cycle (or a single evaluation pass)
-            cycle += 1
-
-    def _shard_items(self, shard: InputShard, cycle: int) -> Iterator[dict[str, Any]]:
-        samples, records = self._shard_data(shard)
-        for sample in samples:
-            if isinstance(sample, BadSample) or sample.key not in self.spec.keys:
-                continue
-            if records is not None and sample.key not in records:
-                continue
-            yield self._item(sample, records[sample.key] if records is not None else None, cycle)
+    # ---- decoding (with the in-process RAM cache) and one item ----------------------------------------------------
 
     def _shard_data(self, shard: InputShard) -> tuple[Iterator[Sample | BadSample], dict[str, Any] | None]:
         """Decoded samples and cached records of a shard; kept in RAM across epochs when running in-process."""
@@ -192,24 +294,23 @@ class StudentStream(IterableDataset):
         for sample in iter_shard(shard):
             kept.append(sample)
             yield sample
-        nbytes = sum(s.image.numel() for s in kept if isinstance(s, Sample))  # reached only after a full pass
+        # reached only after a full pass: a shard the trainer stopped reading midway is decoded again next time
+        nbytes = sum(s.image.numel() for s in kept if isinstance(s, Sample))
         if self._decoded_bytes + nbytes <= self.spec.ram_cache_mb * 2**20:
             self._decoded[shard.name] = (kept, records)
             self._decoded_bytes += nbytes
 
-    def _item(self, sample: Sample, record: dict[str, Any] | None, cycle: int) -> dict[str, Any]:
+    def _item(self, sample: Sample, record: dict[str, Any] | None, index: int, replay: bool) -> dict[str, Any]:
         spec, hw = self.spec, tuple(sample.image.shape[1:])
-        epoch_index = self.epoch * 1000 + cycle
         label = record["label"] if record is not None else sample.label  # the cache's label: −1 where it was bad
         item: dict[str, Any] = {"key": sample.key, "label": torch.tensor(label)}
-        full_cache = record is not None and self.store.manifest["views"]["policy"] == "full"
-        if record is not None and not full_cache:  # K-view cache: replay one cached view exactly
-            v = (_key_int(spec.seed, sample.key) + epoch_index) % record["views"].shape[0] if spec.random_crop else 0
+        if record is not None and replay:  # K-view cache: replay one cached view exactly
+            v = (_key_int(spec.seed, sample.key) + index) % record["views"].shape[0] if spec.random_crop else 0
             view = record["views"][v].tolist()
             item.update(view_index=torch.tensor(v), t_logits=record["logits"][v], t_map=record["maps"][v],
                         target=record["target"][v])
         else:
-            view = (draw_view(spec.seed, sample.key, epoch_index, *hw, spec.crop_scale, spec.crop_ratio, spec.flip_p)
+            view = (draw_view(spec.seed, sample.key, index, *hw, spec.crop_scale, spec.crop_ratio, spec.flip_p)
                     if spec.random_crop else FULL_VIEW).as_list()
             item["view_index"] = torch.tensor(0)
             if record is not None:  # full cache: joint crop of the cached map, logits reused

@@ -3,13 +3,19 @@
 Identity is the sample key (``__key__``, or the image folder's relative path without extension), never a
 list position. Only images and the integer ``cls`` label are decoded; a sample that cannot be decoded is
 yielded as a :class:`BadSample` with its key, shard and reason instead of stopping the job.
+
+One class per source kind: :class:`TarShard` (a WebDataset tar: local path, fsspec URL or ``pipe:`` command)
+and :class:`FolderShard` (one class directory of an ``root/<class>/<file>`` image folder), both
+:class:`InputShard`. Shards are frozen, hashable and picklable: they travel to Ray actors and DataLoader workers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,27 +27,19 @@ from torch import Tensor
 
 from e2kd.storage.names import shard_name_for
 
-__all__ = ["InputShard", "Sample", "BadSample", "list_shards", "iter_shard", "iter_keys", "decode_image",
-           "input_size_bytes", "input_sha256", "IMAGE_EXTS"]
+__all__ = ["InputShard", "TarShard", "FolderShard", "Sample", "BadSample", "list_shards", "iter_shard",
+           "iter_keys", "decode_image", "input_size_bytes", "input_sha256", "IMAGE_EXTS"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REFUSED_EXTS = ("pkl", "pyd", "pickle", "pth", "pt")
 _FOLDER_EXTS = {"." + e for e in IMAGE_EXTS}
-
-
-@dataclass(frozen=True)
-class InputShard:
-    """One unit of input: a tar shard (``kind="wds"``) or one class directory of an image folder."""
-
-    name: str
-    url: str
-    kind: str = "wds"
-    label: int = -1  # folder shards: the class index
-    root: str = ""  # folder shards: the folder root keys are relative to
+_INT32 = 2**31
 
 
 @dataclass
 class Sample:
+    """One decoded sample: ``image`` is uint8 ``[3, H, W]`` RGB; ``label`` is -1 where the sample has none."""
+
     key: str
     image: Tensor  # uint8 [3, H, W]
     label: int
@@ -50,6 +48,8 @@ class Sample:
 
 @dataclass
 class BadSample:
+    """A sample that could not be decoded (``key`` ``"*"``: the rest of an unreadable shard)."""
+
     key: str
     shard: str
     reason: str
@@ -58,20 +58,215 @@ class BadSample:
         return {"key": self.key, "shard": self.shard, "reason": self.reason}
 
 
-def _expand(urls: str | Sequence[str]) -> list[str]:
-    import braceexpand
+# ---- the source kinds ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputShard(ABC):
+    """One unit of input, named ``name`` in the store; build them with :func:`list_shards`."""
 
+    name: str
+    url: str
+
+    @abstractmethod
+    def samples(self) -> Iterator[Sample | BadSample]:
+        """The decoded samples, in stored order; bad ones as :class:`BadSample`."""
+
+    @abstractmethod
+    def keys(self) -> Iterator[tuple[str, int]]:
+        """``(key, label)`` of every sample without decoding images (a cheap listing pass)."""
+
+    @abstractmethod
+    def size_bytes(self) -> int | None:
+        """Size of the input in bytes, or None where it cannot be known."""
+
+    @abstractmethod
+    def sha256(self) -> str | None:
+        """sha256 of the input's bytes (provenance for the manifest), or None where it is not taken."""
+
+
+@dataclass(frozen=True)
+class TarShard(InputShard):
+    """A WebDataset tar: a local path, an fsspec URL (``s3://…``, ``simplecache::…``) or a ``pipe:`` command."""
+
+    def samples(self) -> Iterator[Sample | BadSample]:
+        seen: set[str] = set()
+        for raw in _raw_samples_or_bad(self.url, self.name, seen):
+            if isinstance(raw, BadSample):
+                yield raw
+                return
+            key = str(raw.get("__key__", ""))
+            if key in seen:
+                yield BadSample(key, self.name, "duplicate key within the shard")
+                continue
+            seen.add(key)
+            yield _decode_tar_sample(raw, key, self.name)
+
+    def keys(self) -> Iterator[tuple[str, int]]:
+        try:
+            for raw in _raw_samples(self.url):
+                try:
+                    label = _parse_label(raw)
+                except (ValueError, UnicodeDecodeError):
+                    label = -1
+                yield str(raw.get("__key__", "")), label
+        except (tarfile.ReadError, EOFError, OSError):  # a truncated tar: the keys before the damage are listed
+            return
+
+    def size_bytes(self) -> int | None:
+        """Size of the tar in bytes; None for a ``pipe:`` command."""
+        if self.url.startswith("pipe:"):
+            return None
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.url)
+        return int(fs.size(path))
+
+    def sha256(self) -> str | None:
+        """sha256 of the tar's bytes; None for a ``pipe:`` command (reading it twice may differ)."""
+        if self.url.startswith("pipe:"):
+            return None
+        import fsspec
+
+        digest = hashlib.sha256()
+        with fsspec.open(self.url, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FolderShard(InputShard):
+    """One class directory ``url`` of an image folder: class index ``label``, keys relative to ``root``."""
+
+    label: int = -1
+    root: str = ""
+
+    def samples(self) -> Iterator[Sample | BadSample]:
+        for path in self._files():
+            key = self._key(path)
+            try:
+                yield Sample(key, decode_image(path.read_bytes()), self.label, self.name)
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample, recorded
+                yield BadSample(key, self.name, f"undecodable image: {type(exc).__name__}: {exc}")
+
+    def keys(self) -> Iterator[tuple[str, int]]:
+        for path in self._files():
+            yield self._key(path), self.label
+
+    def size_bytes(self) -> int | None:
+        """Total size of the directory's image files."""
+        return sum(p.stat().st_size for p in self._files())
+
+    def sha256(self) -> str | None:
+        """None: a folder's content is not hashed."""
+        return None
+
+    def _files(self) -> list[Path]:
+        """The image files under the class directory (any depth), sorted."""
+        return sorted(p for p in Path(self.url).rglob("*") if p.is_file() and p.suffix.lower() in _FOLDER_EXTS)
+
+    def _key(self, path: Path) -> str:
+        """A file's sample key: its path relative to the folder root, without extension, ``/``-separated."""
+        return str(path.relative_to(self.root).with_suffix("")).replace(os.sep, "/")
+
+
+# ---- module-level API (thin wrappers over the shard methods) -------------------------------------------
+def iter_shard(shard: InputShard) -> Iterator[Sample | BadSample]:
+    """Yield the decoded samples of one input shard, bad ones as :class:`BadSample`."""
+    return shard.samples()
+
+
+def iter_keys(shard: InputShard) -> Iterator[tuple[str, int]]:
+    """``(key, label)`` of every sample in a shard without decoding images (a cheap listing pass)."""
+    return shard.keys()
+
+
+def input_size_bytes(shard: InputShard) -> int | None:
+    """Size of an input shard in bytes (a folder: its image files), or None where it cannot be known (``pipe:``)."""
+    return shard.size_bytes()
+
+
+def input_sha256(shard: InputShard) -> str | None:
+    """sha256 of an input tar's bytes (provenance for the manifest); None for folders and ``pipe:`` commands."""
+    return shard.sha256()
+
+
+# ---- listing -------------------------------------------------------------------------------------------
+def list_shards(urls: str | Sequence[str]) -> list[InputShard]:
+    """Expand comma-separated URLs / brace patterns into input shards; a local directory is an image folder.
+
+    Raises:
+        ValueError: nothing matched, a local file is missing, a brace pattern is unbalanced, or two shards
+            share a name.
+    """
+    shards: list[InputShard] = []
+    for url in _expand(urls):
+        if _is_local(url) and os.path.isdir(url):
+            shards.extend(_folder_shards(url))
+        elif _is_local(url) and not os.path.isfile(url):
+            raise ValueError(f"input shard not found: {url}")
+        else:
+            shards.append(TarShard(name=_shard_name(url), url=url))
+    if not shards:
+        raise ValueError(f"no input shards in {urls!r}")
+    _check_unique_names(shards)
+    return shards
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _check_unique_names(shards: list[InputShard]) -> None:
+    seen: dict[str, str] = {}
+    for s in shards:
+        if s.name in seen and seen[s.name] != s.url:
+            raise ValueError(f"two input shards share the name {s.name!r}: {seen[s.name]} and {s.url}")
+        seen[s.name] = s.url
+
+
+def _folder_shards(root: str) -> list[FolderShard]:
+    classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image folder {root} has no class sub-directories (expected root/<class>/<file>)")
+    return [FolderShard(name=shard_name_for(f"class-{c}"), url=str(Path(root) / c), label=i, root=root)
+            for i, c in enumerate(classes)]
+
+
+def _shard_name(url: str) -> str:
+    """The store shard name of an input URL: its file name without extension, made safe (see ``storage.names``)."""
+    base = url.rstrip("/").rsplit("/", 1)[-1].split("::")[-1]
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+            break
+    return shard_name_for(base)
+
+
+# Not ``webdataset.shardlists.expand_urls`` (webdataset 1.0.2): it splits a string on "::", which would break
+# fsspec chained URLs such as ``simplecache::s3://bucket/x.tar`` (see ``_shard_name``), it does not split on
+# commas or newlines, and it substitutes ``${VAR}`` from ``WDS_VAR`` environment variables (an AssertionError
+# where one is missing). Wrapping it to undo all that leaves nothing but its ``braceexpand`` call, so the
+# splitting is done here and ``braceexpand`` is called directly.
+def _expand(urls: str | Sequence[str]) -> list[str]:
+    """Comma- or newline-separated URL lists and brace patterns (``{a,b}``, ``{000..009}``) → URLs."""
     parts = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
     for part in parts:
         for item in _split_outside_braces(str(part).replace("\n", ",")):
             item = item.strip()
             if item:
-                try:
-                    out.extend(braceexpand.braceexpand(item))
-                except braceexpand.UnbalancedBracesError as exc:
-                    raise ValueError(f"input pattern {item!r}: {exc}") from None
+                out.extend(_brace_expand(item))
     return out
+
+
+def _brace_expand(pattern: str) -> list[str]:
+    """``braceexpand`` of one pattern; an unbalanced one raises ValueError naming it."""
+    import braceexpand
+
+    try:
+        return list(braceexpand.braceexpand(pattern))
+    except braceexpand.UnbalancedBracesError as exc:
+        raise ValueError(f"input pattern {pattern!r}: {exc}") from None
 
 
 def _split_outside_braces(text: str) -> list[str]:
@@ -86,89 +281,28 @@ def _split_outside_braces(text: str) -> list[str]:
     return items
 
 
-def _shard_name(url: str) -> str:
-    """The store shard name of an input URL: its file name without extension, made safe (see ``storage.names``)."""
-    base = url.rstrip("/").rsplit("/", 1)[-1].split("::")[-1]
-    for ext in (".tar.gz", ".tgz", ".tar"):
-        if base.endswith(ext):
-            base = base[: -len(ext)]
-            break
-    return shard_name_for(base)
-
-
-def list_shards(urls: str | Sequence[str]) -> list[InputShard]:
-    """Expand comma-separated URLs / brace patterns into input shards; a local directory is an image folder.
-
-    Raises:
-        ValueError: nothing matched, a local file is missing, or two shards share a name.
-    """
-    shards: list[InputShard] = []
-    for url in _expand(urls):
-        if "://" not in url and not url.startswith("pipe:") and os.path.isdir(url):
-            shards.extend(_folder_shards(url))
-            continue
-        if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(url):
-            raise ValueError(f"input shard not found: {url}")
-        shards.append(InputShard(name=_shard_name(url), url=url))
-    if not shards:
-        raise ValueError(f"no input shards in {urls!r}")
-    seen: dict[str, str] = {}
-    for s in shards:
-        if s.name in seen and seen[s.name] != s.url:
-            raise ValueError(f"two input shards share the name {s.name!r}: {seen[s.name]} and {s.url}")
-        seen[s.name] = s.url
-    return shards
-
-
-def _folder_shards(root: str) -> list[InputShard]:
-    classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ValueError(f"image folder {root} has no class sub-directories (expected root/<class>/<file>)")
-    return [InputShard(name=shard_name_for(f"class-{c}"), url=str(Path(root) / c), kind="folder", label=i, root=root)
-            for i, c in enumerate(classes)]
-
-
-def input_size_bytes(shard: InputShard) -> int | None:
-    """Size of an input shard in bytes (a folder: its image files), or None where it cannot be known (``pipe:``)."""
-    if shard.kind == "folder":
-        return sum(p.stat().st_size for p in Path(shard.url).rglob("*") if p.is_file() and
-                   p.suffix.lower() in _FOLDER_EXTS)
-    if shard.url.startswith("pipe:"):
-        return None
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(shard.url)
-    return int(fs.size(path))
-
-
-def input_sha256(shard: InputShard) -> str | None:
-    """sha256 of an input tar's bytes (provenance for the manifest); None for folders and ``pipe:`` commands."""
-    if shard.kind == "folder" or shard.url.startswith("pipe:"):
-        return None
-    import hashlib
-
-    import fsspec
-
-    digest = hashlib.sha256()
-    with fsspec.open(shard.url, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
+# ---- decoding ------------------------------------------------------------------------------------------
+# PIL decodes every format. ``torchvision.io.decode_image`` (0.29) was bit-identical to PIL on 8-bit JPEG and
+# PNG, but it is not used: it kills the process (SIGSEGV) on a PNG whose IDAT fails zlib's data check where
+# PIL raises OSError (a hostile input must give a BadSample, not a crashed worker), it returns 16-bit PNGs
+# unscaled as uint16, and torchvision's image decoding is deprecated since 0.29.
 def decode_image(data: bytes) -> Tensor:
     """Decode image bytes to uint8 ``[3, H, W]`` RGB (raises on corrupt data)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16/32-bit grey: scale, never clip, to 8 bit
-            rgb = np.repeat(_to_uint8(np.asarray(img), img.mode)[..., None], 3, axis=-1)
-        else:
-            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        rgb = _pil_to_rgb(img)
     if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ValueError(f"degenerate image of shape {rgb.shape}")
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+def _pil_to_rgb(img: Any) -> np.ndarray:
+    """A loaded PIL image → uint8 ``[H, W, 3]``; 16/32-bit grey is scaled, never clipped, to 8 bit."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return np.repeat(_to_uint8(np.asarray(img), img.mode)[..., None], 3, axis=-1)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
@@ -177,31 +311,7 @@ def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(values.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
-def iter_shard(shard: InputShard) -> Iterator[Sample | BadSample]:
-    """Yield the decoded samples of one input shard, bad ones as :class:`BadSample`."""
-    if shard.kind == "folder":
-        yield from _iter_folder(shard)
-    else:
-        yield from _iter_tar(shard)
-
-
-def iter_keys(shard: InputShard) -> Iterator[tuple[str, int]]:
-    """``(key, label)`` of every sample in a shard without decoding images (a cheap listing pass)."""
-    if shard.kind == "folder":
-        for path in sorted(p for p in Path(shard.url).rglob("*") if p.is_file() and p.suffix.lower() in _FOLDER_EXTS):
-            yield str(path.relative_to(shard.root).with_suffix("")).replace(os.sep, "/"), shard.label
-        return
-    try:
-        for raw in _raw_samples(shard.url):
-            try:
-                label = int(raw["cls"].decode().strip()) if "cls" in raw else -1
-            except (ValueError, UnicodeDecodeError):
-                label = -1
-            yield str(raw.get("__key__", "")), label
-    except (tarfile.ReadError, EOFError, OSError):  # a truncated tar: the keys before the damage are listed
-        return
-
-
+# ---- tar internals -------------------------------------------------------------------------------------
 def _raw_samples(url: str) -> Iterator[dict]:
     """Raw (undecoded) samples of one tar: open → tar members → samples grouped by key (webdataset's stages).
 
@@ -217,6 +327,20 @@ def _raw_samples(url: str) -> Iterator[dict]:
         stream.close()
 
 
+def _raw_samples_or_bad(url: str, shard: str, seen: set[str]) -> Iterator[dict | BadSample]:
+    """:func:`_raw_samples`, ending with one ``"*"`` :class:`BadSample` where the tar cannot be read further."""
+    stream = _raw_samples(url)
+    while True:
+        try:
+            raw = next(stream)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - a truncated / unreadable tar ends the shard, recorded
+            yield BadSample("*", shard, f"unreadable shard after {len(seen)} samples: {type(exc).__name__}: {exc}")
+            return
+        yield raw
+
+
 def _open_stream(url: str) -> Any:
     if url.startswith("pipe:"):
         from webdataset.gopen import gopen
@@ -227,33 +351,9 @@ def _open_stream(url: str) -> Any:
     return fsspec.open(url, "rb").open()
 
 
-def _iter_folder(shard: InputShard) -> Iterator[Sample | BadSample]:
-    files = sorted(p for p in Path(shard.url).rglob("*") if p.is_file() and p.suffix.lower() in _FOLDER_EXTS)
-    for path in files:
-        key = str(path.relative_to(shard.root).with_suffix("")).replace(os.sep, "/")
-        try:
-            yield Sample(key, decode_image(path.read_bytes()), shard.label, shard.name)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample, recorded
-            yield BadSample(key, shard.name, f"undecodable image: {type(exc).__name__}: {exc}")
-
-
-def _iter_tar(shard: InputShard) -> Iterator[Sample | BadSample]:
-    seen: set[str] = set()
-    stream = _raw_samples(shard.url)  # raw bytes, no decoders
-    while True:
-        try:
-            raw = next(stream)
-        except StopIteration:
-            return
-        except Exception as exc:  # noqa: BLE001 - a truncated / unreadable tar ends the shard, recorded
-            yield BadSample("*", shard.name, f"unreadable shard after {len(seen)} samples: {type(exc).__name__}: {exc}")
-            return
-        key = str(raw.get("__key__", ""))
-        if key in seen:
-            yield BadSample(key, shard.name, "duplicate key within the shard")
-            continue
-        seen.add(key)
-        yield _decode_tar_sample(raw, key, shard.name)
+def _parse_label(raw: dict) -> int:
+    """The integer ``cls`` member, -1 where there is none (raises ValueError/UnicodeDecodeError if not an int)."""
+    return int(raw["cls"].decode().strip()) if "cls" in raw else -1
 
 
 def _decode_tar_sample(raw: dict, key: str, shard: str) -> Sample | BadSample:
@@ -264,10 +364,10 @@ def _decode_tar_sample(raw: dict, key: str, shard: str) -> Sample | BadSample:
     if image_field is None:
         return BadSample(key, shard, f"no image member (have {sorted(k for k in raw if not k.startswith('__'))})")
     try:
-        label = int(raw["cls"].decode().strip()) if "cls" in raw else -1
+        label = _parse_label(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return BadSample(key, shard, f"cls is not an integer: {exc}")
-    if not -(2**31) <= label < 2**31:  # labels stored as int32; ones outside [0, C) are handled by the cache stage
+    if not -_INT32 <= label < _INT32:  # labels stored as int32; ones outside [0, C) are handled by the cache stage
         return BadSample(key, shard, f"cls {label} is out of range (not a 32-bit integer)")
     try:
         return Sample(key, decode_image(raw[image_field]), label, shard)

@@ -72,6 +72,16 @@ class ViewPolicy:
     def num_views(self) -> int:
         return max(1, self.k)
 
+    @property
+    def is_full(self) -> bool:
+        """One whole-image view per sample (❄ frozen e²KD: students joint-crop image and map)."""
+        return self.k == 0
+
+    @property
+    def replayable(self) -> bool:
+        """Students replay the cached views exactly (K random views, rendered at the cache's input size)."""
+        return not self.is_full
+
     @classmethod
     def parse(cls, text: str | int, **kwargs) -> ViewPolicy:
         """``"full"`` or an integer K >= 1."""
@@ -86,7 +96,7 @@ class ViewPolicy:
         return cls(k=k, **kwargs)
 
     def to_dict(self) -> dict:
-        return {"policy": "full" if self.k == 0 else "random_resized_crop", "k": self.num_views,
+        return {"policy": "full" if self.is_full else "random_resized_crop", "k": self.num_views,
                 "scale": list(self.scale), "ratio": list(self.ratio), "flip_p": self.flip_p, "seed": self.seed}
 
     @classmethod
@@ -97,7 +107,7 @@ class ViewPolicy:
 
     def views_for(self, key: str, height: int, width: int) -> list[View]:
         """The views of one image (``[FULL_VIEW]`` for the full policy)."""
-        if self.k == 0:
+        if self.is_full:
             return [FULL_VIEW]
         return draw_views(self.seed, key, self.k, height, width, self.scale, self.ratio, self.flip_p)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from e2kd.storage.topk import encode_topk, logits_from_topk
+from e2kd.topk import encode_topk, logits_from_topk
 
 if TYPE_CHECKING:
     import torch

@@ -181,6 +181,9 @@ class StoreLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.owner, f)
         else:
+            # Object storage has no O_EXCL: this is check-then-put, so two writers starting in the same
+            # instant can both pass the check. The lock token read back before every commit
+            # (check_lock_token) makes the loser's workers refuse to commit.
             self.fs.pipe_file(self.path, json.dumps(self.owner).encode())
 
     def _take_over_or_refuse(self) -> None:

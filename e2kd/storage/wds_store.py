@@ -7,9 +7,9 @@ split the key there —, an empty, ``.`` or ``..`` path part, a leading ``/``, c
 for a USTAR header) is written under its row number ``<row:08d>`` instead; ``keys.json`` always holds the
 true key of every row. Stores written by e2kd 0.1 (every row under its number) read unchanged.
 
-Reading never extracts anything: members are matched against the expected ``<key or row>.<column>.npy`` of
-the current row, so a name that could escape a directory, a foreign member, a duplicated, missing or
-reordered row is refused; every ``.npy`` is loaded with ``allow_pickle=False`` after its header is checked.
+Reading never extracts anything: each member's row comes from its key (``keys.json``) or its number, so a
+name that could escape a directory, a foreign member, a duplicated, missing or reordered row is refused;
+every ``.npy`` is loaded with ``allow_pickle=False`` after its header is checked.
 """
 
 from __future__ import annotations
@@ -95,16 +95,17 @@ def _load_row(data: bytes, column: str, spec: tuple[str, tuple | None] | None) -
     return np.load(buf, allow_pickle=False)
 
 
-def _column_of(name: str, row: int, keys: list[str] | None) -> str | None:
-    """The column of member ``name`` if it belongs to row ``row`` (named by its key or its number), else None."""
-    prefixes = [f"{row:08d}."]
-    if keys is not None and row < len(keys):
-        prefixes.insert(0, f"{keys[row]}.")
-    for prefix in prefixes:
-        if name.startswith(prefix) and name.endswith(".npy"):
-            column = name[len(prefix):-4]
-            if _COLUMN.match(column):
-                return column
+def _row_and_column(member: tarfile.TarInfo, rows: dict[str, int]) -> tuple[int, str] | None:
+    """``(row, column)`` of a member named ``<key>.<column>.npy`` or ``<row:08d>.<column>.npy``, else None."""
+    if not member.isfile() or not member.name.endswith(".npy") or "." not in member.name[:-4]:
+        return None
+    prefix, column = member.name[:-4].rsplit(".", 1)  # column names hold no dot; keys may
+    if not _COLUMN.match(column):
+        return None
+    if prefix in rows:
+        return rows[prefix], column
+    if re.fullmatch(r"\d{8}", prefix):
+        return int(prefix), column
     return None
 
 
@@ -113,18 +114,13 @@ def _read_tar(f: io.IOBase, where: str, names: list[str], specs: dict[str, tuple
     """Rows of every column must be ``0 … n−1``, once each and in order: a duplicated or missing row is an error."""
     per_row: dict[str, list[np.ndarray]] = {name: [] for name in names}
     next_row: dict[str, int] = {}
-    row = 0
+    rows = {key: row for row, key in enumerate(keys or [])}
     with tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
-            column = _member_column(member, row, keys)
-            if column is None:
-                row += 1
-                column = _member_column(member, row, keys)
-            if column is None:
-                row = _row_number(member.name)
-                column = _member_column(member, row, None)
-            if column is None:
+            found = _row_and_column(member, rows)
+            if found is None:
                 raise ValueError(f"{where}: refused tar member {member.name!r} (not a row .npy file of this shard)")
+            row, column = found
             if row != next_row.get(column, 0):
                 raise ValueError(f"{where}: tar member {member.name!r} out of order (expected row "
                                  f"{next_row.get(column, 0)} of column {column!r}): duplicated or missing row")
@@ -142,13 +138,3 @@ def _read_tar(f: io.IOBase, where: str, names: list[str], specs: dict[str, tuple
             raise KeyError(f"shard {where} has no column {name!r}")
         out[name] = np.stack(items)
     return out
-
-
-def _member_column(member: tarfile.TarInfo, row: int, keys: list[str] | None) -> str | None:
-    return _column_of(member.name, row, keys) if member.isfile() else None
-
-
-def _row_number(name: str) -> int:
-    """A member named by an explicit row number (duplicated / out-of-order rows are then reported as such)."""
-    match = re.match(r"^(\d{8})\.", name)
-    return int(match.group(1)) if match else -1

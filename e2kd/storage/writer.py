@@ -39,7 +39,7 @@ from e2kd.storage.files import (
     resolve,
     write_json_atomic,
 )
-from e2kd.storage.manifest import Manifest, ManifestError, ShardRecord
+from e2kd.storage.manifest import Manifest, ShardRecord
 from e2kd.storage.shards import KEYS_NAME, stage_shard
 
 __all__ = ["create_store", "CacheWriter", "ShardWriter"]
@@ -160,12 +160,13 @@ class CacheWriter:
         """Record a committed shard in the manifest (atomic replace): from now on readers see it.
 
         Raises:
-            ManifestError: a key is already held by another shard (keys are unique across a store; the shard
-                stays unrecorded), or its map shape differs from the other shards'.
+            ValueError: a key is already held by another shard (keys are unique across a store; the shard
+                stays unrecorded).
+            ManifestError: its map shape differs from the other shards'.
         """
         clash = next((k for k in keys if self._owners.get(k, name) != name), None)
         if clash is not None:
-            raise ManifestError(f"key {clash!r} is also in input shard {self._owners[clash]}: keys must be unique "
+            raise ValueError(f"key {clash!r} is also in input shard {self._owners[clash]}: keys must be unique "
                                 f"across the dataset (the shard is not recorded)")
         if source_bytes is not None:
             record = replace(record, source_bytes=source_bytes)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.utils import dispatch_clip_grad, random_seed
 
 from e2kd.training.objectives import StepObjective
 
@@ -30,9 +31,9 @@ def init_distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Python, NumPy and torch RNGs (timm's ``random_seed``: ``seed + rank``)."""
+    random_seed(seed, rank)
 
 
 def build_optimizer(model: torch.nn.Module, *, opt: str, lr: float, weight_decay: float, sched: str, epochs: int,
@@ -88,7 +89,7 @@ class Trainer:
         if self.world > 1:
             self._average_gradients()
         if self.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            dispatch_clip_grad(self.model.parameters(), self.clip_grad, mode="norm")
         self.optimizer.step()
         return {"loss": float(total.detach()), **floats}
 

@@ -135,7 +135,7 @@ def test_a_killed_worker_is_restarted_with_the_checkpoint_and_its_shard_retried(
 def test_a_worker_that_outlived_its_driver_does_not_commit(digits: Path, tmp_path: Path, fault_log) -> None:
     """A killed driver's Ray worker can finish its shard after a new run took the lock over: it must not commit."""
     from e2kd.pipeline.views import ViewPolicy
-    from e2kd.stages.teacher_worker import TeacherWorker, WorkerSpec
+    from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
     from e2kd.storage import Encoding, ShardWriter
     from e2kd.storage.files import StoreLock, StoreLockedError
 

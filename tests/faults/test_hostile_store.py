@@ -71,10 +71,22 @@ def _rewrite_wds(store: Path, members: Callable[[list[tuple[str, bytes]]], list[
     _resign(store)
 
 
-def _huge_npy_header(items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+def _member(store: Path, row: int) -> str:
+    """The tar member prefix of ``row`` in the shard: its key (or its number, for keys WebDataset cannot carry)."""
+    from e2kd.storage.wds_store import member_key
+
+    keys = json.loads((store / "shards" / SHARD / "keys.json").read_text())
+    return member_key(keys[row], row) + "."
+
+
+def _huge_npy_header(store: Path) -> None:
+    _rewrite_wds(store, lambda items: _with_huge_header(items, _member(store, 3) + "maps.npy"))
+
+
+def _with_huge_header(items: list[tuple[str, bytes]], target: str) -> list[tuple[str, bytes]]:
     out = []
     for name, data in items:
-        if name == "00000003.maps.npy":
+        if name == target:
             header = "{'descr': '<f2', 'fortran_order': False, 'shape': (1000000, 1000000), }"
             header += " " * (118 - len(header)) + "\n"
             data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\x00" * 64
@@ -130,8 +142,9 @@ def _field(path: list[str], value: object, delete: bool = False) -> Callable[[Pa
 CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "zarr.json claims 1e9 rows": ("zarr", _huge_rows, "shape"),
     "zarr.json claims 1e11-row chunks": ("zarr", _huge_chunks, "chunks"),
-    "npy header declares 1e12 elements": ("wds", lambda s: _rewrite_wds(s, _huge_npy_header), "header"),
-    "missing wds row": ("wds", lambda s: _rewrite_wds(s, lambda it: [x for x in it if "00000004." not in x[0]]),
+    "npy header declares 1e12 elements": ("wds", _huge_npy_header, "header"),
+    "missing wds row": ("wds", lambda s: _rewrite_wds(s, lambda it: [x for x in it
+                                                                      if not x[0].startswith(_member(s, 4))]),
                         "out of order"),
     "duplicated wds row": ("wds", lambda s: _rewrite_wds(s, lambda it: [*it[:10], *it[5:10], *it[10:]]),
                            "out of order"),

@@ -3,7 +3,7 @@
 A top-k cache keeps, per view, the k largest logits, their class indices and the log-sum-exp of **all**
 logits. :func:`logits_from_topk` turns that back into a full vector of log-probabilities: exact for the k
 known classes, the remaining mass spread evenly over the other ``C − k`` (FKD's marginal smoothing).
-Both live here so the store and the losses use one implementation.
+Both live here, outside storage and losses, so the store and the losses share one implementation.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from e2kd.explain import build_explainer, explainer_family
 from e2kd.models import InputTransform, is_bcos_name
 from e2kd.pipeline.sources import InputShard, input_size_bytes, list_shards
 from e2kd.pipeline.views import RENDER_SPEC, ViewPolicy
-from e2kd.stages.ray_session import ensure_ray
-from e2kd.stages.teacher_worker import TeacherWorker, WorkerSpec
+from e2kd.stages.cache_teacher.ray_session import ensure_ray
+from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
 from e2kd.storage import PRECISIONS, CacheWriter, Encoding, Manifest, ManifestError, create_store, list_formats
 
 __all__ = ["CacheTeacherOptions", "run_cache_teacher"]
