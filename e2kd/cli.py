@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -56,6 +57,53 @@ def main() -> None:
     demo runs all of it on digits-shift.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """Warnings reach the terminal as one ``Warning:`` line (stderr), like errors, not as a source listing."""
+    click.echo(f"Warning: {message}", err=True)
+
+
+def _model_flags(run_dir: str | None, student: str | None, weights: str | None, student_kwargs: str | None,
+                 num_classes: int | None, required: bool = True) -> dict[str, Any]:
+    """``--run DIR`` or ``--student/--weights/--student-kwargs``: the model to load (flags must agree with a run)."""
+    from e2kd.config import parse_json_kwargs
+    from e2kd.runs import fill_from_run
+
+    given = {"student": student, "weights": weights, "student_kwargs": parse_json_kwargs(student_kwargs),
+             "num_classes": num_classes}
+    model = fill_from_run(run_dir, given, {"student": "name", "weights": "weights", "student_kwargs": "kwargs",
+                                           "num_classes": "num_classes"}, "--run")
+    if required and (model["student"] is None or model["weights"] is None):
+        raise ValueError("name the model: --run RUN_DIR, or --student and --weights (with --student-kwargs)")
+    return model
+
+
+@main.group("config")
+def config_group() -> None:
+    """The YAML presets shipped inside the package (usable as --config NAME from any directory)."""
+
+
+@config_group.command("list")
+def config_list_cmd() -> None:
+    """Names of the packaged presets."""
+    from e2kd.config import list_presets
+
+    click.echo("\n".join(list_presets()))
+
+
+@config_group.command("show")
+@click.argument("name")
+def config_show_cmd(name: str) -> None:
+    """Print a preset (copy it, edit it, pass the copy as --config FILE)."""
+    from e2kd.config import preset_path
+
+    try:
+        click.echo(preset_path(name).read_text(), nl=False)
+    except ValueError as exc:
+        raise _fail(exc) from None
 
 
 @main.command("explainers")
@@ -92,6 +140,9 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 @click.option("--data", help="Input: tar shards (paths/URLs, brace patterns, comma-separated) or an image folder.")
 @click.option("--out", help="Store to write (local path or fsspec URL); re-running resumes it.")
 @click.option("--teacher", help="timm model name or bcos:<name>.")
+@click.option("--teacher-run", type=click.Path(exists=True, file_okay=False),
+              help="A train-teacher output directory: teacher name, class count, kwargs and weights from its "
+                   "summary.json (flags given as well must agree).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Teacher weights (.safetensors or .pt/.pth).")
 @click.option("--random-teacher", is_flag=True, default=None,
               help="No checkpoint: a random-init teacher seeded by --seed, recorded in the manifest (tests, "
@@ -122,10 +173,14 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags: Any) -> None:
     """Run a teacher once over a dataset and cache its logits and explanation maps (Ray-parallel, resumable)."""
     from e2kd.config import build_options, parse_json_kwargs, parse_size
+    from e2kd.runs import fill_from_run
     from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
 
     try:
         flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
+        flags = fill_from_run(flags.pop("teacher_run"), flags, {"teacher": "name", "num_classes": "num_classes",
+                                                                "teacher_kwargs": "kwargs", "checkpoint": "weights"},
+                              "--teacher-run")
         flags["explainer_kwargs"] = parse_json_kwargs(flags["explainer_kwargs"])
         flags["map_size"] = parse_size(flags["map_size"])
         flags["format"] = fmt
@@ -143,11 +198,20 @@ def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags:
 @main.command("inspect")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
-def inspect_cmd(store: str, as_json: bool) -> None:
-    """Summarise a cache: teacher, explainer, views, completeness, sample/skip counts, bytes per sample."""
+@click.option("--keys", "list_keys", is_flag=True, help="List every cached key, one per line (nothing else).")
+@click.option("--errors", "list_errors", is_flag=True,
+              help="List every skipped or relabelled sample as one JSON line (key, shard, reason; nothing else).")
+def inspect_cmd(store: str, as_json: bool, list_keys: bool, list_errors: bool) -> None:
+    """Summarise a cache: teacher, explainer, input size, views, maps, completeness, counts, bytes per sample."""
     from e2kd.stages.inspect import summarise_store
+    from e2kd.storage import open_store
 
     try:
+        if list_keys or list_errors:
+            opened = open_store(store)
+            lines = list(opened.keys()) if list_keys else [json.dumps(e, sort_keys=True) for e in opened.errors()]
+            sys.stdout.write("".join(line + "\n" for line in lines))
+            return
         info = summarise_store(store)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(exc) from None
@@ -158,8 +222,9 @@ def inspect_cmd(store: str, as_json: bool) -> None:
                f"e2kd {info['e2kd_version']})")
     click.echo(f"teacher     {info['teacher']['name']}  classes={info['num_classes']}  "
                f"checkpoint sha256={info['teacher'].get('checkpoint_sha256')}")
-    click.echo(f"explainer   {info['explainer']['name']}  map {info['map_shape']}  views {info['views']['policy']} "
-               f"×{info['num_views']}")
+    size = "×".join(map(str, info["preprocessing"]["input_size"]))
+    click.echo(f"explainer   {info['explainer']['name']}  map {info['map_shape']} {info['encoding']['map_dtype']}  "
+               f"input {size} px  views {info['views']['policy']} ×{info['num_views']}")
     click.echo(f"samples     {info['num_samples']}  skipped {info['errors']}  bad labels {info['bad_labels']} "
                f"(cached as unlabelled)  shards {len(info['shards'])} ({info['complete_shards']} complete)")
     click.echo(f"size        {info['bytes']} B  ({info['bytes_per_sample_view']:.0f} B per sample per view)")
@@ -186,7 +251,9 @@ def verify_cmd(store: str) -> None:
 @click.option("--student", help="timm model name or bcos:<name>.")
 @click.option("--out", help="Run directory: metrics.jsonl, checkpoint.pt, student.safetensors, summary.json.")
 @click.option("--student-kwargs", help="JSON kwargs for the student constructor.")
-@click.option("--student-init", type=click.Path(dir_okay=False), help="Initial student weights.")
+@click.option("--student-init", type=click.Path(),
+              help="Initial student weights: a weights file, or a run directory (its summary.json supplies --student "
+                   "and --student-kwargs too; given flags must agree).")
 @click.option("--num-classes", type=int, help="Default: the cache's; must agree with it.")
 @click.option("--explainer", help="Student explainer. Default: the cache's; must be of the same family.")
 @click.option("--input-size", type=int, help="Default: the cache's; must agree with a K-view cache.")
@@ -214,6 +281,8 @@ def verify_cmd(store: str) -> None:
 @click.option("--workers", type=int, help="DataLoader workers  [default: 0]")
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
 @click.option("--resume/--no-resume", default=None, help="Continue from RUN_DIR/checkpoint.pt.")
+@click.option("--overwrite/--no-overwrite", default=None,
+              help="Replace an existing run in RUN_DIR (refused without it or --resume).")
 @click.option("--allow-missing/--no-allow-missing", default=None, help="Skip and count keys missing on one side.")
 @click.option("--seed", type=int, help="[default: 0]")
 @click.option("--online-teacher", help="Live-teacher baseline (no --cache): teacher model name.")
@@ -224,11 +293,15 @@ def verify_cmd(store: str) -> None:
 def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     """Train a student from cached teacher outputs (KD + λ·explanation loss); the teacher is never loaded."""
     from e2kd.config import build_options, parse_json_kwargs
+    from e2kd.runs import fill_from_run
     from e2kd.stages.train_student import TrainOptions, train_student
 
     try:
         flags["student_kwargs"] = parse_json_kwargs(flags["student_kwargs"])
         flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
+        if flags["student_init"] and os.path.isdir(flags["student_init"]):
+            flags = fill_from_run(flags["student_init"], flags, {"student": "name", "student_kwargs": "kwargs",
+                                                                 "student_init": "weights"}, "--student-init")
         flags["progress"] = False if quiet else None
         summary = train_student(build_options(TrainOptions, config, flags))
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
@@ -239,10 +312,13 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
 
 @main.command("evaluate")
 @click.option("--data", required=True, help="Evaluation shards.")
-@click.option("--student", required=True, help="Student model name.")
-@click.option("--weights", required=True, type=click.Path(exists=True, dir_okay=False), help="student.safetensors")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
+              help="A train-student (or train-teacher) run directory: model, kwargs and weights from its summary.json.")
+@click.option("--student", help="Student model name (or --run).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="student.safetensors (or --run)")
 @click.option("--student-kwargs", help="JSON kwargs of the student constructor.")
-@click.option("--cache", help="Teacher cache of --data: agreement and explanation similarity.")
+@click.option("--cache", help="Teacher cache of --data: agreement and explanation similarity (for a K-view cache, "
+                             "against each sample's first cached view, on that view's crop).")
 @click.option("--num-classes", type=int, help="Needed without --cache.")
 @click.option("--input-size", type=int, help="Needed without --cache.")
 @click.option("--batch-size", default=64, show_default=True)
@@ -250,51 +326,67 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
               help="Where expl_sim's cosine is taken (as train-student's --expl-resolution).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader workers.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line on stdout.")
-def evaluate_cmd(data: str, student: str, weights: str, student_kwargs: str | None, cache: str | None,
+def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: str | None,
+                 student_kwargs: str | None, cache: str | None,
                  num_classes: int | None, input_size: int | None, batch_size: int, expl_resolution: str, workers: int,
                  as_json: bool) -> None:
     """Top-1, agreement with the teacher and explanation similarity of a trained student."""
-    from e2kd.config import parse_json_kwargs
     from e2kd.stages.evaluate import evaluate_weights
+    from e2kd.storage import open_store
 
     try:
-        metrics = evaluate_weights(data, student, weights, parse_json_kwargs(student_kwargs), cache, num_classes,
+        model = _model_flags(run_dir, student, weights, student_kwargs, num_classes)
+        student, weights, num_classes = model["student"], model["weights"], model["num_classes"]
+        metrics = evaluate_weights(data, student, weights, model["student_kwargs"], cache, num_classes,
                                    input_size=input_size, batch_size=batch_size, workers=workers,
-                                   expl_resolution=expl_resolution)
+                                   expl_resolution=expl_resolution, progress=True)
+        views = open_store(cache).manifest.num_views if cache else 1
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(exc) from None
+    if views > 1:
+        click.echo(f"note: {cache} holds {views} views per sample; agreement and expl_sim compare on the first",
+                   err=True)
     if as_json:
         sys.stdout.write(json.dumps(metrics) + "\n")
     else:
-        click.echo("  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        click.echo("  ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
 @main.command("train-teacher")
-@click.option("--data", required=True, help="Labelled training shards.")
-@click.option("--model", required=True, help="timm model name or bcos:<name>.")
-@click.option("--num-classes", required=True, type=int)
-@click.option("--out", required=True, help="Directory: teacher.safetensors, metrics.jsonl, summary.json.")
+@click.option("--data", help="Labelled training shards (or an image folder).")
+@click.option("--model", help="timm model name or bcos:<name>.")
+@click.option("--num-classes", type=int, help="Class count.")
+@click.option("--out", help="Run directory: teacher.safetensors, metrics.jsonl, checkpoint.pt, summary.json.")
 @click.option("--model-kwargs", help="JSON kwargs of the model constructor.")
-@click.option("--input-size", default=224, show_default=True)
-@click.option("--epochs", default=25, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=3e-3, show_default=True)
-@click.option("--label-smoothing", default=0.1, show_default=True)
-@click.option("--crop-scale", nargs=2, type=float, default=(0.7, 1.0), show_default=True)
-@click.option("--flip-p", default=0.0, show_default=True)
+@click.option("--input-size", type=int, help="[default: 224]")
+@click.option("--epochs", type=int, help="[default: 25]")
+@click.option("--batch-size", type=int, help="[default: 64]")
+@click.option("--lr", type=float, help="[default: 3e-3]")
+@click.option("--weight-decay", type=float, help="[default: 0.05]")
+@click.option("--opt", help="timm optimiser name  [default: adamw]")
+@click.option("--sched", help="timm scheduler name  [default: cosine]")
+@click.option("--warmup-epochs", type=int, help="[default: 1]")
+@click.option("--label-smoothing", type=float, help="[default: 0.1]")
+@click.option("--crop-scale", nargs=2, type=float, help="Random-resized-crop area range  [default: 0.7 1.0]")
+@click.option("--flip-p", type=float, help="Flip probability  [default: 0]")
 @click.option("--val-data", help="Validation shards (top-1 per epoch).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader workers.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--seed", type=int, help="[default: 0]")
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers  [default: 0]")
+@click.option("--resume/--no-resume", default=None, help="Continue from OUT/checkpoint.pt.")
+@click.option("--overwrite/--no-overwrite", default=None,
+              help="Replace an existing run in OUT (refused without it or --resume).")
+@click.option("--config", help="YAML file of these options, or a packaged preset name.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_teacher_cmd(model_kwargs: str | None, quiet: bool, **kwargs: Any) -> None:
-    """Train a teacher with plain supervised learning (timm optimiser and schedule, label smoothing)."""
-    from e2kd.config import parse_json_kwargs
+def train_teacher_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
+    """Train a teacher with plain supervised learning (the student's loop: timm optimiser and schedule, label
+    smoothing, checkpoints, --resume)."""
+    from e2kd.config import build_options, parse_json_kwargs
     from e2kd.stages.train_teacher import TeacherOptions, train_teacher
 
     try:
-        summary = train_teacher(TeacherOptions(model_kwargs=parse_json_kwargs(model_kwargs) or {}, progress=not quiet,
-                                               **kwargs))
+        flags["model_kwargs"] = parse_json_kwargs(flags["model_kwargs"])
+        flags["progress"] = False if quiet else None
+        summary = train_teacher(build_options(TeacherOptions, config, flags))
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
         raise _fail(exc) from None
     click.echo(f"teacher: {', '.join(f'{k}={v:.4g}' for k, v in summary['final'].items())}")
@@ -319,17 +411,19 @@ def demo_cmd(out: str, quick: bool) -> None:
 @click.option("--key", required=True, help="Sample key.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--data", help="Where the image is (default: the manifest's local input path).")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
+              help="A train-student run directory: its student's map beside the teacher's.")
 @click.option("--student", help="Student model name, to show its map beside the teacher's.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="student.safetensors")
 @click.option("--student-kwargs", help="JSON kwargs of the student constructor.")
-def show_cmd(store: str, key: str, out: str, data: str | None, student: str | None, weights: str | None,
-             student_kwargs: str | None) -> None:
+def show_cmd(store: str, key: str, out: str, data: str | None, run_dir: str | None, student: str | None,
+             weights: str | None, student_kwargs: str | None) -> None:
     """Image, view boxes and the teacher map per view (and the student's), as heat maps."""
-    from e2kd.config import parse_json_kwargs
     from e2kd.stages.figures import show_key
 
     try:
-        show_key(store, key, out, data, student, weights, parse_json_kwargs(student_kwargs))
+        model = _model_flags(run_dir, student, weights, student_kwargs, None, required=False)
+        show_key(store, key, out, data, model["student"], model["weights"], model["student_kwargs"])
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(exc) from None
     click.echo(f"wrote {out}")

@@ -61,7 +61,7 @@ def build_options(cls: type[T], config: str | Path | None, flags: dict[str, Any]
         ValueError: unknown keys in the config file, or required options missing.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
-    merged = load_yaml(config)
+    merged = _flag_names_to_fields(load_yaml(config))
     unknown = sorted(set(merged) - fields)
     if unknown:
         raise ValueError(f"{config}: unknown option(s) {unknown}; known: {sorted(fields)}")
@@ -74,6 +74,19 @@ def build_options(cls: type[T], config: str | Path | None, flags: dict[str, Any]
     hints = typing.get_type_hints(cls)
     values = {k: _checked(k, v, hints[k]) for k, v in merged.items() if k in fields}
     return cls(**values)
+
+
+def _flag_names_to_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """YAML keys are the flag names: ``lambda`` is the ``lam`` field, ``quiet: true`` is ``progress: false``."""
+    out = dict(values)
+    if "lambda" in out:
+        out["lam"] = out.pop("lambda")
+    if "quiet" in out:
+        quiet = out.pop("quiet")
+        if not isinstance(quiet, bool):
+            raise ValueError(f"--quiet: expected true/false, got {quiet!r}")
+        out["progress"] = not quiet
+    return out
 
 
 def _checked(name: str, value: Any, hint: Any) -> Any:

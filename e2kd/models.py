@@ -83,7 +83,8 @@ def create_model(name: str, num_classes: int, checkpoint: str | Path | None = No
             ``inplanes``, …; a kwarg the model would ignore is an error.
         num_classes: size of the classifier.
         checkpoint: ``.safetensors`` file or a torch state_dict (``.pt``/``.pth``, loaded with
-            ``weights_only=True``); class-count or key mismatches raise ``ValueError`` naming both sides.
+            ``weights_only=True``); class-count or key mismatches raise ``ValueError`` naming both sides, and so
+            does a model other than the one the checkpoint's run recorded (``summary.json`` beside it).
         pretrained: ask timm for its pretrained weights (downloads; never done otherwise).
         **model_kwargs: passed to the model constructor (e.g. ``channels=(16, 32, 64, 128), stem_width=16,
             output_stride=16`` for a narrow timm ResNet). ``None`` values are dropped.
@@ -112,6 +113,9 @@ def create_model(name: str, num_classes: int, checkpoint: str | Path | None = No
             raise ValueError(f"{name} does not accept kwargs {kwargs}: {exc}") from None
     model.e2kd_spec = {"name": name, "num_classes": int(num_classes), "kwargs": _jsonable(kwargs)}
     if checkpoint is not None:
+        from e2kd.runs import check_recorded_spec
+
+        check_recorded_spec(checkpoint, name, int(num_classes), model.e2kd_spec["kwargs"])
         load_state_dict(model, checkpoint)
     return model
 

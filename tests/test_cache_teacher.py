@@ -138,6 +138,12 @@ def test_bad_samples_are_skipped_recorded_and_counted(tmp_path: Path, teacher_ck
     assert summary["skipped"] == 3
     info = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)
     assert info["errors"] == 3 and info["num_samples"] == 2
+    listed = CliRunner().invoke(main, ["inspect", str(out), "--keys"]).output.splitlines()
+    assert sorted(listed) == ["a", "nolabel"]
+    errors = [json.loads(ln) for ln in CliRunner().invoke(main, ["inspect", str(out), "--errors"]).output.splitlines()]
+    assert {e["key"] for e in errors} == {"broken", "noimage", "evil"}
+    text = CliRunner().invoke(main, ["inspect", str(out)]).output
+    assert "input 64×64 px" in text and "float16" in text and "random_resized_crop ×2" in text
 
 
 def test_verify_names_the_shard_with_a_flipped_byte(cache: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import fsspec
@@ -173,3 +174,17 @@ def test_explainer_parameters_travel_from_the_options_through_the_manifest_to_th
         torch.testing.assert_close(scaled, 3.0 * plain)
     finally:
         _REGISTRY.pop("scaled_gradcam_test", None)
+
+
+def test_maps_of_two_by_two_or_fewer_cells_warn_naming_size_and_stride(tmp_path: Path) -> None:
+    from e2kd.stages.cache_teacher.stage import _build_teacher
+
+    opts = CacheTeacherOptions(data="x.tar", out=str(tmp_path / "o"), teacher="resnet18", num_classes=10,
+                               random_teacher=True, teacher_kwargs={"channels": [8, 8, 8, 8], "stem_width": 8},
+                               input_size=64)
+    with pytest.warns(UserWarning, match=r"2×2 at --input-size 64 \(the model's stride is 32\)"):
+        _build_teacher(opts)
+    opts.teacher_kwargs = {**opts.teacher_kwargs, "output_stride": 16}  # 4×4: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _build_teacher(opts)

@@ -54,7 +54,20 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert not list(elsewhere.iterdir())  # everything went to --out
+    (out / "console.txt").write_text(result.stdout)
     return out
+
+
+def test_the_demo_echoes_pasteable_commands_the_cli_accepts(demo_dir: Path) -> None:
+    import shlex
+
+    lines = [ln[2:] for ln in (demo_dir / "console.txt").read_text().splitlines() if ln.startswith("$ e2kd ")]
+    commands = [shlex.split(ln) for ln in lines]
+    assert {c[1] for c in commands} == {"make-dataset", "train-teacher", "cache-teacher", "train-student"}
+    for words in commands:
+        command = main.commands[words[1]]
+        with command.make_context(words[1], words[2:]) as ctx:  # every echoed flag parses as the CLI's own
+            assert ctx.params
 
 
 def test_quick_demo_writes_results_for_every_method(demo_dir: Path) -> None:
@@ -135,3 +148,32 @@ def test_train_teacher_learns_the_digits(digits: Path, tmp_path: Path) -> None:
     state = __import__("safetensors.torch").torch.load_file(str(tmp_path / "t" / "teacher.safetensors"))
     create_model("resnet18", 10, **TEACHER_KWARGS).load_state_dict(state, strict=True)
     assert torch.is_tensor(next(iter(state.values())))
+
+
+def test_run_directories_carry_their_model_and_refuse_other_flags(demo_dir: Path, tmp_path: Path) -> None:
+    teacher = demo_dir / "teacher"
+    with pytest.raises(ValueError, match="its run recorded kwargs="):  # forgotten --teacher-kwargs: not silent
+        create_model("resnet18", 10, checkpoint=teacher / "teacher.safetensors")
+    run = demo_dir / "runs" / "e2kd-frozen-seed0"
+    ood = ",".join(str(p) for p in sorted((demo_dir / "data").glob("test-ood-*.tar")))
+    by_run = CliRunner().invoke(main, ["evaluate", "--data", ood, "--cache", str(demo_dir / "cache-ood"), "--run",
+                                       str(run), "--json"])
+    assert by_run.exit_code == 0, by_run.output
+    by_flags = CliRunner().invoke(main, ["evaluate", "--data", ood, "--cache", str(demo_dir / "cache-ood"),
+                                         "--student", "resnet18", "--student-kwargs",
+                                         json.dumps({"channels": [16, 32, 64, 128], "stem_width": 16,
+                                                     "output_stride": 16}),
+                                         "--weights", str(run / "student.safetensors"), "--json"])
+    assert json.loads(by_run.output) == json.loads(by_flags.output)
+    conflict = CliRunner().invoke(main, ["cache-teacher", "--teacher-run", str(teacher), "--teacher-kwargs", "{}",
+                                         "--data", ood, "--out", str(tmp_path / "c")])
+    assert conflict.exit_code == 1 and "holds kwargs=" in conflict.output and not (tmp_path / "c").exists()
+    init = CliRunner().invoke(main, ["train-student", "--data", ood, "--cache", str(demo_dir / "cache-ood"),
+                                     "--student-init", str(run), "--student", "resnet34", "--out", str(tmp_path / "s")])
+    assert init.exit_code == 1 and "holds name=" in init.output and not (tmp_path / "s").exists()
+    png = tmp_path / "show.png"
+    key = sorted(open_store(str(demo_dir / "cache-ood")).keys())[0]
+    shown = CliRunner().invoke(main, ["show", str(demo_dir / "cache-ood"), "--key", key, "--out", str(png), "--run",
+                                      str(run)])
+    assert shown.exit_code == 0, shown.output
+    assert png.stat().st_size > 5_000

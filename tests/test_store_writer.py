@@ -68,6 +68,7 @@ def test_a_shard_is_written_committed_and_visible_only_once_recorded(tmp_path: P
         with pytest.raises(ValueError, match="also in input shard part-0"):
             resumed.record("part-1", resumed.write_shard("part-1", _columns(1, 1), ["s/3"], [], source="b"), ["s/3"])
     assert open_store(uri).shard_names == ["part-0"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["manifest.json", "shards"]  # no .staging/
 
 
 def test_resume_refuses_other_settings_and_overwrite_starts_over(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,3 +196,46 @@ def test_torchrun_two_cpu_ranks_with_uneven_shards_finishes(cache: Path, digits:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2 * (150 // 32)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_an_existing_run_is_neither_overwritten_nor_mixed_and_each_epoch_prints_one_line(
+        cache: Path, train_urls: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    opts = dict(data=train_urls, cache=str(cache), student="resnet18", student_kwargs=STUDENT_KWARGS, out=str(out),
+                epochs=2, steps_per_epoch=1, batch_size=8)
+    train_student(TrainOptions(**opts))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if re.match(r"epoch \d+/\d+  loss=", ln)]
+    assert [ln.split()[1] for ln in lines] == ["1/2", "2/2"] and all("kd=" in ln and "expl=" in ln for ln in lines)
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="already holds a run .*--resume continues it, --overwrite replaces it"):
+        train_student(TrainOptions(**opts, progress=False))
+    assert (out / "metrics.jsonl").read_text() == before  # nothing lost
+    train_student(TrainOptions(**opts, progress=False, overwrite=True))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    from e2kd.stages.train_teacher import TeacherOptions, train_teacher
+
+    with pytest.raises(FileExistsError, match="already holds a run"):  # checked before any work
+        train_teacher(TeacherOptions(data=train_urls, model="resnet18", num_classes=10, out=str(out)))
+
+
+def test_augmentation_flags_ignored_by_a_k_view_cache_warn(cache: Path, train_urls: str, tmp_path: Path) -> None:
+    from e2kd.stages.train_student import prepare_student
+
+    opts = dict(data=train_urls, cache=str(cache), student="resnet18", student_kwargs=STUDENT_KWARGS,
+                out=str(tmp_path / "r"), batch_size=8, progress=False)
+    with pytest.warns(UserWarning, match=r"--flip-p ignored: the cache holds 2 views per sample"):
+        prepare_student(TrainOptions(**opts, flip_p=0.5))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_student(TrainOptions(**opts))  # defaults: no warning
+
+
+def test_cached_shards_missing_from_data_warn(cache: Path, digits: Path, tmp_path: Path) -> None:
+    from e2kd.stages.train_student import prepare_student
+
+    opts = TrainOptions(data=f"{digits}/train-000000.tar", cache=str(cache), student="resnet18",
+                        student_kwargs=STUDENT_KWARGS, out=str(tmp_path / "r"), batch_size=8, progress=False)
+    with pytest.warns(UserWarning, match=r"5 cached shard\(s\) are not in --data and go unused"):
+        prepare_student(opts)

@@ -42,6 +42,7 @@ class JoinPlan:
     cache_bad: int = 0  # recorded as bad by the cache: skipped
     missing_in_cache: list[str] = field(default_factory=list)
     missing_in_input: list[str] = field(default_factory=list)
+    unused_cache_shards: list[str] = field(default_factory=list)  # cached shards --data does not name
 
     @property
     def num_samples(self) -> int:
@@ -76,6 +77,8 @@ def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool =
         plan.missing_in_input += [k for k in cached_here if k not in input_keys]
         plan.keys.update(usable)
         plan.shard_counts[shard.name] = len(usable)
+    named = {s.name for s in shards}
+    plan.unused_cache_shards = [n for n in store.shard_names if n not in named]
     if not allow_missing and (plan.missing_in_cache or plan.missing_in_input):
         what = (f"{len(plan.missing_in_cache)} input key(s) have no cached output (e.g. "
                 f"{plan.missing_in_cache[:3]})" if plan.missing_in_cache else

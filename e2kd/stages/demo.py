@@ -11,7 +11,9 @@ Methods (names used in every output): ``teacher`` (reference row), ``kd`` (λ=0 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 import statistics
 import time
 from dataclasses import dataclass
@@ -52,16 +54,39 @@ class DemoPlan:
         return cls(teacher_epochs=2, student_epochs=2, steps_per_epoch=2, batch_size=32, views=2, seeds=(0,))
 
 
-def _say(text: str) -> None:
-    print(f"\n== {text}", flush=True)
+#: option fields whose flag is spelled differently
+_FLAGS = {"lam": "--lambda", "format": "--format"}
+
+
+def _echo(command: str, opts: Any, config: str | None = None, given: set[str] | None = None) -> None:
+    """Print the CLI command equivalent to ``opts`` (shell-quoted, pasteable): the options that differ from the
+    defaults, or only ``given`` ones when a ``config`` preset supplies the rest."""
+    words = ["e2kd", command] + (["--config", config] if config else [])
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if (given is not None and f.name not in given) or (given is None and value == default):
+            continue
+        flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        if f.name == "progress":
+            words += [] if value else ["--quiet"]
+        elif isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            words += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            words += [flag, json.dumps(value)]
+        elif value is not None:
+            words += [flag, str(value)]
+    print("\n$ " + shlex.join(words), flush=True)
 
 
 def _cache(data: str, out: Path, teacher: Path, views: str) -> int:
     """Cache the teacher on ``data`` (the demo owns ``out``: overwritten); return the store's bytes."""
-    _say(f"cache-teacher --config {PRESET} --views {views} → {out}")
-    opts = build_options(CacheTeacherOptions, PRESET, {"data": data, "out": str(out), "checkpoint": str(teacher),
-                                                       "views": views, "crop_scale": (0.7, 1.0), "flip_p": 0.0,
-                                                       "overwrite": True, "progress": False})
+    flags = {"data": data, "out": str(out), "checkpoint": str(teacher), "views": views, "crop_scale": (0.7, 1.0),
+             "flip_p": 0.0, "overwrite": True, "progress": False}
+    opts = build_options(CacheTeacherOptions, PRESET, flags)
+    _echo("cache-teacher", opts, config=PRESET, given=set(flags))
     summary = run_cache_teacher(opts)
     info = summarise_store(str(out))
     print(f"cached {summary['num_samples']} samples, {info['bytes']} B ({info['bytes_per_sample_view']:.0f} B per "
@@ -74,7 +99,7 @@ def _student_options(method: str, seed: int, d: dict[str, Any], plan: DemoPlan) 
                   out=str(d["runs"] / f"{method}-seed{seed}"), epochs=plan.student_epochs,
                   steps_per_epoch=plan.steps_per_epoch, batch_size=plan.batch_size, lr=3e-3,
                   temperature=plan.temperature, crop_scale=(0.7, 1.0), flip_p=0.0, seed=seed, progress=False,
-                  lam=0.0 if method == "kd" else plan.lam)
+                  lam=0.0 if method == "kd" else plan.lam, overwrite=True)  # the demo owns its --out
     if method == "e2kd-live":
         return TrainOptions(**common, online_teacher="resnet18", teacher_checkpoint=str(d["teacher"]),
                             teacher_kwargs=TEACHER_KWARGS, num_classes=10, explainer="gradcam", input_size=64)
@@ -91,7 +116,7 @@ def _row(method: str, seed: int, weights: Path, d: dict[str, Any], kwargs: dict,
 
 
 def _data(root: Path) -> dict[str, Any]:
-    _say(f"make-dataset digits-shift → {root / 'data'}")
+    print("\n$ " + shlex.join(["e2kd", "make-dataset", "digits-shift", "--out", str(root / "data")]), flush=True)
     written = make_digits_shift(root / "data")
     d: dict[str, Any] = {split: ",".join(str(p) for p in sorted(paths)) for split, paths in written.items()}
     d.update(ood=d.pop("test-ood"), runs=root / "runs", teacher=root / "teacher" / "teacher.safetensors")
@@ -104,10 +129,11 @@ def run_demo(out: str | Path, quick: bool = False) -> list[dict[str, Any]]:
     root = Path(out)
     t0 = time.time()
     d = _data(root)
-    _say(f"train-teacher ({plan.teacher_epochs} epochs)")
-    train_teacher(TeacherOptions(data=d["teacher-train"], model="resnet18", model_kwargs=TEACHER_KWARGS,
-                                 num_classes=10, input_size=64, epochs=plan.teacher_epochs,
-                                 out=str(root / "teacher"), progress=False))
+    teacher = TeacherOptions(data=d["teacher-train"], model="resnet18", model_kwargs=TEACHER_KWARGS, num_classes=10,
+                             input_size=64, epochs=plan.teacher_epochs, out=str(root / "teacher"), progress=False,
+                             overwrite=True)
+    _echo("train-teacher", teacher)
+    train_teacher(teacher)
     sizes = {"full": _cache(d["train"], root / "cache-full", d["teacher"], "full"),
              "views": _cache(d["train"], root / "cache-views", d["teacher"], str(plan.views))}
     _cache(d["val"], root / "cache-val", d["teacher"], "full")
@@ -118,8 +144,9 @@ def run_demo(out: str | Path, quick: bool = False) -> list[dict[str, Any]]:
     rows = [_row("teacher", 0, d["teacher"], d, TEACHER_KWARGS, teacher_sec, 0)]
     for method in METHODS:
         for seed in plan.seeds:
-            _say(f"train-student {method} seed {seed}")
-            train_student(_student_options(method, seed, d, plan))
+            opts = _student_options(method, seed, d, plan)
+            _echo("train-student", opts)
+            train_student(opts)
             run = d["runs"] / f"{method}-seed{seed}"
             nbytes = {"kd": sizes["full"], "e2kd-frozen": sizes["full"], "e2kd-views": sizes["views"]}.get(method, 0)
             rows.append(_row(method, seed, run / "student.safetensors", d, STUDENT_KWARGS,

@@ -15,7 +15,7 @@ __all__ = ["evaluate_weights"]
 def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict[str, Any] | None = None,
                      cache: str | None = None, num_classes: int | None = None, explainer: str | None = None,
                      input_size: int | None = None, batch_size: int = 64, workers: int = 0,
-                     expl_resolution: str = "input") -> dict[str, float]:
+                     expl_resolution: str = "input", progress: bool = False) -> dict[str, float]:
     """Load ``student.safetensors`` and evaluate it (class count, explainer, size default to the cache's).
 
     Raises:
@@ -30,4 +30,4 @@ def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict
     if num_classes is None or input_size is None:
         raise ValueError("without --cache, give --num-classes and --input-size")
     model = create_model(student, num_classes, checkpoint=weights, **(student_kwargs or {}))
-    return evaluate_model(model, data, cache, explainer, input_size, batch_size, workers, expl_resolution)
+    return evaluate_model(model, data, cache, explainer, input_size, batch_size, workers, expl_resolution, progress)

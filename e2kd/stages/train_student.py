@@ -8,6 +8,7 @@ shards, run the same number of steps per epoch and average gradients; only rank 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from e2kd.training import (
     StudentObjective,
     Trainer,
     build_optimizer,
+    check_run_dir,
     evaluate_model,
     init_distributed,
 )
@@ -71,6 +73,7 @@ class TrainOptions:
     workers: int = 0
     amp: bool = False
     resume: bool = False
+    overwrite: bool = False
     allow_missing: bool = False
     seed: int = 0
     online_teacher: str | None = None
@@ -119,7 +122,26 @@ def resolve_against_cache(opts: TrainOptions, manifest: Manifest) -> TrainOption
                            explainer_family=explainer_family(explainer), input_size=opts.input_size)
     opts.num_classes, opts.explainer = manifest.num_classes, explainer
     opts.input_size = opts.input_size or manifest.input_size[0]
+    _warn_ignored_augmentation(opts, manifest)
     return opts
+
+
+def _warn_ignored_augmentation(opts: TrainOptions, manifest: Manifest) -> None:
+    """``--crop-scale`` / ``--flip-p`` act on a ``full`` cache only: with a K-view cache the cached views are
+    replayed exactly, so values other than the defaults are ignored — say so instead of silently."""
+    import warnings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+    changed = [flag for flag, name in (("--crop-scale", "crop_scale"), ("--flip-p", "flip_p"))
+               if tuple(_as_list(getattr(opts, name))) != tuple(_as_list(defaults[name]))]
+    if manifest.replays_views and changed:
+        warnings.warn(f"{' and '.join(changed)} ignored: the cache holds {manifest.num_views} views per sample, "
+                      f"which the student replays exactly (drawn with crop scale {manifest.views.get('scale')}, "
+                      f"flip p {manifest.views.get('flip_p')})", UserWarning, stacklevel=2)
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _open_cache(uri: str) -> Any:
@@ -170,6 +192,7 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
         CompatibilityError: the cache does not fit the run.
         ValueError: the data, keys or options do not allow one step.
     """
+    check_run_dir(Path(opts.out), opts.resume, opts.overwrite)
     rank, world = init_distributed()
     store = None
     if opts.cache is not None:
@@ -179,6 +202,12 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
         raise ValueError("--online-teacher needs --num-classes, --explainer and --input-size")
     shards = list_shards(opts.data)
     plan = plan_join(shards, store, opts.allow_missing)
+    if plan.unused_cache_shards:
+        import warnings
+
+        warnings.warn(f"{len(plan.unused_cache_shards)} cached shard(s) are not in --data and go unused (e.g. "
+                      f"{plan.unused_cache_shards[:3]}); train on a subset deliberately, or give every input shard",
+                      UserWarning, stacklevel=2)
     _check_validation_inputs(opts)
     keys = select_shots(plan.keys, opts.shots, opts.shot_seed) if opts.shots else plan.keys
     per_step = opts.batch_size * world

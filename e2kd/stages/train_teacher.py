@@ -12,7 +12,7 @@ import torch
 from e2kd.models import create_model, model_spec
 from e2kd.pipeline.loader import StreamSpec, build_loader, plan_join
 from e2kd.pipeline.sources import list_shards
-from e2kd.training import SupervisedObjective, Trainer, build_optimizer, evaluate_model
+from e2kd.training import SupervisedObjective, Trainer, build_optimizer, check_run_dir, evaluate_model
 from e2kd.training.loop import seed_everything
 
 __all__ = ["TeacherOptions", "train_teacher"]
@@ -42,7 +42,21 @@ class TeacherOptions:
     workers: int = 0
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        from e2kd.config import check_crop_scale, check_range
+
+        check_crop_scale(tuple(self.crop_scale))
+        for flag, value, lo in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                                ("--input-size", self.input_size, 8), ("--num-classes", self.num_classes, 1),
+                                ("--workers", self.workers, 0), ("--warmup-epochs", self.warmup_epochs, 0),
+                                ("--weight-decay", self.weight_decay, 0)):
+            check_range(flag, value, lo)
+        check_range("--lr", self.lr, 0, exclusive_lo=True)
+        check_range("--flip-p", self.flip_p, 0, 1)
+        check_range("--label-smoothing", self.label_smoothing, 0, 1)
 
 
 def train_teacher(opts: TeacherOptions) -> dict[str, Any]:
@@ -50,6 +64,7 @@ def train_teacher(opts: TeacherOptions) -> dict[str, Any]:
 
     The same :class:`~e2kd.training.Trainer` as students (checkpoint every epoch; ``resume`` continues one).
     """
+    check_run_dir(Path(opts.out), opts.resume, opts.overwrite)
     shards = list_shards(opts.data)
     keys = {k: v for k, v in plan_join(shards, None).keys.items() if v >= 0}
     steps = len(keys) // opts.batch_size

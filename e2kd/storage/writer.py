@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -177,7 +178,11 @@ class CacheWriter:
 
     # ---- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the lock (the store stays as recorded)."""
+        """Release the lock (the store stays as recorded); an empty staging directory is removed."""
+        staging = f"{self.root}/{STAGING_DIR}"
+        if is_local(self.fs) and os.path.isdir(staging):
+            with contextlib.suppress(OSError):  # not empty: a worker still writing (its run was killed)
+                os.rmdir(staging)
         self._lock.release()
 
     def __enter__(self) -> CacheWriter:

@@ -5,9 +5,9 @@ Stages build a :class:`Trainer` (model, objective, optimiser, scheduler, loader)
 """
 
 from e2kd.training.evaluation import evaluate_model
-from e2kd.training.loop import Trainer, build_optimizer, init_distributed
+from e2kd.training.loop import Trainer, build_optimizer, check_run_dir, init_distributed
 from e2kd.training.objectives import StudentObjective, SupervisedObjective
 from e2kd.training.targets import CachedTargets, OnlineTeacherTargets
 
-__all__ = ["Trainer", "build_optimizer", "init_distributed", "evaluate_model", "StudentObjective",
+__all__ = ["Trainer", "build_optimizer", "check_run_dir", "init_distributed", "evaluate_model", "StudentObjective",
            "SupervisedObjective", "CachedTargets", "OnlineTeacherTargets"]

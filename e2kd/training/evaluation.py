@@ -14,13 +14,14 @@ __all__ = ["evaluate_model"]
 
 
 def evaluate_model(model: torch.nn.Module, data: str, cache: str | None, explainer: str | None, input_size: int,
-                   batch_size: int = 64, workers: int = 0, expl_resolution: str = "input") -> dict[str, float]:
+                   batch_size: int = 64, workers: int = 0, expl_resolution: str = "input",
+                   progress: bool = False) -> dict[str, float]:
     """Metrics of a student on ``data`` (whole images, or the cache's first view for a K-view cache).
 
     Returns ``top1`` when samples carry labels, and with a cache ``agreement`` (student top-1 = teacher top-1)
     and ``expl_sim`` (mean cosine of the student's map to the cached teacher map, for the teacher's class,
     taken as :class:`~e2kd.losses.E2KDObjective` takes it at ``expl_resolution``).
-    Metrics that cannot be computed are absent, never NaN.
+    ``eval_samples`` is the number of samples evaluated. Metrics that cannot be computed are absent, never NaN.
     """
     store = open_store(cache) if cache else None
     shards = list_shards(data)
@@ -33,9 +34,12 @@ def evaluate_model(model: torch.nn.Module, data: str, cache: str | None, explain
     model.eval()
     objective = E2KDObjective(model, explainer, expl_resolution=expl_resolution) \
         if (store is not None and explainer) else None
-    sums = {"correct": 0, "labelled": 0, "agree": 0, "sim": 0.0, "cached": 0}
+    sums = {"correct": 0, "labelled": 0, "agree": 0, "sim": 0.0, "cached": 0, "n": 0}
     transform = input_transform(model)
-    for batch in loader:
+    from tqdm import tqdm
+
+    # labels of −1 (unlabelled) are masked out of top-1, so timm.utils.accuracy (no mask) is not used here
+    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=None if progress else True):
         x = transform(batch["image"].to(device))
         if "t_logits" in batch and objective is not None:
             targets = batch["target"].to(device)
@@ -52,8 +56,9 @@ def evaluate_model(model: torch.nn.Module, data: str, cache: str | None, explain
         mask = labels >= 0
         sums["correct"] += int((logits.argmax(1)[mask] == labels[mask]).sum())
         sums["labelled"] += int(mask.sum())
+        sums["n"] += len(labels)
     model.train(was_training)
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"eval_samples": sums["n"]}
     if sums["labelled"]:
         out["top1"] = sums["correct"] / sums["labelled"]
     if sums["cached"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,22 @@ from timm.utils import dispatch_clip_grad, random_seed
 
 from e2kd.training.objectives import StepObjective
 
-__all__ = ["Trainer", "build_optimizer", "init_distributed", "seed_everything"]
+__all__ = ["Trainer", "build_optimizer", "init_distributed", "seed_everything", "check_run_dir", "RUN_FILES"]
+
+#: Files that make a directory a run: training into it again needs ``--resume`` or ``--overwrite``.
+RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "summary.json", "student.safetensors", "teacher.safetensors")
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into an existing run unless it is resumed or explicitly overwritten (nothing lost silently).
+
+    Raises:
+        FileExistsError: ``out`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+    """
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not resume and not overwrite:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): --resume continues it, --overwrite "
+                              f"replaces it, or choose another --out")
 
 
 def init_distributed() -> tuple[int, int]:
@@ -135,29 +151,41 @@ class Trainer:
     def fit(self, out: Path, resume: bool = False) -> tuple[dict[str, float], int]:
         """Train to ``epochs`` writing ``metrics.jsonl`` and ``checkpoint.pt`` (every epoch) into ``out``.
 
-        With ``resume`` and a checkpoint in ``out``, training continues exactly where it stopped (model,
-        optimiser, scheduler, RNG states; metrics of later epochs dropped). Returns (last epoch's metrics,
-        number of updates); a finished run resumed keeps its final metrics.
+        Without ``resume`` the run files of an earlier run in ``out`` are removed first (callers check with
+        :func:`check_run_dir`). With ``resume`` and a checkpoint in ``out``, training continues exactly where it
+        stopped (model, optimiser, scheduler, RNG states; metrics of later epochs dropped). Returns (last epoch's
+        metrics, number of updates); a finished run resumed keeps its final metrics.
         """
         start_epoch, num_updates = 0, 0
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         if resume and (out / "checkpoint.pt").exists():
             start_epoch, num_updates = self.restore(out)
-        elif self.rank == 0 and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
+        elif self.rank == 0:  # a fresh run (``check_run_dir`` passed): nothing of an older run may survive
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
         metrics = _last_metrics(out / "metrics.jsonl") if start_epoch else {}
         for epoch in range(start_epoch, self.epochs):
             metrics, num_updates = self.train_epoch(epoch, num_updates)
             if self.rank == 0:
                 if self.validate is not None:
                     metrics.update(self.validate())
+                self._report(epoch, metrics)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"epoch": epoch + 1, "steps": num_updates, **metrics}) + "\n")
                 self.checkpoint(out, epoch + 1, num_updates)
             if self.world > 1:
                 torch.distributed.barrier()
         return metrics, num_updates
+
+    def _report(self, epoch: int, metrics: dict[str, float]) -> None:
+        """One console line per epoch (stderr, with the progress bars): loss parts and validation metrics."""
+        if not self.progress:
+            return
+        shown = {k: v for k, v in metrics.items() if k not in ("samples_per_s", "lr")}
+        parts = "  ".join(f"{k}={v:.4g}" for k, v in shown.items() if k != "sec_per_epoch")
+        print(f"{self.desc} {epoch + 1}/{self.epochs}  {parts}  ({metrics['sec_per_epoch']:.1f} s, "
+              f"{metrics['samples_per_s']:.0f} samples/s)", file=sys.stderr, flush=True)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def checkpoint(self, out: Path, epoch: int, num_updates: int) -> None:

@@ -124,18 +124,26 @@ def _build_teacher(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes, di
         model = create_model(opts.teacher, opts.num_classes, checkpoint=opts.checkpoint, **opts.teacher_kwargs)
     transform = input_transform(model)
     explainer = build_explainer(opts.explainer, model.eval(), **opts.explainer_kwargs)
-    _check_map_size(opts, explainer, transform)
+    _check_maps(opts, explainer, transform)
     return transform, weights, explainer.config()
 
 
-def _check_map_size(opts: CacheTeacherOptions, explainer: Any, transform: InputTransform) -> None:
-    """One explanation of a blank image: ``--map-size`` larger than the explainer's map fails here, not in a worker."""
+def _check_maps(opts: CacheTeacherOptions, explainer: Any, transform: InputTransform) -> None:
+    """One explanation of a blank image, before any work: ``--map-size`` larger than the explainer's map fails
+    here (not in a worker), and maps of 2×2 or fewer cells — too coarse to teach where to look — warn."""
+    import warnings
+
     import torch
 
-    if opts.map_size is None:
-        return
     maps, _ = explainer(transform(torch.zeros(1, 3, opts.input_size, opts.input_size)))
-    opts.encoding.pool_maps(maps)
+    h, w = maps.shape[-2:]
+    if h * w <= 4:
+        warnings.warn(f"the {opts.explainer} maps of {opts.teacher} are {h}×{w} at --input-size {opts.input_size} "
+                      f"(the model's stride is {opts.input_size // max(h, 1)}): too coarse for an explanation loss. "
+                      f"Use a larger --input-size, or a smaller stride (timm: --teacher-kwargs "
+                      f"'{{\"output_stride\": 16}}')", UserWarning, stacklevel=2)
+    if opts.map_size is not None:
+        opts.encoding.pool_maps(maps)
 
 
 def _check_inputs_unchanged(manifest: Manifest, shards: list[InputShard]) -> dict[str, int | None]:
