@@ -148,6 +148,8 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
               help="No checkpoint: a random-init teacher seeded by --seed, recorded in the manifest (tests, "
                    "benchmarks).")
 @click.option("--num-classes", type=int, help="Teacher's class count.")
+@click.option("--class-names", type=click.Path(exists=True, dir_okay=False),
+              help="Text file of class names, line i = class i (default for an image folder: its directories).")
 @click.option("--teacher-kwargs", help='JSON kwargs for the model constructor, e.g. \'{"output_stride": 16}\'.')
 @click.option("--explainer", help="gradcam | bcos | input_x_gradient (`e2kd explainers`)  [default: gradcam]")
 @click.option("--explainer-kwargs", help="JSON kwargs of the explainer (recorded in the manifest).")
@@ -220,6 +222,9 @@ def inspect_cmd(store: str, as_json: bool, list_keys: bool, list_errors: bool) -
         return
     click.echo(f"store       {store}  ({info['format']}, schema v{info['schema_version']}, "
                f"e2kd {info['e2kd_version']})")
+    if info["class_names"]:
+        shown = ", ".join(info["class_names"][:10]) + (", …" if len(info["class_names"]) > 10 else "")
+        click.echo(f"classes     {shown}")
     click.echo(f"teacher     {info['teacher']['name']}  classes={info['num_classes']}  "
                f"checkpoint sha256={info['teacher'].get('checkpoint_sha256')}")
     size = "×".join(map(str, info["preprocessing"]["input_size"]))
@@ -423,9 +428,11 @@ def show_cmd(store: str, key: str, out: str, data: str | None, run_dir: str | No
 
     try:
         model = _model_flags(run_dir, student, weights, student_kwargs, None, required=False)
-        show_key(store, key, out, data, model["student"], model["weights"], model["student_kwargs"])
+        cosines = show_key(store, key, out, data, model["student"], model["weights"], model["student_kwargs"])
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(exc) from None
+    if cosines:
+        click.echo("student-teacher map cosine per view: " + "  ".join(f"{v}: {c:.3f}" for v, c in enumerate(cosines)))
     click.echo(f"wrote {out}")
 
 

@@ -70,6 +70,16 @@ def test_image_folder_source_keys_and_labels(tmp_path: Path) -> None:
     good = {i.key: i.label for i in items if hasattr(i, "image")}
     assert good == {"cat/a": 0, "cat/b": 0, "dog/c": 1}
     assert [i.key for i in items if not hasattr(i, "image")] == ["dog/broken"]
+    from e2kd.pipeline.sources import class_names
+    from e2kd.stages.cache_teacher.stage import _class_names
+
+    assert class_names(shards) == ["cat", "dog"]
+    opts = CacheTeacherOptions(data=str(tmp_path), out="o", teacher="resnet18", num_classes=2, random_teacher=True)
+    assert _class_names(opts, shards) == ("cat", "dog")
+    (tmp_path / "names.txt").write_text("# index = line\nfelis\ncanis\nbos\n")
+    opts.class_names, opts.num_classes = str(tmp_path / "names.txt"), 2
+    with pytest.raises(ValueError, match="gives 3 names for 2 classes"):
+        _class_names(opts, shards)
 
 
 def test_stores_are_readable_through_fsspec_urls(cache: Path) -> None:
@@ -188,3 +198,27 @@ def test_maps_of_two_by_two_or_fewer_cells_warn_naming_size_and_stride(tmp_path:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _build_teacher(opts)
+
+
+def test_workers_report_progress_per_sample_and_the_bar_estimates_the_total(digits: Path, tmp_path: Path) -> None:
+    from e2kd.stages.cache_teacher.stage import _SampleBar
+
+    class Counter:  # stands in for the Ray actor handle: .add.remote(n)
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+            self.add = self
+
+        def remote(self, n: int) -> None:
+            self.calls.append(n)
+
+    teacher = {"name": "resnet18", "num_classes": 10, "kwargs": TEACHER_KWARGS}
+    spec = _spec(tmp_path, teacher, "gradcam", Encoding(10), views=2)
+    spec.batch_size = 8
+    counter = Counter()
+    _, keys, _ = TeacherWorker(spec).compute(list_shards(f"{digits}/val-000000.tar")[0], counter)
+    assert sum(counter.calls) == len(keys) == 50 and len(counter.calls) > 5 and min(counter.calls) >= 0
+    shards = list_shards(f"{digits}/val-{{000000..000003}}.tar")
+    bar = _SampleBar(shards, {s.name: 1000 for s in shards}, enabled=False)
+    bar.samples(50)
+    bar.shard_done(1000, 50)
+    assert bar.bar.total == 200  # 50 samples per 1000 bytes, 4000 bytes to do

@@ -143,6 +143,10 @@ def test_manifest_round_trip_and_student_checks() -> None:
     m = _manifest().with_shard("a", ShardRecord(source="a", num_samples=2, num_errors=0, sha256="0" * 64, nbytes=9,
                                                 map_shape=(1, 2, 2)))
     assert Manifest.from_json(m.to_json()) == m and m.map_shape == (1, 2, 2) and m.num_samples == 2
+    named = Manifest(**{**m.__dict__, "class_names": ("a", "b", "c")})
+    assert Manifest.from_json(named.to_json()) == named and named.class_name(1) == "1 (b)" and m.class_name(1) == "1"
+    with pytest.raises(ManifestError, match="class_names is not a list of 3 strings"):
+        Manifest.from_json({**named.to_json(), "class_names": ["a"]})
     assert m.inputs["urls"] == ["a"] and m.inputs["fingerprint"]
     m.check_student(num_classes=3, explainer_family="gradcam", input_size=8)
     for kwargs, field in [({"num_classes": 4}, "num_classes"), ({"explainer_family": "bcos"}, "explainer"),
@@ -200,3 +204,25 @@ def test_wds_shards_of_e2kd_0_1_still_read(tmp_path: Path) -> None:
                 tar.addfile(info, data)
     read = get_format("wds").read({"data.tar": buf.getvalue()}, sorted(cols), "shard", None, ["k0", "k1"])
     assert all(np.array_equal(read[c], cols[c]) for c in cols)
+
+
+def test_show_finds_images_of_a_handed_over_image_folder_cache(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from e2kd.stages.figures import find_image
+
+    folder = tmp_path / "folder"
+    (folder / "cat").mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 255, (9, 9, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "cat" / "img0.png")
+    uri = str(tmp_path / "store")
+    with create_store(uri, _manifest()) as writer:  # the shard's source is the class directory, as cached
+        record = writer.write_shard("class-cat", _columns(1, 0), ["cat/img0"], [], source=str(folder / "cat"))
+        writer.record("class-cat", record, ["cat/img0"])
+    store = open_store(uri)
+    assert np.array_equal(find_image(store, "cat/img0").permute(1, 2, 0).numpy(), pixels)
+    moved = tmp_path / "elsewhere"
+    folder.rename(moved)  # handed over: the recorded path is gone
+    with pytest.raises(ValueError, match="not reachable here .* pass --data"):
+        find_image(store, "cat/img0")
+    assert np.array_equal(find_image(store, "cat/img0", data=str(moved)).permute(1, 2, 0).numpy(), pixels)

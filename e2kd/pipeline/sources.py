@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from e2kd.storage.names import shard_name_for
+from e2kd.storage import shard_name_for
 
-__all__ = ["InputShard", "TarShard", "FolderShard", "Sample", "BadSample", "list_shards", "iter_shard",
-           "iter_keys", "decode_image", "input_size_bytes", "input_sha256", "IMAGE_EXTS"]
+__all__ = ["InputShard", "TarShard", "FolderShard", "Sample", "BadSample", "list_shards", "class_names",
+           "read_class_names", "iter_shard", "iter_keys", "decode_image", "input_size_bytes", "input_sha256",
+           "IMAGE_EXTS"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REFUSED_EXTS = ("pkl", "pyd", "pickle", "pth", "pt")
@@ -191,6 +192,20 @@ def input_sha256(shard: InputShard) -> str | None:
 
 
 # ---- listing -------------------------------------------------------------------------------------------
+def class_names(shards: Sequence[InputShard]) -> list[str] | None:
+    """Class names by index from an image folder's class directories; None unless every shard is one."""
+    if not shards or not all(isinstance(s, FolderShard) for s in shards):
+        return None
+    by_label = {s.label: Path(s.url).name for s in shards}  # type: ignore[attr-defined]
+    return [by_label[i] for i in range(len(by_label))] if sorted(by_label) == list(range(len(by_label))) else None
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """A class-names file: one name per line, line i is class i (blank lines and ``#`` comments skipped)."""
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
 def list_shards(urls: str | Sequence[str]) -> list[InputShard]:
     """Expand comma-separated URLs / brace patterns into input shards; a local directory is an image folder.
 

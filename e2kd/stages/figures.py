@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from e2kd.explain import build_explainer
+from e2kd.losses import explanation_similarity
 from e2kd.models import create_model, input_transform
-from e2kd.pipeline.sources import Sample, iter_shard, list_shards
+from e2kd.pipeline.sources import FolderShard, Sample, iter_shard, list_shards
 from e2kd.pipeline.views import render_view
 
 __all__ = ["explanation_grid", "show_key", "find_image"]
@@ -74,57 +76,90 @@ def explanation_grid(data: str, cache: str | Path, students: dict[str, Path], mo
 
 
 def find_image(store: Any, key: str, data: str | None = None) -> torch.Tensor:
-    """The uint8 image of ``key``: from ``data``, else from the manifest's local input path (never a ``pipe:``)."""
+    """The uint8 image of ``key``: from ``data``, else from the manifest's input path (never a ``pipe:``).
+
+    The manifest's path of an image-folder shard is its class directory (keys relative to the folder above it).
+    """
     name, _ = store.index[key]
     source = data or store.manifest.shards[name].source
     if source.startswith("pipe:"):
         raise ValueError(f"the manifest names a pipe: command for shard {name}; pass --data (commands from a shared "
                          f"store are never run)")
-    for shard in list_shards(source):
+    if data is None and "://" not in source and not os.path.exists(source):
+        raise ValueError(f"the input of shard {name} is not reachable here ({source}, recorded when the cache was "
+                         f"built): pass --data with the shard or image folder that holds key {key!r}")
+    for shard in _shards_of(source, name):
         for sample in iter_shard(shard):
             if isinstance(sample, Sample) and sample.key == key:
                 return sample.image
     raise KeyError(f"key {key!r} not found in {source}")
 
 
-def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None, student: str | None = None,
-             weights: str | None = None, student_kwargs: dict[str, Any] | None = None) -> None:
-    """Image with view boxes, then per view the teacher map (and the student's map beside it)."""
-    from matplotlib.patches import Rectangle
+def _shards_of(source: str, name: str) -> list[Any]:
+    """Input shards of ``source``; a class directory of an image folder stands for itself (keys relative to its
+    parent, as when the folder was cached)."""
+    path = Path(source)
+    if path.is_dir() and not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        return [FolderShard(name=name, url=str(path), root=str(path.parent))]
+    return list_shards(source)
 
+
+def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None, student: str | None = None,
+             weights: str | None = None, student_kwargs: dict[str, Any] | None = None) -> list[float]:
+    """One row per cached view: the image with the view's box, the teacher's map, the student's map (with
+    ``student`` and ``weights``) and the teacher's map over the view, each map with a colour bar.
+
+    Returns the per-view cosine between the student's and the teacher's map (taken at the input size, as
+    train-student's loss takes it); empty without a student.
+    """
     from e2kd.storage import open_store
 
     store = open_store(store_uri)
     rec, image = store.read(key), find_image(store, key, data)
     size = store.manifest.input_size
     inputs = torch.stack([render_view(image, v.tolist(), size) for v in rec["views"]])
-    student_maps = None
+    student_maps, cosines = None, []
     if student and weights:
-        net = create_model(student, store.manifest.num_classes, checkpoint=weights,
-                           **(student_kwargs or {}))
+        net = create_model(student, store.manifest.num_classes, checkpoint=weights, **(student_kwargs or {}))
         student_maps = _student_maps(net, store.manifest.explainer_name, inputs, rec["target"])
-    views = len(rec["views"])
-    cols = 1 + views * (2 if student_maps is not None else 1)
+        cosines = explanation_similarity(student_maps.float(), rec["maps"].float(), size).tolist()
     plt = _plt()
-    fig, axes = plt.subplots(1, cols, figsize=(2.2 * cols, 2.4), squeeze=False)
-    _, h, w = image.shape
-    axes[0][0].imshow(image.permute(1, 2, 0).numpy())
-    axes[0][0].set_title(f"{key} (label {rec['label']})", fontsize=7)
-    for v, (top, left, vh, vw, _flip) in enumerate(rec["views"].tolist()):
-        axes[0][0].add_patch(Rectangle((left * w, top * h), vw * w, vh * h, fill=False, lw=1,
-                                       edgecolor=plt.cm.tab10(v % 10)))
-    col = 1
+    cols = 4 if student_maps is not None else 3
+    views = len(rec["views"])
+    fig, axes = plt.subplots(views, cols, figsize=(2.6 * cols, 2.4 * views), squeeze=False)
     for v in range(views):
-        panels = [("teacher", rec["maps"][v])] + ([("student", student_maps[v])] if student_maps is not None else [])
-        for title, maps in panels:
-            ax = axes[0][col]
-            ax.imshow(inputs[v].permute(1, 2, 0).numpy())
-            ax.imshow(_heat(maps, size).numpy(), cmap="jet", alpha=0.5)
-            ax.set_title(f"view {v} {title}, class {int(rec['target'][v])}", fontsize=7)
-            col += 1
-    for ax in axes[0]:
+        row = axes[v]
+        label = store.manifest.class_name(rec["label"])
+        _image_with_box(row[0], image, rec["views"][v].tolist(), f"{key} (label {label}), view {v}")
+        _map_panel(fig, row[1], rec["maps"][v], size,
+                   f"teacher map, class {store.manifest.class_name(int(rec['target'][v]))}")
+        if student_maps is not None:
+            _map_panel(fig, row[2], student_maps[v], size, f"student map (cos {cosines[v]:.3f})")
+        row[-1].imshow(inputs[v].permute(1, 2, 0).numpy())
+        row[-1].imshow(_heat(rec["maps"][v], size).numpy(), cmap="jet", alpha=0.5)
+        row[-1].set_title("teacher map over the view", fontsize=7)
+    for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return cosines
+
+
+def _image_with_box(ax: Any, image: torch.Tensor, view: list[float], title: str) -> None:
+    from matplotlib.patches import Rectangle
+
+    _, h, w = image.shape
+    top, left, vh, vw, _flip = view
+    ax.imshow(image.permute(1, 2, 0).numpy())
+    ax.add_patch(Rectangle((left * w, top * h), vw * w, vh * h, fill=False, lw=1.5, edgecolor="red"))
+    ax.set_title(title, fontsize=7)
+
+
+def _map_panel(fig: Any, ax: Any, maps: torch.Tensor, size: tuple[int, int], title: str) -> None:
+    """A map (channel sum, upsampled to the input size) with its own colour bar, in the map's units."""
+    m = F.interpolate(maps.float().sum(0, keepdim=True)[None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    image = ax.imshow(m.numpy(), cmap="jet")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title, fontsize=7)

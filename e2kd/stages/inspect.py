@@ -29,4 +29,4 @@ def summarise_store(uri: str) -> dict[str, Any]:
             "bad_labels": sum(r.num_bad_labels for r in complete), "complete_shards": len(complete),
             "views": m.views, "encoding": m.encoding.to_dict(), "format": m.format,
             "schema_version": m.schema_version, "e2kd_version": m.e2kd_version, "preprocessing": m.preprocessing,
-            "inputs": m.inputs}
+            "inputs": m.inputs, "class_names": list(m.class_names) if m.class_names else None}

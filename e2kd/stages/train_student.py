@@ -168,6 +168,7 @@ def _check_validation_inputs(opts: TrainOptions) -> None:
 def _cache_identity(uri: str, m: Manifest) -> dict[str, Any]:
     """What the summary records about the cache a student learnt from."""
     return {"uri": uri, "teacher": m.teacher, "explainer": m.explainer, "views": m.views,
+            "class_names": list(m.class_names) if m.class_names else None,
             "inputs_fingerprint": m.inputs["fingerprint"],
             "shards_sha256": {n: r.sha256 for n, r in sorted(m.shards.items())}}
 

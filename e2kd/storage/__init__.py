@@ -8,9 +8,10 @@ explainers, losses or stages.
 from e2kd.storage.encoding import MAP_DTYPES, Encoding
 from e2kd.storage.formats import ShardFormat, get_format, list_formats, register_format
 from e2kd.storage.manifest import PRECISIONS, CompatibilityError, Manifest, ManifestError, ShardRecord
+from e2kd.storage.names import shard_name_for
 from e2kd.storage.reader import CacheStore, StoreIntegrityError, open_store
 from e2kd.storage.writer import CacheWriter, ShardWriter, create_store
 
 __all__ = ["open_store", "CacheStore", "create_store", "CacheWriter", "ShardWriter", "Manifest", "ShardRecord",
            "Encoding", "ManifestError", "CompatibilityError", "StoreIntegrityError", "ShardFormat", "get_format",
-           "list_formats", "register_format", "MAP_DTYPES", "PRECISIONS"]
+           "list_formats", "register_format", "MAP_DTYPES", "PRECISIONS", "shard_name_for"]

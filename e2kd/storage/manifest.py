@@ -120,6 +120,12 @@ class Manifest:
     inputs: dict[str, Any] = field(default_factory=lambda: {"urls": [], "fingerprint": None})
     shards: dict[str, ShardRecord] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    class_names: tuple[str, ...] | None = None  # index → name, when known (image folders, --class-names)
+
+    def class_name(self, index: int) -> str:
+        """``"3 (cat)"`` when names are known, else ``"3"``."""
+        names = self.class_names
+        return f"{index} ({names[index]})" if names is not None and 0 <= index < len(names) else str(index)
 
     # ---- typed accessors -----------------------------------------------------------------------
     @property
@@ -187,18 +193,24 @@ class Manifest:
                  f"manifest encoding.num_classes {encoding.num_classes} differs from teacher.num_classes "
                  f"{m['teacher']['num_classes']}")
         shards = {name: ShardRecord.from_json(name, rec) for name, rec in m["shards"].items()}
+        names = m.get("class_names")
+        _require(names is None or (isinstance(names, list) and all(isinstance(n, str) for n in names) and
+                                   len(names) == m["teacher"]["num_classes"]),
+                 f"manifest class_names is not a list of {m['teacher']['num_classes']} strings")
         return cls(e2kd_version=str(m.get("e2kd_version", "")), format=m["format"], teacher=m["teacher"],
                    explainer=m["explainer"], preprocessing=m["preprocessing"], views=m["views"], encoding=encoding,
                    precision=str(m.get("precision", "fp32")), map_shape=_shape(m.get("map_shape"),
                                                                                "manifest map_shape"),
-                   inputs=m["inputs"], shards=shards, schema_version=version)
+                   inputs=m["inputs"], shards=shards, schema_version=version,
+                   class_names=tuple(names) if names is not None else None)
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "schema_version": self.schema_version, "e2kd_version": self.e2kd_version,
                 "format": self.format, "teacher": self.teacher, "explainer": self.explainer,
                 "preprocessing": self.preprocessing, "views": self.views, "encoding": self.encoding.to_dict(),
                 "precision": self.precision, "map_shape": list(self.map_shape) if self.map_shape else None,
-                "inputs": self.inputs, "shards": {n: r.to_json() for n, r in sorted(self.shards.items())}}
+                "inputs": self.inputs, "shards": {n: r.to_json() for n, r in sorted(self.shards.items())},
+                "class_names": list(self.class_names) if self.class_names is not None else None}
 
     # ---- changes (new values) ------------------------------------------------------------------
     def with_shard(self, name: str, record: ShardRecord) -> Manifest:

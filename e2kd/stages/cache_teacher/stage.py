@@ -16,7 +16,7 @@ from typing import Any
 from e2kd import __version__
 from e2kd.explain import build_explainer, explainer_family
 from e2kd.models import InputTransform, is_bcos_name
-from e2kd.pipeline.sources import InputShard, input_size_bytes, list_shards
+from e2kd.pipeline.sources import InputShard, class_names, input_size_bytes, list_shards, read_class_names
 from e2kd.pipeline.views import RENDER_SPEC, ViewPolicy
 from e2kd.stages.cache_teacher.ray_session import ensure_ray
 from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
@@ -38,6 +38,7 @@ class CacheTeacherOptions:
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     explainer: str = "gradcam"
     explainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    class_names: str | None = None  # a file, one name per line (image folders: the class directories' names)
     views: str = "full"
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip_p: float = 0.5
@@ -90,8 +91,17 @@ class CacheTeacherOptions:
                         map_size=tuple(self.map_size) if self.map_size else None)
 
 
+def _class_names(opts: CacheTeacherOptions, shards: list[InputShard]) -> tuple[str, ...] | None:
+    """``--class-names FILE``, else an image folder's class directories; checked against the class count."""
+    names = read_class_names(opts.class_names) if opts.class_names else class_names(shards)
+    if names is not None and len(names) != opts.num_classes:
+        where = opts.class_names or "the image folder's class directories"
+        raise ValueError(f"--class-names: {where} gives {len(names)} names for {opts.num_classes} classes")
+    return tuple(names) if names is not None else None
+
+
 def _header(opts: CacheTeacherOptions, transform: InputTransform, checkpoint_sha: str | None,
-            explainer: dict[str, Any]) -> Manifest:
+            explainer: dict[str, Any], names: tuple[str, ...] | None) -> Manifest:
     size = [opts.input_size, opts.input_size]
     teacher = {"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs,
                "checkpoint_sha256": checkpoint_sha}
@@ -99,7 +109,8 @@ def _header(opts: CacheTeacherOptions, transform: InputTransform, checkpoint_sha
         teacher["random_init_seed"] = opts.seed
     return Manifest(e2kd_version=__version__, format=opts.format, teacher=teacher, explainer=explainer,
                     preprocessing={"input_size": size, "transform": transform.to_dict(), "render": RENDER_SPEC},
-                    views=opts.view_policy.to_dict(), encoding=opts.encoding, precision=opts.precision)
+                    views=opts.view_policy.to_dict(), encoding=opts.encoding, precision=opts.precision,
+                    class_names=names)
 
 
 def _build_teacher(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes, dict[str, Any]]:
@@ -159,15 +170,18 @@ def _check_inputs_unchanged(manifest: Manifest, shards: list[InputShard]) -> dic
 
 
 def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, ckpt_ref: Any, n: int) -> list:
-    """Start ``n`` actors. ``ckpt_ref`` (the checkpoint in Ray's object store) must stay referenced by the caller
-    for the whole run: a restarted actor is constructed again from it."""
+    """Start ``n`` actors and load the teacher in each. ``ckpt_ref`` (the weights in Ray's object store) must stay
+    referenced by the caller for the whole run: it travels with every task (wrapped in a list, so Ray passes the
+    reference, not the bytes), and a restarted actor loads the teacher from it on its next task. It is not a
+    constructor argument, so Ray has nothing to warn about (its "constructor arguments in the object store and
+    max_restarts > 0" line on every run)."""
     import ray
 
     actor_cls = ray.remote(TeacherWorker).options(num_cpus=opts.threads_per_worker, num_gpus=opts.gpus_per_worker,
                                                   max_restarts=2, max_task_retries=2)
-    actors = [actor_cls.remote(spec, ckpt_ref) for _ in range(n)]
+    actors = [actor_cls.remote(spec, lazy=True) for _ in range(n)]
     try:
-        ray.get([a.ready.remote() for a in actors])
+        ray.get([a.ready.remote([ckpt_ref]) for a in actors])
     except Exception as exc:  # noqa: BLE001 - report the cause in one line, not a Ray traceback
         for actor in actors:
             ray.kill(actor)
@@ -201,8 +215,9 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
         raise ValueError("no --checkpoint: give the teacher's weights, or --random-teacher to cache a randomly "
                          "initialised teacher (seeded by --seed; for benchmarks and tests)")
     shards = list_shards(opts.data)
+    names = _class_names(opts, shards)
     transform, checkpoint, explainer = _build_teacher(opts)
-    header = _header(opts, transform, hashlib.sha256(checkpoint).hexdigest(), explainer)
+    header = _header(opts, transform, hashlib.sha256(checkpoint).hexdigest(), explainer, names)
     with create_store(opts.out, header, overwrite=opts.overwrite) as writer:
         sizes = _check_inputs_unchanged(writer.manifest, shards)
         todo = [s for s in shards if s.name not in writer.complete]
@@ -221,6 +236,49 @@ def _worker_spec(opts: CacheTeacherOptions, writer: CacheWriter) -> WorkerSpec:
                       checkpoint_suffix=Path(opts.checkpoint).suffix if opts.checkpoint else ".safetensors")
 
 
+class ProgressCounter:
+    """A Ray actor the workers add finished samples to (fire-and-forget); the driver takes the count."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def take(self) -> int:
+        n, self.count = self.count, 0
+        return n
+
+
+class _SampleBar:
+    """Progress per sample (not per shard: a big shard is not one tick), throughput, shards done, and an ETA once
+    the first shard tells samples per input byte (when every input's size is known)."""
+
+    def __init__(self, todo: list[InputShard], sizes: dict[str, int | None], enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.todo_bytes = [sizes.get(s.name) for s in todo]
+        self.shards, self.done_shards, self.done_bytes, self.done_samples = len(todo), 0, 0, 0
+        self.bar = tqdm(total=None, unit="sample", desc="cache-teacher", disable=not enabled, dynamic_ncols=True)
+
+    def samples(self, n: int) -> None:
+        if n:
+            if self.bar.total is not None and self.bar.n + n > self.bar.total:
+                self.bar.total = self.bar.n + n  # the estimate was low
+            self.bar.update(n)
+
+    def shard_done(self, num_bytes: int | None, num_samples: int) -> None:
+        self.done_shards += 1
+        self.done_samples += num_samples
+        if num_bytes is not None and None not in self.todo_bytes and self.done_bytes + num_bytes > 0:
+            self.done_bytes += num_bytes
+            self.bar.total = max(self.bar.n, round(self.done_samples / self.done_bytes * sum(self.todo_bytes)))
+        self.bar.set_postfix(shards=f"{self.done_shards}/{self.shards}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _run_shards(opts: CacheTeacherOptions, writer: CacheWriter, todo: list[InputShard], checkpoint: bytes,
                 sizes: dict[str, int | None]) -> tuple[dict[str, str], float]:
     """Process shards on Ray actors; return (failed shard → reason, seconds from the first submission).
@@ -229,39 +287,42 @@ def _run_shards(opts: CacheTeacherOptions, writer: CacheWriter, todo: list[Input
     (recorded as failed, the others go on), and ActorPool's unordered results lose that on an error.
     """
     import ray
-    from tqdm import tqdm
 
     ensure_ray(opts.ray_address)
     ckpt_ref = ray.put(checkpoint)  # the teacher's weights: kept alive until every shard is done
     actors = _start_workers(opts, _worker_spec(opts, writer), ckpt_ref, _default_workers(opts, len(todo)))
+    counter = ray.remote(ProgressCounter).options(num_cpus=0).remote() if opts.progress else None
     queue, running, failed = list(todo), {}, {}
-    samples, t0 = 0, time.time()
-    bar = tqdm(total=len(todo), unit="shard", desc="cache-teacher", disable=not opts.progress, dynamic_ncols=True)
+    bar, t0 = _SampleBar(todo, sizes, opts.progress), time.time()
+
+    def submit(actor: Any) -> None:
+        if queue:
+            shard = queue.pop(0)
+            running[actor.cache_shard.remote(shard, [ckpt_ref], counter)] = (actor, shard)
+
     try:
         for actor in actors:
-            if queue:
-                shard = queue.pop(0)
-                running[actor.cache_shard.remote(shard)] = (actor, shard)
+            submit(actor)
         while running:
-            done, _ = ray.wait(list(running), num_returns=1)
+            done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            if counter is not None:
+                bar.samples(ray.get(counter.take.remote()))
+            if not done:
+                continue
             actor, shard = running.pop(done[0])
             try:
                 result = ray.get(done[0])
                 writer.record(result["name"], result["record"], result["keys"], source_bytes=sizes[shard.name])
-                samples += result["record"].num_samples
+                bar.shard_done(sizes[shard.name], result["record"].num_samples)
             except Exception as exc:  # noqa: BLE001 - one failed shard must not stop the others
                 failed[shard.name] = _reason(exc)
-            bar.update(1)
-            bar.set_postfix(samples=samples, rate=f"{samples / max(time.time() - t0, 1e-9):.1f}/s")
-            if queue:
-                nxt = queue.pop(0)
-                running[actor.cache_shard.remote(nxt)] = (actor, nxt)
+                bar.shard_done(None, 0)
+            submit(actor)
     finally:
         bar.close()
-        for actor in actors:
+        for actor in [*actors, *([counter] if counter is not None else [])]:
             ray.kill(actor)
-        del ckpt_ref
-    return failed, time.time() - t0
+    return failed, time.time() - t0  # ckpt_ref (the teacher's weights) stayed referenced until here
 
 
 def _reason(exc: BaseException) -> str:

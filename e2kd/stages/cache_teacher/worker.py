@@ -40,19 +40,36 @@ class WorkerSpec:
 
 
 class TeacherWorker:
-    """Loads the teacher once; :meth:`cache_shard` writes and commits one shard and returns its record."""
+    """Holds one teacher; :meth:`cache_shard` writes and commits one shard and returns its record.
 
-    def __init__(self, spec: WorkerSpec, checkpoint: bytes | None = None) -> None:
+    In-process the weights come with the constructor (none: a random-init teacher). As a Ray actor
+    (``lazy=True``) they come with each call, as ``[ObjectRef]``, and are loaded once — again after Ray restarted
+    a crashed actor.
+    """
+
+    def __init__(self, spec: WorkerSpec, checkpoint: bytes | None = None, lazy: bool = False) -> None:
         torch.set_num_threads(spec.threads)  # fixed threads: byte-identical output whatever the worker count
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = self._load_teacher(spec, checkpoint).to(self.device).eval().requires_grad_(False)
-        self.transform = input_transform(self.model)
-        kwargs = {k: v for k, v in spec.explainer.items() if k not in ("name", "family")}
-        self.explainer = build_explainer(spec.explainer["name"], self.model, **kwargs)
         self.policy = ViewPolicy.from_dict(spec.views)
         self.encoding = spec.encoding
+        self.model: torch.nn.Module | None = None
         spec.writer.check_reachable()
+        if not lazy:
+            self._load(checkpoint)
+
+    def _load(self, checkpoint: bytes | list | None) -> None:
+        """Build the teacher and its explainer (once): ``checkpoint`` is the weights' bytes or ``[ObjectRef]``."""
+        if self.model is not None:
+            return
+        if isinstance(checkpoint, list):
+            import ray
+
+            checkpoint = ray.get(checkpoint[0])
+        self.model = self._load_teacher(self.spec, checkpoint).to(self.device).eval().requires_grad_(False)
+        self.transform = input_transform(self.model)
+        kwargs = {k: v for k, v in self.spec.explainer.items() if k not in ("name", "family")}
+        self.explainer = build_explainer(self.spec.explainer["name"], self.model, **kwargs)
 
     @staticmethod
     def _load_teacher(spec: WorkerSpec, checkpoint: bytes | None) -> torch.nn.Module:
@@ -64,7 +81,9 @@ class TeacherWorker:
             return create_model(spec.teacher["name"], spec.teacher["num_classes"], checkpoint=path,
                                 **spec.teacher["kwargs"])
 
-    def ready(self) -> str:
+    def ready(self, checkpoint: bytes | list | None = None) -> str:
+        """Load the teacher now (start-up errors surface here, before any shard); the device it runs on."""
+        self._load(checkpoint)
         return str(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -85,8 +104,11 @@ class TeacherWorker:
         views = [v.as_list() for v in self.policy.views_for(sample.key, h, w)]
         return views, [render_view(sample.image, v, self.spec.input_size) for v in views]
 
-    def compute(self, shard: InputShard) -> tuple[dict[str, np.ndarray], list[str], list[dict[str, str]]]:
-        """Run the teacher over one input shard: (columns, keys, errors)."""
+    def compute(self, shard: InputShard, progress: Any = None
+                ) -> tuple[dict[str, np.ndarray], list[str], list[dict[str, str]]]:
+        """Run the teacher over one input shard: (columns, keys, errors). ``progress`` (a Ray actor handle with
+        ``add``) is told how many samples each teacher batch finished."""
+        reported = 0
         keys, labels, views, errors = [], [], [], []
         logits, maps, pending = [], [], []
         for item in iter_shard(shard):
@@ -103,10 +125,16 @@ class TeacherWorker:
                 logits.append(out_l)
                 maps.append(out_m)
                 pending = pending[self.spec.batch_size:]
+                if progress is not None:
+                    done = len(keys) - -(-len(pending) // self.policy.num_views)  # samples whose views are all done
+                    progress.add.remote(done - reported)
+                    reported = done
         if pending:
             out_l, out_m = self._explain(pending)
             logits.append(out_l)
             maps.append(out_m)
+        if progress is not None and len(keys) > reported:
+            progress.add.remote(len(keys) - reported)
         return self._columns(keys, labels, views, logits, maps), keys, errors
 
     def _checked_label(self, item: Sample, errors: list[dict[str, str]]) -> int:
@@ -133,9 +161,11 @@ class TeacherWorker:
         cols["views"] = np.asarray(views, dtype=np.float32).reshape(n, v, 5)
         return cols
 
-    def cache_shard(self, shard: InputShard) -> dict[str, Any]:
+    def cache_shard(self, shard: InputShard, checkpoint: bytes | list | None = None,
+                    progress: Any = None) -> dict[str, Any]:
         """Compute, write and commit one shard; return ``{"name", "record", "keys"}`` for the driver to record."""
-        cols, keys, errors = self.compute(shard)
+        self._load(checkpoint)
+        cols, keys, errors = self.compute(shard, progress)
         record = self.spec.writer.write_shard(shard.name, cols, keys, errors, source=shard.url,
                                               source_sha256=input_sha256(shard))
         return {"name": shard.name, "record": record, "keys": keys}
