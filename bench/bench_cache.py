@@ -60,7 +60,7 @@ def bare_loop(urls: str, size: int, views: ViewPolicy, batch: int, threads: int)
 def stage(urls: str, out: Path, size: int, views: str, batch: int, workers: int) -> dict:
     opts = CacheTeacherOptions(data=urls, out=str(out), teacher="resnet18", num_classes=10,
                                teacher_kwargs=TEACHER_KWARGS, views=views, flip_p=0.0, input_size=size,
-                               batch_size=batch, workers=workers, threads_per_worker=1, progress=False,
+                               batch_size=batch, actors=workers, threads_per_actor=1, progress=False,
                                overwrite=True, random_teacher=True)
     return run_cache_teacher(opts)
 

@@ -66,6 +66,52 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     click.echo(f"Warning: {message}", err=True)
 
 
+#: Defaults of the options train-student and train-teacher share, shown in --help (a test checks them against the
+#: options classes; they are not imported here, so ``e2kd --help`` does not load torch).
+_OPTIMISATION_DEFAULTS = {
+    "train_student": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "opt": "adamw",
+                      "sched": "cosine", "warmup_epochs": 0},
+    "train_teacher": {"epochs": 25, "batch_size": 64, "lr": 3e-3, "weight_decay": 0.05, "opt": "adamw",
+                      "sched": "cosine", "warmup_epochs": 1},
+}
+
+
+def _optimisation_options(stage: str) -> Any:
+    """The options train-student and train-teacher share, each with its stage's default in the help."""
+    defaults = _OPTIMISATION_DEFAULTS[stage]
+    options = [click.option("--epochs", type=int, help=f"[default: {defaults['epochs']}]"),
+               click.option("--batch-size", type=int, help=f"[default: {defaults['batch_size']}]"),
+               click.option("--lr", type=float, help=f"[default: {defaults['lr']}]"),
+               click.option("--weight-decay", type=float, help=f"[default: {defaults['weight_decay']}]"),
+               click.option("--opt", help=f"timm optimiser name  [default: {defaults['opt']}]"),
+               click.option("--sched", help=f"timm scheduler name  [default: {defaults['sched']}]"),
+               click.option("--warmup-epochs", type=int, help=f"[default: {defaults['warmup_epochs']}]")]
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _former(flag: str, dest: str, **kwargs: Any) -> Any:
+    """A flag's former name, hidden from --help, still accepted (scripts and configs keep working)."""
+    return click.option(flag, f"former__{dest}", hidden=True, **kwargs)
+
+
+def _take_former(params: dict[str, Any]) -> dict[str, Any]:
+    """Move values given under former flag names to their current option (both at once must agree)."""
+    for key in [k for k in params if k.startswith("former__")]:
+        value, dest = params.pop(key), key[len("former__"):]
+        if value is None:
+            continue
+        if params.get(dest) not in (None, value):
+            raise click.UsageError(f"--{dest.replace('_', '-')} is given twice (once under its former name)")
+        params[dest] = value
+    return params
+
+
 def _model_flags(run_dir: str | None, student: str | None, weights: str | None, student_kwargs: str | None,
                  num_classes: int | None, required: bool = True) -> dict[str, Any]:
     """``--run DIR`` or ``--student/--weights/--student-kwargs``: the model to load (flags must agree with a run)."""
@@ -77,7 +123,7 @@ def _model_flags(run_dir: str | None, student: str | None, weights: str | None, 
     model = fill_from_run(run_dir, given, {"student": "name", "weights": "weights", "student_kwargs": "kwargs",
                                            "num_classes": "num_classes"}, "--run")
     if required and (model["student"] is None or model["weights"] is None):
-        raise ValueError("name the model: --run RUN_DIR, or --student and --weights (with --student-kwargs)")
+        raise ValueError("name the model: --run RUN_DIR, or --student and --student-checkpoint (with --student-kwargs)")
     return model
 
 
@@ -143,7 +189,9 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 @click.option("--teacher-run", type=click.Path(exists=True, file_okay=False),
               help="A train-teacher output directory: teacher name, class count, kwargs and weights from its "
                    "summary.json (flags given as well must agree).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Teacher weights (.safetensors or .pt/.pth).")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False),
+              help="Teacher weights (.safetensors or .pt/.pth).")
+@_former("--checkpoint", "teacher_checkpoint", type=click.Path(dir_okay=False))
 @click.option("--random-teacher", is_flag=True, default=None,
               help="No checkpoint: a random-init teacher seeded by --seed, recorded in the manifest (tests, "
                    "benchmarks).")
@@ -163,9 +211,12 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 @click.option("--map-size", help="Area-pool maps to H or HxW before storing.")
 @click.option("--format", "fmt", type=click.Choice(list_formats()),
               help="zarr (random access) or wds (a WebDataset tar per shard, joinable by __key__)  [default: zarr]")
-@click.option("--workers", type=int, help="Ray actors, one teacher each  [default: one per CPU/GPU slot]")
-@click.option("--gpus-per-worker", type=float, help="GPUs per actor  [default: 0]")
-@click.option("--threads-per-worker", type=int, help="Torch threads per actor (fixed for determinism)  [default: 1]")
+@click.option("--actors", type=int, help="Ray actors, one teacher each  [default: one per CPU/GPU slot]")
+@_former("--workers", "actors", type=int)
+@click.option("--gpus-per-actor", type=float, help="GPUs per actor  [default: 0]")
+@_former("--gpus-per-worker", "gpus_per_actor", type=float)
+@click.option("--threads-per-actor", type=int, help="Torch threads per actor (fixed for determinism)  [default: 1]")
+@_former("--threads-per-worker", "threads_per_actor", type=int)
 @click.option("--precision", type=click.Choice(PRECISIONS), help="Teacher autocast  [default: fp32]")
 @click.option("--ray-address", help="'auto' or HOST:PORT to join a running Ray cluster (default: private local).")
 @click.option("--overwrite/--no-overwrite", default=None, help="Delete an existing store and start over.")
@@ -179,10 +230,11 @@ def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags:
     from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
 
     try:
+        flags = _take_former(flags)
         flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
         flags = fill_from_run(flags.pop("teacher_run"), flags, {"teacher": "name", "num_classes": "num_classes",
-                                                                "teacher_kwargs": "kwargs", "checkpoint": "weights"},
-                              "--teacher-run")
+                                                                "teacher_kwargs": "kwargs",
+                                                                "teacher_checkpoint": "weights"}, "--teacher-run")
         flags["explainer_kwargs"] = parse_json_kwargs(flags["explainer_kwargs"])
         flags["map_size"] = parse_size(flags["map_size"])
         flags["format"] = fmt
@@ -262,14 +314,8 @@ def verify_cmd(store: str) -> None:
 @click.option("--num-classes", type=int, help="Default: the cache's; must agree with it.")
 @click.option("--explainer", help="Student explainer. Default: the cache's; must be of the same family.")
 @click.option("--input-size", type=int, help="Default: the cache's; must agree with a K-view cache.")
-@click.option("--epochs", type=int, help="[default: 10]")
+@_optimisation_options("train_student")
 @click.option("--steps-per-epoch", type=int, help="Default: usable samples // (batch × ranks).")
-@click.option("--batch-size", type=int, help="[default: 64]")
-@click.option("--lr", type=float, help="[default: 1e-3]")
-@click.option("--weight-decay", type=float, help="[default: 1e-4]")
-@click.option("--opt", help="timm optimiser name  [default: adamw]")
-@click.option("--sched", help="timm scheduler name  [default: cosine]")
-@click.option("--warmup-epochs", type=int, help="[default: 0]")
 @click.option("--clip-grad", type=float, help="Gradient norm clip (0: off)  [default: 1.0]")
 @click.option("--lambda", "lam", type=float, help="Weight of the explanation loss; 0 is plain KD  [default: 1]")
 @click.option("--temperature", type=float, help="KD temperature  [default: 1]")
@@ -320,7 +366,9 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
               help="A train-student (or train-teacher) run directory: model, kwargs and weights from its summary.json.")
 @click.option("--student", help="Student model name (or --run).")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="student.safetensors (or --run)")
+@click.option("--student-checkpoint", "weights", type=click.Path(exists=True, dir_okay=False),
+              help="The student's weights, e.g. RUN_DIR/student.safetensors (or --run).")
+@_former("--weights", "weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--student-kwargs", help="JSON kwargs of the student constructor.")
 @click.option("--cache", help="Teacher cache of --data: agreement and explanation similarity (for a K-view cache, "
                              "against each sample's first cached view, on that view's crop).")
@@ -334,8 +382,9 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
 def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: str | None,
                  student_kwargs: str | None, cache: str | None,
                  num_classes: int | None, input_size: int | None, batch_size: int, expl_resolution: str, workers: int,
-                 as_json: bool) -> None:
+                 as_json: bool, former__weights: str | None) -> None:
     """Top-1, agreement with the teacher and explanation similarity of a trained student."""
+    weights = _take_former({"weights": weights, "former__weights": former__weights})["weights"]
     from e2kd.stages.evaluate import evaluate_weights
     from e2kd.storage import open_store
 
@@ -359,18 +408,14 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
 
 @main.command("train-teacher")
 @click.option("--data", help="Labelled training shards (or an image folder).")
-@click.option("--model", help="timm model name or bcos:<name>.")
+@click.option("--teacher", help="timm model name or bcos:<name>.")
+@_former("--model", "teacher")
 @click.option("--num-classes", type=int, help="Class count.")
 @click.option("--out", help="Run directory: teacher.safetensors, metrics.jsonl, checkpoint.pt, summary.json.")
-@click.option("--model-kwargs", help="JSON kwargs of the model constructor.")
+@click.option("--teacher-kwargs", help="JSON kwargs of the model constructor.")
+@_former("--model-kwargs", "teacher_kwargs")
 @click.option("--input-size", type=int, help="[default: 224]")
-@click.option("--epochs", type=int, help="[default: 25]")
-@click.option("--batch-size", type=int, help="[default: 64]")
-@click.option("--lr", type=float, help="[default: 3e-3]")
-@click.option("--weight-decay", type=float, help="[default: 0.05]")
-@click.option("--opt", help="timm optimiser name  [default: adamw]")
-@click.option("--sched", help="timm scheduler name  [default: cosine]")
-@click.option("--warmup-epochs", type=int, help="[default: 1]")
+@_optimisation_options("train_teacher")
 @click.option("--label-smoothing", type=float, help="[default: 0.1]")
 @click.option("--crop-scale", nargs=2, type=float, help="Random-resized-crop area range  [default: 0.7 1.0]")
 @click.option("--flip-p", type=float, help="Flip probability  [default: 0]")
@@ -389,7 +434,8 @@ def train_teacher_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     from e2kd.stages.train_teacher import TeacherOptions, train_teacher
 
     try:
-        flags["model_kwargs"] = parse_json_kwargs(flags["model_kwargs"])
+        flags = _take_former(flags)
+        flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
         flags["progress"] = False if quiet else None
         summary = train_teacher(build_options(TeacherOptions, config, flags))
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
@@ -419,11 +465,14 @@ def demo_cmd(out: str, quick: bool) -> None:
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
               help="A train-student run directory: its student's map beside the teacher's.")
 @click.option("--student", help="Student model name, to show its map beside the teacher's.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="student.safetensors")
+@click.option("--student-checkpoint", "weights", type=click.Path(exists=True, dir_okay=False),
+              help="The student's weights (or --run).")
+@_former("--weights", "weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--student-kwargs", help="JSON kwargs of the student constructor.")
 def show_cmd(store: str, key: str, out: str, data: str | None, run_dir: str | None, student: str | None,
-             weights: str | None, student_kwargs: str | None) -> None:
+             weights: str | None, student_kwargs: str | None, former__weights: str | None) -> None:
     """Image, view boxes and the teacher map per view (and the student's), as heat maps."""
+    weights = _take_former({"weights": weights, "former__weights": former__weights})["weights"]
     from e2kd.stages.figures import show_key
 
     try:

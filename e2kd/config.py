@@ -61,7 +61,9 @@ def build_options(cls: type[T], config: str | Path | None, flags: dict[str, Any]
         ValueError: unknown keys in the config file, or required options missing.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
-    merged = _flag_names_to_fields(load_yaml(config))
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    merged = _renamed(_flag_names_to_fields(load_yaml(config)), aliases, str(config))
+    flags = _renamed({k: v for k, v in flags.items() if v is not None}, aliases, "flags")
     unknown = sorted(set(merged) - fields)
     if unknown:
         raise ValueError(f"{config}: unknown option(s) {unknown}; known: {sorted(fields)}")
@@ -74,6 +76,17 @@ def build_options(cls: type[T], config: str | Path | None, flags: dict[str, Any]
     hints = typing.get_type_hints(cls)
     values = {k: _checked(k, v, hints[k]) for k, v in merged.items() if k in fields}
     return cls(**values)
+
+
+def _renamed(values: dict[str, Any], aliases: dict[str, str], where: str) -> dict[str, Any]:
+    """Options under a former name (``aliases``: old → new) take the new one; both at once is an error."""
+    out = dict(values)
+    for old, new in aliases.items():
+        if old in out:
+            if new in out and out[new] != out[old]:
+                raise ValueError(f"{where}: {old} is the former name of {new}; give one of them")
+            out[new] = out.pop(old)
+    return out
 
 
 def _flag_names_to_fields(values: dict[str, Any]) -> dict[str, Any]:

@@ -44,10 +44,10 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cache_options(data: str, out: Path | str, ckpt: Path, **overrides):
     from e2kd.stages.cache_teacher import CacheTeacherOptions
 
-    opts = dict(data=data, out=str(out), teacher="resnet18", num_classes=10, checkpoint=str(ckpt),
+    opts = dict(data=data, out=str(out), teacher="resnet18", num_classes=10, teacher_checkpoint=str(ckpt),
                 teacher_kwargs=dict(TEACHER_KWARGS), views="2", flip_p=0.5, crop_scale=(0.3, 1.0), input_size=64,
-                batch_size=16, workers=2, progress=False)
-    opts.update(overrides)
+                batch_size=16, actors=2, progress=False)
+    opts.update({CacheTeacherOptions.ALIASES.get(k, k): v for k, v in overrides.items()})  # workers= → actors=
     return CacheTeacherOptions(**opts)
 
 

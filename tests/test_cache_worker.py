@@ -169,7 +169,7 @@ def test_explainer_parameters_travel_from_the_options_through_the_manifest_to_th
 
     try:
         opts = CacheTeacherOptions(data=f"{digits}/val-000000.tar", out=str(tmp_path / "o"), teacher="resnet18",
-                                   num_classes=10, checkpoint=str(teacher_ckpt), teacher_kwargs=TEACHER_KWARGS,
+                                   num_classes=10, teacher_checkpoint=str(teacher_ckpt), teacher_kwargs=TEACHER_KWARGS,
                                    explainer="scaled_gradcam_test", explainer_kwargs={"scale": 3.0}, input_size=64)
         _, _, config = _build_teacher(opts)
         assert config == {"name": "scaled_gradcam_test", "family": "gradcam", "scale": 3.0}

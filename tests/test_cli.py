@@ -48,7 +48,65 @@ def test_yaml_keys_are_the_flag_names_and_train_teacher_takes_a_config(tmp_path:
     teacher = tmp_path / "teacher.yaml"
     teacher.write_text("model: resnet18\nnum_classes: 10\nopt: sgd\nweight_decay: 0.0\nwarmup_epochs: 0\n")
     t = build_options(TeacherOptions, teacher, {"data": "d", "out": "o", "lr": 0.1})
-    assert (t.opt, t.weight_decay, t.warmup_epochs, t.lr, t.model) == ("sgd", 0.0, 0, 0.1, "resnet18")
+    assert (t.opt, t.weight_decay, t.warmup_epochs, t.lr, t.teacher) == ("sgd", 0.0, 0, 0.1, "resnet18")
     bad = CliRunner().invoke(main, ["train-teacher", "--config", str(teacher), "--data", "d", "--out", "o",
                                     "--label-smoothing", "1.5"])
     assert bad.exit_code == 1 and "--label-smoothing must be in [0, 1]" in bad.output
+
+
+def test_help_defaults_of_the_training_commands_are_the_options_defaults() -> None:
+    import dataclasses
+
+    from e2kd.cli import _OPTIMISATION_DEFAULTS
+    from e2kd.stages.train_student import TrainOptions
+    from e2kd.stages.train_teacher import TeacherOptions
+
+    for stage, cls in (("train_student", TrainOptions), ("train_teacher", TeacherOptions)):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert {k: defaults[k] for k in _OPTIMISATION_DEFAULTS[stage]} == _OPTIMISATION_DEFAULTS[stage]
+        command = main.commands[stage.replace("_", "-")]
+        help_text = {p.name: p.help for p in command.params}
+        assert f"[default: {defaults['lr']}]" in help_text["lr"]
+
+
+def test_every_command_in_the_readme_uses_only_options_the_cli_has() -> None:
+    """The README's shell blocks are checked against the CLI itself, so the walkthrough cannot drift from it."""
+    import re
+    import shlex
+
+    import click
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [ln for block in blocks for ln in block.replace("\\\n", " ").splitlines()]
+    checked = 0
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        while words and re.match(r"^[A-Z_]+=", words[0]):  # VAR=value prefixes
+            words = words[1:]
+        if len(words) < 2 or words[0] != "e2kd":
+            continue
+        command = main.commands[words[1]]
+        if isinstance(command, click.Group):
+            command = command.commands[words[2]]
+        names = {name for p in command.params for name in (*p.opts, *p.secondary_opts)}
+        unknown = [w for w in words if w.startswith("--") and w.split("=")[0] not in names]
+        assert not unknown, f"README: {line.strip()!r} uses {unknown}, not options of e2kd {words[1]}"
+        checked += 1
+    assert checked >= 12
+
+
+def test_former_flag_names_still_work_hidden_and_conflicts_are_refused(tmp_path: Path) -> None:
+    from e2kd.config import build_options
+    from e2kd.stages.cache_teacher import CacheTeacherOptions
+
+    help_text = CliRunner().invoke(main, ["cache-teacher", "--help"]).output
+    assert "--teacher-checkpoint" in help_text and "--actors" in help_text
+    assert "--checkpoint " not in help_text and "--workers" not in help_text and "per-worker" not in help_text
+    old = tmp_path / "old.yaml"  # a config written with the former names
+    old.write_text("teacher: resnet18\nnum_classes: 3\ncheckpoint: t.safetensors\nworkers: 2\nthreads_per_worker: 2\n")
+    opts = build_options(CacheTeacherOptions, old, {"data": "d", "out": "o"})
+    assert (opts.teacher_checkpoint, opts.actors, opts.threads_per_actor) == ("t.safetensors", 2, 2)
+    both = CliRunner().invoke(main, ["cache-teacher", "--data", "d", "--out", "o", "--teacher", "resnet18",
+                                     "--num-classes", "3", "--actors", "1", "--workers", "2"])
+    assert both.exit_code == 2 and "--actors is given twice" in both.output

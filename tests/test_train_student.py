@@ -215,7 +215,7 @@ def test_an_existing_run_is_neither_overwritten_nor_mixed_and_each_epoch_prints_
     from e2kd.stages.train_teacher import TeacherOptions, train_teacher
 
     with pytest.raises(FileExistsError, match="already holds a run"):  # checked before any work
-        train_teacher(TeacherOptions(data=train_urls, model="resnet18", num_classes=10, out=str(out)))
+        train_teacher(TeacherOptions(data=train_urls, teacher="resnet18", num_classes=10, out=str(out)))
 
 
 def test_augmentation_flags_ignored_by_a_k_view_cache_warn(cache: Path, train_urls: str, tmp_path: Path) -> None:

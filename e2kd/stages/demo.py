@@ -83,8 +83,8 @@ def _echo(command: str, opts: Any, config: str | None = None, given: set[str] | 
 
 def _cache(data: str, out: Path, teacher: Path, views: str) -> int:
     """Cache the teacher on ``data`` (the demo owns ``out``: overwritten); return the store's bytes."""
-    flags = {"data": data, "out": str(out), "checkpoint": str(teacher), "views": views, "crop_scale": (0.7, 1.0),
-             "flip_p": 0.0, "overwrite": True, "progress": False}
+    flags = {"data": data, "out": str(out), "teacher_checkpoint": str(teacher), "views": views,
+             "crop_scale": (0.7, 1.0), "flip_p": 0.0, "overwrite": True, "progress": False}
     opts = build_options(CacheTeacherOptions, PRESET, flags)
     _echo("cache-teacher", opts, config=PRESET, given=set(flags))
     summary = run_cache_teacher(opts)
@@ -129,7 +129,7 @@ def run_demo(out: str | Path, quick: bool = False) -> list[dict[str, Any]]:
     root = Path(out)
     t0 = time.time()
     d = _data(root)
-    teacher = TeacherOptions(data=d["teacher-train"], model="resnet18", model_kwargs=TEACHER_KWARGS, num_classes=10,
+    teacher = TeacherOptions(data=d["teacher-train"], teacher="resnet18", teacher_kwargs=TEACHER_KWARGS, num_classes=10,
                              input_size=64, epochs=plan.teacher_epochs, out=str(root / "teacher"), progress=False,
                              overwrite=True)
     _echo("train-teacher", teacher)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,11 +22,13 @@ __all__ = ["TeacherOptions", "train_teacher"]
 class TeacherOptions:
     """Options of ``train-teacher``."""
 
+    ALIASES: ClassVar[dict[str, str]] = {"model": "teacher", "model_kwargs": "teacher_kwargs"}  # former names
+
     data: str
-    model: str
+    teacher: str
     num_classes: int
     out: str
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     input_size: int = 224
     epochs: int = 25
     batch_size: int = 64
@@ -72,7 +74,7 @@ def train_teacher(opts: TeacherOptions) -> dict[str, Any]:
         raise ValueError(f"{len(keys)} labelled samples are fewer than one batch of {opts.batch_size}")
     seed_everything(opts.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(opts.model, opts.num_classes, **opts.model_kwargs).to(device).train()
+    model = create_model(opts.teacher, opts.num_classes, **opts.teacher_kwargs).to(device).train()
     optimizer, scheduler = build_optimizer(model, opt=opts.opt, lr=opts.lr, weight_decay=opts.weight_decay,
                                            sched=opts.sched, epochs=opts.epochs, warmup_epochs=opts.warmup_epochs,
                                            steps_per_epoch=steps)

@@ -11,7 +11,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from e2kd import __version__
 from e2kd.explain import build_explainer, explainer_family
@@ -27,13 +27,17 @@ __all__ = ["CacheTeacherOptions", "run_cache_teacher"]
 
 @dataclass
 class CacheTeacherOptions:
-    """Options of ``cache-teacher`` (CLI flags and YAML config keys have the same names)."""
+    """Options of ``cache-teacher`` (CLI flags and YAML config keys have the same names; ``ALIASES``: the names
+    options had before, still accepted)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"checkpoint": "teacher_checkpoint", "workers": "actors",
+                                         "gpus_per_worker": "gpus_per_actor", "threads_per_worker": "threads_per_actor"}
 
     data: str
     out: str
     teacher: str
     num_classes: int
-    checkpoint: str | None = None
+    teacher_checkpoint: str | None = None
     random_teacher: bool = False
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     explainer: str = "gradcam"
@@ -48,9 +52,9 @@ class CacheTeacherOptions:
     map_dtype: str = "float16"
     map_size: tuple[int, int] | None = None
     format: str = "zarr"
-    workers: int | None = None
-    gpus_per_worker: float = 0.0
-    threads_per_worker: int = 1
+    actors: int | None = None
+    gpus_per_actor: float = 0.0
+    threads_per_actor: int = 1
     precision: str = "fp32"
     ray_address: str | None = None
     overwrite: bool = False
@@ -64,22 +68,22 @@ class CacheTeacherOptions:
             raise ValueError(f"--format must be one of {list_formats()}, got {self.format!r}")
         if self.batch_size < 1 or self.input_size < 8:
             raise ValueError("--batch-size must be >= 1 and --input-size >= 8")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"--actors must be >= 1, got {self.actors}")
         from e2kd.config import check_crop_scale, check_range
 
         check_crop_scale(tuple(self.crop_scale))
         check_range("--flip-p", self.flip_p, 0, 1)
-        check_range("--threads-per-worker", self.threads_per_worker, 1)
-        check_range("--gpus-per-worker", self.gpus_per_worker, 0)
+        check_range("--threads-per-actor", self.threads_per_actor, 1)
+        check_range("--gpus-per-actor", self.gpus_per_actor, 0)
         self.encoding  # noqa: B018 - top-k, map dtype and map size are checked here, before any work
         self.view_policy  # noqa: B018
         if is_bcos_name(self.teacher) != (self.explainer == "bcos") and self.explainer != "input_x_gradient":
             raise ValueError(f"explainer {self.explainer!r} does not fit teacher {self.teacher!r}: use bcos for "
                              f"bcos:<name> teachers and gradcam/input_x_gradient for timm teachers")
         explainer_family(self.explainer)  # unknown names fail here, before any work
-        if self.checkpoint is not None and self.random_teacher:
-            raise ValueError("--checkpoint and --random-teacher exclude each other")
+        if self.teacher_checkpoint is not None and self.random_teacher:
+            raise ValueError("--teacher-checkpoint and --random-teacher exclude each other")
 
     @property
     def view_policy(self) -> ViewPolicy:
@@ -131,8 +135,8 @@ def _build_teacher(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes, di
             model = create_model(opts.teacher, opts.num_classes, **opts.teacher_kwargs)
         weights = save({k: v.detach().contiguous() for k, v in model.state_dict().items()})
     else:
-        weights = Path(opts.checkpoint).read_bytes()
-        model = create_model(opts.teacher, opts.num_classes, checkpoint=opts.checkpoint, **opts.teacher_kwargs)
+        weights = Path(opts.teacher_checkpoint).read_bytes()
+        model = create_model(opts.teacher, opts.num_classes, checkpoint=opts.teacher_checkpoint, **opts.teacher_kwargs)
     transform = input_transform(model)
     explainer = build_explainer(opts.explainer, model.eval(), **opts.explainer_kwargs)
     _check_maps(opts, explainer, transform)
@@ -177,7 +181,7 @@ def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, ckpt_ref: Any, n
     max_restarts > 0" line on every run)."""
     import ray
 
-    actor_cls = ray.remote(TeacherWorker).options(num_cpus=opts.threads_per_worker, num_gpus=opts.gpus_per_worker,
+    actor_cls = ray.remote(TeacherWorker).options(num_cpus=opts.threads_per_actor, num_gpus=opts.gpus_per_actor,
                                                   max_restarts=2, max_task_retries=2)
     actors = [actor_cls.remote(spec, lazy=True) for _ in range(n)]
     try:
@@ -193,13 +197,13 @@ def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, ckpt_ref: Any, n
 def _default_workers(opts: CacheTeacherOptions, todo: int) -> int:
     import ray
 
-    if opts.workers:
-        return opts.workers
+    if opts.actors:
+        return opts.actors
     resources = ray.cluster_resources()
-    if opts.gpus_per_worker > 0:
-        slots = int(resources.get("GPU", 0) // opts.gpus_per_worker)
+    if opts.gpus_per_actor > 0:
+        slots = int(resources.get("GPU", 0) // opts.gpus_per_actor)
     else:
-        slots = int(resources.get("CPU", 1) // opts.threads_per_worker)
+        slots = int(resources.get("CPU", 1) // opts.threads_per_actor)
     return max(1, min(slots, todo))
 
 
@@ -211,9 +215,9 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
         StoreLockedError: another run is writing the store.
         RuntimeError: shards that failed (named), after every other shard was cached.
     """
-    if opts.checkpoint is None and not opts.random_teacher:
-        raise ValueError("no --checkpoint: give the teacher's weights, or --random-teacher to cache a randomly "
-                         "initialised teacher (seeded by --seed; for benchmarks and tests)")
+    if opts.teacher_checkpoint is None and not opts.random_teacher:
+        raise ValueError("no --teacher-checkpoint: give the teacher's weights (or --teacher-run), or --random-teacher "
+                         "to cache a randomly initialised teacher (seeded by --seed; for benchmarks and tests)")
     shards = list_shards(opts.data)
     names = _class_names(opts, shards)
     transform, checkpoint, explainer = _build_teacher(opts)
@@ -232,8 +236,8 @@ def _worker_spec(opts: CacheTeacherOptions, writer: CacheWriter) -> WorkerSpec:
     return WorkerSpec(teacher={"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs},
                       explainer=m.explainer, views=m.views, input_size=m.input_size, encoding=m.encoding,
                       writer=writer.shard_writer(), batch_size=opts.batch_size, precision=opts.precision,
-                      threads=opts.threads_per_worker,
-                      checkpoint_suffix=Path(opts.checkpoint).suffix if opts.checkpoint else ".safetensors")
+                      threads=opts.threads_per_actor,
+                      checkpoint_suffix=Path(opts.teacher_checkpoint or "w.safetensors").suffix)
 
 
 class ProgressCounter:
