@@ -485,5 +485,29 @@ def show_cmd(store: str, key: str, out: str, data: str | None, run_dir: str | No
     click.echo(f"wrote {out}")
 
 
+def reference_markdown() -> str:
+    """Every command's ``--help`` as Markdown: the README's CLI reference (a test keeps the README equal to it)."""
+    root = click.Context(main, info_name="e2kd", **{**main.context_settings, "terminal_width": 110})
+    contexts = [root]
+    for name, command in sorted(main.commands.items()):
+        if command.hidden:
+            continue
+        ctx = click.Context(command, info_name=name, parent=root)
+        if isinstance(command, click.Group):
+            contexts += [click.Context(c, info_name=sub, parent=ctx) for sub, c in sorted(command.commands.items())]
+        else:
+            contexts.append(ctx)
+    out = ["Generated from `--help` (`e2kd cli-reference` prints it; a test keeps this section equal to it).", ""]
+    for ctx in contexts:
+        out += [f"### `{ctx.command_path}`", "", "```text", ctx.command.get_help(ctx), "```", ""]
+    return "\n".join(out)
+
+
+@main.command("cli-reference", hidden=True)
+def cli_reference_cmd() -> None:
+    """Print the README's CLI reference section (Markdown)."""
+    click.echo(reference_markdown(), nl=False)
+
+
 if __name__ == "__main__":
     main()

@@ -110,3 +110,11 @@ def test_former_flag_names_still_work_hidden_and_conflicts_are_refused(tmp_path:
     both = CliRunner().invoke(main, ["cache-teacher", "--data", "d", "--out", "o", "--teacher", "resnet18",
                                      "--num-classes", "3", "--actors", "1", "--workers", "2"])
     assert both.exit_code == 2 and "--actors is given twice" in both.output
+
+
+def test_the_readme_cli_reference_is_the_help_of_every_command() -> None:
+    from e2kd.cli import reference_markdown
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("<!-- cli-reference -->\n", 1)[1].split("<!-- /cli-reference -->", 1)[0]
+    assert section == reference_markdown(), "README's CLI reference is stale: e2kd cli-reference prints the new one"

@@ -165,6 +165,12 @@ def test_run_directories_carry_their_model_and_refuse_other_flags(demo_dir: Path
                                                      "output_stride": 16}),
                                          "--weights", str(run / "student.safetensors"), "--json"])
     assert json.loads(by_run.output) == json.loads(by_flags.output)
+    assert json.loads(by_flags.output)["eval_samples"] == len(open_store(str(demo_dir / "cache-ood")))
+    train = ",".join(str(p) for p in sorted((demo_dir / "data").glob("train-*.tar")))
+    k_view = CliRunner().invoke(main, ["evaluate", "--data", train, "--cache", str(demo_dir / "cache-views"),
+                                       "--run", str(run)])
+    assert k_view.exit_code == 0 and "holds 2 views per sample; agreement and expl_sim compare on the first" in \
+        k_view.output
     conflict = CliRunner().invoke(main, ["cache-teacher", "--teacher-run", str(teacher), "--teacher-kwargs", "{}",
                                          "--data", ood, "--out", str(tmp_path / "c")])
     assert conflict.exit_code == 1 and "holds kwargs=" in conflict.output and not (tmp_path / "c").exists()

@@ -11,7 +11,7 @@ import torch
 
 from e2kd.models import create_model, model_spec
 from e2kd.pipeline.loader import StreamSpec, build_loader, plan_join
-from e2kd.pipeline.sources import list_shards
+from e2kd.pipeline.sources import class_names, list_shards
 from e2kd.training import SupervisedObjective, Trainer, build_optimizer, check_run_dir, evaluate_model
 from e2kd.training.loop import seed_everything
 
@@ -89,6 +89,7 @@ def train_teacher(opts: TeacherOptions) -> dict[str, Any]:
     out = Path(opts.out)
     metrics, _ = trainer.fit(out, resume=opts.resume)
     trainer.save_weights(out / "teacher.safetensors")
-    summary = {"teacher": model_spec(model), "final": metrics, "options": json.loads(json.dumps(asdict(opts)))}
+    summary = {"teacher": model_spec(model), "class_names": class_names(shards), "final": metrics,
+               "options": json.loads(json.dumps(asdict(opts)))}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
