@@ -213,3 +213,12 @@ def test_corrupt_images_raise_a_clear_error(digits: np.ndarray) -> None:
         decode_image(jpeg[: len(jpeg) // 2])
     with pytest.raises(OSError):
         decode_image(b"")
+
+
+def test_an_input_that_cannot_be_opened_is_an_error_naming_it_not_an_empty_shard() -> None:
+    from e2kd.pipeline.sources import InputShardError
+
+    (shard,) = list_shards("memory://e2kd-sources-test/missing-000000.tar")  # URLs are not checked when listed
+    for read in (lambda: list(iter_keys(shard)), lambda: list(iter_shard(shard))):
+        with pytest.raises(InputShardError, match="cannot open input shard memory://e2kd-sources-test/missing"):
+            read()

@@ -27,9 +27,9 @@ from torch import Tensor
 
 from e2kd.storage import shard_name_for
 
-__all__ = ["InputShard", "TarShard", "FolderShard", "Sample", "BadSample", "list_shards", "class_names",
-           "read_class_names", "iter_shard", "iter_keys", "decode_image", "input_size_bytes", "input_sha256",
-           "IMAGE_EXTS"]
+__all__ = ["InputShard", "TarShard", "FolderShard", "Sample", "BadSample", "InputShardError", "list_shards",
+           "class_names", "read_class_names", "iter_shard", "iter_keys", "decode_image", "input_size_bytes",
+           "input_sha256", "IMAGE_EXTS"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REFUSED_EXTS = ("pkl", "pyd", "pickle", "pth", "pt")
@@ -82,6 +82,10 @@ class InputShard(ABC):
     @abstractmethod
     def sha256(self) -> str | None:
         """sha256 of the input's bytes (provenance for the manifest), or None where it is not taken."""
+
+
+class InputShardError(RuntimeError):
+    """An input shard could not be opened at all (unlike a truncated tar, whose readable samples count)."""
 
 
 @dataclass(frozen=True)
@@ -335,7 +339,10 @@ def _raw_samples(url: str) -> Iterator[dict]:
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    stream = _open_stream(url)
+    try:
+        stream = _open_stream(url)
+    except Exception as exc:  # noqa: BLE001 - credentials, network, permissions, a missing object: all errors
+        raise InputShardError(f"cannot open input shard {url}: {type(exc).__name__}: {exc}") from None
     try:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
     finally:
@@ -350,6 +357,8 @@ def _raw_samples_or_bad(url: str, shard: str, seen: set[str]) -> Iterator[dict |
             raw = next(stream)
         except StopIteration:
             return
+        except InputShardError:
+            raise  # never opened: an error, not an empty shard
         except Exception as exc:  # noqa: BLE001 - a truncated / unreadable tar ends the shard, recorded
             yield BadSample("*", shard, f"unreadable shard after {len(seen)} samples: {type(exc).__name__}: {exc}")
             return
