@@ -222,3 +222,13 @@ def test_an_input_that_cannot_be_opened_is_an_error_naming_it_not_an_empty_shard
     for read in (lambda: list(iter_keys(shard)), lambda: list(iter_shard(shard))):
         with pytest.raises(InputShardError, match="cannot open input shard memory://e2kd-sources-test/missing"):
             read()
+
+
+def test_local_inputs_are_listed_with_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray actors and DataLoader workers may run in another directory than the command that listed the shards."""
+    (tmp_path / "data").mkdir()
+    with tarfile.open(tmp_path / "data" / "in-000000.tar", "w"):
+        pass
+    monkeypatch.chdir(tmp_path)
+    (shard,) = list_shards("data/in-000000.tar")
+    assert shard.url == str(tmp_path / "data" / "in-000000.tar") and shard.name == "in-000000"

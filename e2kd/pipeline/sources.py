@@ -219,6 +219,8 @@ def list_shards(urls: str | Sequence[str]) -> list[InputShard]:
     """
     shards: list[InputShard] = []
     for url in _expand(urls):
+        if _is_local(url):  # absolute: Ray workers and DataLoader workers need not share the driver's cwd
+            url = os.path.abspath(url)
         if _is_local(url) and os.path.isdir(url):
             shards.extend(_folder_shards(url))
         elif _is_local(url) and not os.path.isfile(url):
