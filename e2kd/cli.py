@@ -112,6 +112,21 @@ def _take_former(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def _storage_option(command: Any) -> Any:
+    """``--storage-options JSON`` (also ``E2KD_STORAGE_OPTIONS``): fsspec arguments for object-store URLs."""
+    return click.option("--storage-options", envvar="E2KD_STORAGE_OPTIONS", show_envvar=True,
+                        help='JSON fsspec arguments for s3:// (gs://, az://, …) URLs, e.g. \'{"endpoint_url": '
+                             '"http://host:9000"}\' (default: the usual AWS_* variables and profiles). Never '
+                             'recorded or printed.')(command)
+
+
+def _use_storage(options: str | None, *urls: str | None) -> None:
+    """Apply ``--storage-options`` to the object-store protocols of ``urls`` (this process)."""
+    from e2kd.storage.options import apply_storage_options, parse_storage_options, resolve_storage_options
+
+    apply_storage_options(resolve_storage_options(parse_storage_options(options), urls))
+
+
 def _model_flags(run_dir: str | None, student: str | None, weights: str | None, student_kwargs: str | None,
                  num_classes: int | None, required: bool = True) -> dict[str, Any]:
     """``--run DIR`` or ``--student/--weights/--student-kwargs``: the model to load (flags must agree with a run)."""
@@ -221,6 +236,7 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 @click.option("--ray-address", help="'auto' or HOST:PORT to join a running Ray cluster (default: private local).")
 @click.option("--overwrite/--no-overwrite", default=None, help="Delete an existing store and start over.")
 @click.option("--seed", type=int, help="Seed of the random views  [default: 0]")
+@_storage_option
 @click.option("--config", help="YAML file of these options, or a packaged preset name (demo-digits, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags: Any) -> None:
@@ -228,6 +244,7 @@ def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags:
     from e2kd.config import build_options, parse_json_kwargs, parse_size
     from e2kd.runs import fill_from_run
     from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
+    from e2kd.storage.options import parse_storage_options
 
     try:
         flags = _take_former(flags)
@@ -237,6 +254,7 @@ def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags:
                                                                 "teacher_checkpoint": "weights"}, "--teacher-run")
         flags["explainer_kwargs"] = parse_json_kwargs(flags["explainer_kwargs"])
         flags["map_size"] = parse_size(flags["map_size"])
+        flags["storage_options"] = parse_storage_options(flags["storage_options"])
         flags["format"] = fmt
         flags["progress"] = False if quiet else None
         opts = build_options(CacheTeacherOptions, config, flags)
@@ -255,12 +273,15 @@ def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags:
 @click.option("--keys", "list_keys", is_flag=True, help="List every cached key, one per line (nothing else).")
 @click.option("--errors", "list_errors", is_flag=True,
               help="List every skipped or relabelled sample as one JSON line (key, shard, reason; nothing else).")
-def inspect_cmd(store: str, as_json: bool, list_keys: bool, list_errors: bool) -> None:
-    """Summarise a cache: teacher, explainer, input size, views, maps, completeness, counts, bytes per sample."""
+@_storage_option
+def inspect_cmd(store: str, as_json: bool, list_keys: bool, list_errors: bool, storage_options: str | None) -> None:
+    """Summarise a cache: its id, teacher, explainer, input size, views, maps, completeness, counts, bytes per
+    sample."""
     from e2kd.stages.inspect import summarise_store
     from e2kd.storage import open_store
 
     try:
+        _use_storage(storage_options, store)
         if list_keys or list_errors:
             opened = open_store(store)
             lines = list(opened.keys()) if list_keys else [json.dumps(e, sort_keys=True) for e in opened.errors()]
@@ -274,6 +295,7 @@ def inspect_cmd(store: str, as_json: bool, list_keys: bool, list_errors: bool) -
         return
     click.echo(f"store       {store}  ({info['format']}, schema v{info['schema_version']}, "
                f"e2kd {info['e2kd_version']})")
+    click.echo(f"cache id    {info['cache_id']}")
     if info["class_names"]:
         shown = ", ".join(info["class_names"][:10]) + (", …" if len(info["class_names"]) > 10 else "")
         click.echo(f"classes     {shown}")
@@ -289,11 +311,13 @@ def inspect_cmd(store: str, as_json: bool, list_keys: bool, list_errors: bool) -
 
 @main.command("verify")
 @click.argument("store")
-def verify_cmd(store: str) -> None:
+@_storage_option
+def verify_cmd(store: str, storage_options: str | None) -> None:
     """Recompute every shard's checksum; exit non-zero naming the bad shard(s)."""
     from e2kd.storage import open_store
 
     try:
+        _use_storage(storage_options, store)
         problems = open_store(store).verify()
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
@@ -339,6 +363,8 @@ def verify_cmd(store: str) -> None:
 @click.option("--online-teacher", help="Live-teacher baseline (no --cache): teacher model name.")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), help="Weights of --online-teacher.")
 @click.option("--teacher-kwargs", help="JSON kwargs of --online-teacher.")
+@click.option("--expect-cache-id", help="Refuse any cache but the one with this id (`e2kd inspect` prints it).")
+@_storage_option
 @click.option("--config", help="YAML file of these options, or a packaged preset name (demo-digits, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
@@ -346,10 +372,12 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     from e2kd.config import build_options, parse_json_kwargs
     from e2kd.runs import fill_from_run
     from e2kd.stages.train_student import TrainOptions, train_student
+    from e2kd.storage.options import parse_storage_options
 
     try:
         flags["student_kwargs"] = parse_json_kwargs(flags["student_kwargs"])
         flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
+        flags["storage_options"] = parse_storage_options(flags["storage_options"])
         if flags["student_init"] and os.path.isdir(flags["student_init"]):
             flags = fill_from_run(flags["student_init"], flags, {"student": "name", "student_kwargs": "kwargs",
                                                                  "student_init": "weights"}, "--student-init")
@@ -379,31 +407,39 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
               help="Where expl_sim's cosine is taken (as train-student's --expl-resolution).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader workers.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line on stdout.")
+@click.option("--expect-cache-id", help="Refuse any cache but the one with this id (`e2kd inspect` prints it).")
+@_storage_option
 def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: str | None,
                  student_kwargs: str | None, cache: str | None,
                  num_classes: int | None, input_size: int | None, batch_size: int, expl_resolution: str, workers: int,
-                 as_json: bool, former__weights: str | None) -> None:
+                 as_json: bool, former__weights: str | None, expect_cache_id: str | None,
+                 storage_options: str | None) -> None:
     """Top-1, agreement with the teacher and explanation similarity of a trained student."""
     weights = _take_former({"weights": weights, "former__weights": former__weights})["weights"]
     from e2kd.stages.evaluate import evaluate_weights
     from e2kd.storage import open_store
 
     try:
+        _use_storage(storage_options, data, cache)
         model = _model_flags(run_dir, student, weights, student_kwargs, num_classes)
         student, weights, num_classes = model["student"], model["weights"], model["num_classes"]
-        metrics = evaluate_weights(data, student, weights, model["student_kwargs"], cache, num_classes,
-                                   input_size=input_size, batch_size=batch_size, workers=workers,
-                                   expl_resolution=expl_resolution, progress=True)
-        views = open_store(cache).manifest.num_views if cache else 1
+        metrics: dict[str, Any] = evaluate_weights(data, student, weights, model["student_kwargs"], cache, num_classes,
+                                                   input_size=input_size, batch_size=batch_size, workers=workers,
+                                                   expl_resolution=expl_resolution, progress=True,
+                                                   expect_cache_id=expect_cache_id)
+        opened = open_store(cache) if cache else None
+        views = opened.manifest.num_views if opened else 1
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(exc) from None
     if views > 1:
         click.echo(f"note: {cache} holds {views} views per sample; agreement and expl_sim compare on the first",
                    err=True)
+    if opened is not None:
+        metrics["cache_id"] = opened.cache_id
     if as_json:
         sys.stdout.write(json.dumps(metrics) + "\n")
     else:
-        click.echo("  ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in metrics.items()))
+        click.echo("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
 
 @main.command("train-teacher")
@@ -469,13 +505,16 @@ def demo_cmd(out: str, quick: bool) -> None:
               help="The student's weights (or --run).")
 @_former("--weights", "weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--student-kwargs", help="JSON kwargs of the student constructor.")
+@_storage_option
 def show_cmd(store: str, key: str, out: str, data: str | None, run_dir: str | None, student: str | None,
-             weights: str | None, student_kwargs: str | None, former__weights: str | None) -> None:
+             weights: str | None, student_kwargs: str | None, former__weights: str | None,
+             storage_options: str | None) -> None:
     """Image, view boxes and the teacher map per view (and the student's), as heat maps."""
     weights = _take_former({"weights": weights, "former__weights": former__weights})["weights"]
     from e2kd.stages.figures import show_key
 
     try:
+        _use_storage(storage_options, store, data)
         model = _model_flags(run_dir, student, weights, student_kwargs, None, required=False)
         cosines = show_key(store, key, out, data, model["student"], model["weights"], model["student_kwargs"])
     except (ValueError, FileNotFoundError, KeyError) as exc:

@@ -122,8 +122,11 @@ class TarShard(InputShard):
             return None
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(self.url)
-        return int(fs.size(path))
+        try:
+            fs, path = fsspec.core.url_to_fs(self.url)
+            return int(fs.size(path))
+        except Exception as exc:  # noqa: BLE001 - missing object, credentials, network: all name the URL
+            raise InputShardError(f"cannot open input shard {self.url}: {type(exc).__name__}: {exc}") from None
 
     def sha256(self) -> str | None:
         """sha256 of the tar's bytes; None for a ``pipe:`` command (reading it twice may differ)."""

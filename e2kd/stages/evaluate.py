@@ -6,7 +6,7 @@ from typing import Any
 
 from e2kd.explain import explainer_family
 from e2kd.models import create_model
-from e2kd.storage import open_store
+from e2kd.storage import CompatibilityError, open_store
 from e2kd.training.evaluation import evaluate_model
 
 __all__ = ["evaluate_weights"]
@@ -15,14 +15,20 @@ __all__ = ["evaluate_weights"]
 def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict[str, Any] | None = None,
                      cache: str | None = None, num_classes: int | None = None, explainer: str | None = None,
                      input_size: int | None = None, batch_size: int = 64, workers: int = 0,
-                     expl_resolution: str = "input", progress: bool = False) -> dict[str, float]:
+                     expl_resolution: str = "input", progress: bool = False,
+                     expect_cache_id: str | None = None) -> dict[str, float]:
     """Load ``student.safetensors`` and evaluate it (class count, explainer, size default to the cache's).
 
     Raises:
-        CompatibilityError: the cache does not fit the student (the same checks as train-student).
+        CompatibilityError: the cache does not fit the student (the same checks as train-student), or is not
+            the one ``expect_cache_id`` names.
     """
     if cache:
-        m = open_store(cache).manifest
+        store = open_store(cache)
+        if expect_cache_id is not None and store.cache_id != expect_cache_id.strip().lower():
+            raise CompatibilityError(f"cache {cache} has id {store.cache_id}, not the expected {expect_cache_id} "
+                                     f"(--expect-cache-id): a different or changed cache")
+        m = store.manifest
         explainer = explainer or m.explainer_name
         m.check_student(num_classes=num_classes, explainer=explainer, explainer_family=explainer_family(explainer),
                         input_size=input_size)

@@ -22,7 +22,8 @@ def summarise_store(uri: str) -> dict[str, Any]:
     complete = [m.shards[n] for n in m.complete_shards]
     n = sum(r.num_samples for r in complete)
     nbytes = sum(r.nbytes for r in complete)
-    return {"num_samples": n, "num_views": m.num_views, "num_classes": m.num_classes, "teacher": m.teacher,
+    return {"cache_id": store.cache_id, "num_samples": n, "num_views": m.num_views, "num_classes": m.num_classes,
+            "teacher": m.teacher,
             "explainer": m.explainer, "map_shape": list(m.map_shape) if m.map_shape else None, "bytes": nbytes,
             "bytes_per_sample_view": nbytes / max(1, n * m.num_views),
             "errors": sum(r.num_errors for r in complete), "shards": shards,

@@ -23,6 +23,7 @@ from e2kd.models import create_model, model_spec
 from e2kd.pipeline.loader import JoinPlan, StreamSpec, build_loader, plan_join, select_shots
 from e2kd.pipeline.sources import list_shards
 from e2kd.storage import CompatibilityError, Manifest, ManifestError, open_store
+from e2kd.storage.options import apply_storage_options, describe_storage_options, resolve_storage_options
 from e2kd.training import (
     CachedTargets,
     OnlineTeacherTargets,
@@ -80,6 +81,8 @@ class TrainOptions:
     teacher_checkpoint: str | None = None
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    expect_cache_id: str | None = None  # refuse any cache but this one (``e2kd inspect`` prints the id)
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec arguments; never recorded
 
     def __post_init__(self) -> None:
         if (self.cache is None) == (self.online_teacher is None):
@@ -144,11 +147,23 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _open_cache(uri: str) -> Any:
+def _open_cache(uri: str, expect_id: str | None = None) -> Any:
     try:
-        return open_store(uri)
+        store = open_store(uri)
     except (ManifestError, FileNotFoundError) as exc:
         raise CompatibilityError(f"cache: {exc}") from None
+    if expect_id is not None and store.cache_id != expect_id.strip().lower():
+        raise CompatibilityError(f"cache {uri} has id {store.cache_id}, not the expected {expect_id} "
+                                 f"(--expect-cache-id): a different or changed cache")
+    return store
+
+
+def recorded_options(opts: Any) -> dict[str, Any]:
+    """The options as a run records them (summary, checkpoint): storage options by key name only (secrets)."""
+    out = json.loads(json.dumps(asdict(opts), default=str))
+    if "storage_options" in out:
+        out["storage_options"] = describe_storage_options(opts.storage_options)
+    return out
 
 
 def _check_validation_inputs(opts: TrainOptions) -> None:
@@ -165,9 +180,10 @@ def _check_validation_inputs(opts: TrainOptions) -> None:
         raise ValueError(f"--val-data: {exc}") from None
 
 
-def _cache_identity(uri: str, m: Manifest) -> dict[str, Any]:
+def _cache_identity(uri: str, store: Any) -> dict[str, Any]:
     """What the summary records about the cache a student learnt from."""
-    return {"uri": uri, "teacher": m.teacher, "explainer": m.explainer, "views": m.views,
+    m = store.manifest
+    return {"uri": uri, "cache_id": store.cache_id, "teacher": m.teacher, "explainer": m.explainer, "views": m.views,
             "class_names": list(m.class_names) if m.class_names else None,
             "inputs_fingerprint": m.inputs["fingerprint"],
             "shards_sha256": {n: r.sha256 for n, r in sorted(m.shards.items())}}
@@ -195,9 +211,11 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
     """
     check_run_dir(Path(opts.out), opts.resume, opts.overwrite)
     rank, world = init_distributed()
+    apply_storage_options(resolve_storage_options(opts.storage_options, [opts.data, opts.cache, opts.val_data,
+                                                                         opts.val_cache]))
     store = None
     if opts.cache is not None:
-        store = _open_cache(opts.cache)
+        store = _open_cache(opts.cache, opts.expect_cache_id)
         opts = resolve_against_cache(opts, store.manifest)
     elif opts.num_classes is None or opts.explainer is None or opts.input_size is None:
         raise ValueError("--online-teacher needs --num-classes, --explainer and --input-size")
@@ -242,8 +260,8 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
     trainer = Trainer(model, objective, optimizer, scheduler, stream, loader, steps, opts.epochs, device, rank, world,
                       clip_grad=opts.clip_grad, amp=opts.amp, progress=opts.progress,
                       validate=(lambda: _validate(model, opts)) if opts.val_data else None,
-                      options=json.loads(json.dumps(asdict(opts), default=str)))
-    identity = _cache_identity(opts.cache, store.manifest) if store is not None else None
+                      options=recorded_options(opts))
+    identity = _cache_identity(opts.cache, store) if store is not None else None
     return StudentRun(opts, trainer, objective, plan, identity)
 
 
@@ -272,7 +290,7 @@ def _finish(run: StudentRun, out: Path, metrics: dict[str, float], num_updates: 
                "epochs": run.opts.epochs, "steps": num_updates, "steps_per_epoch": trainer.steps_per_epoch,
                "world_size": trainer.world, "samples": run.plan.num_samples, "skipped_cache_bad": run.plan.cache_bad,
                "skipped_missing": len(run.plan.missing_in_cache), "final": metrics,
-               "options": json.loads(json.dumps(asdict(run.opts), default=str))}
+               "options": recorded_options(run.opts)}
     trainer.save_weights(out / "student.safetensors")
     if trainer.rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +21,7 @@ from e2kd.storage.names import check_shard_name
 
 __all__ = ["resolve", "is_local", "checksum_files", "checksum_blobs", "read_blobs", "checksum_local_dir",
            "write_json_atomic", "read_json", "StoreLock", "StoreLockedError", "check_lock_token", "remove_tree",
-           "commit_dir", "SHARDS_DIR", "STAGING_DIR", "MANIFEST", "LOCK"]
+           "commit_dir", "create_exclusive", "DEFAULT_LEASE_S", "SHARDS_DIR", "STAGING_DIR", "MANIFEST", "LOCK"]
 
 SHARDS_DIR = "shards"
 STAGING_DIR = ".staging"
@@ -157,56 +158,156 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class StoreLock:
-    """One writer per store: a lock file with the owner's host and pid; a dead owner's lock is taken over."""
+#: Seconds a writer's lock stays valid without renewal (``E2KD_LOCK_LEASE_S``); the owner renews it every third.
+DEFAULT_LEASE_S = 60.0
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+
+def _lease_seconds() -> float:
+    value = os.environ.get("E2KD_LOCK_LEASE_S")
+    try:
+        lease = float(value) if value else DEFAULT_LEASE_S
+    except ValueError:
+        raise ValueError(f"E2KD_LOCK_LEASE_S must be a number of seconds, got {value!r}") from None
+    if lease <= 0:
+        raise ValueError(f"E2KD_LOCK_LEASE_S must be > 0, got {lease}")
+    return lease
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``path`` only if it does not exist, atomically: ``O_EXCL`` locally, a conditional put
+    (``If-None-Match: *``, fsspec's ``mode="create"``) on object storage.
+
+    Raises:
+        FileExistsError: ``path`` exists (someone else created it first).
+        StoreLockedError: the backend cannot create a file exclusively (named, with what to do).
+    """
+    if is_local(fs):  # a complete temp file hard-linked into place: never visible half-written
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+        finally:
+            os.remove(tmp)
+        return
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        raise
+    except (TypeError, NotImplementedError) as exc:
+        raise StoreLockedError(f"{type(fs).__name__} cannot create a file only if it is absent ({exc}): its fsspec "
+                               f"version has no conditional put, so one writer per store cannot be enforced there. "
+                               f"Upgrade the backend's fsspec package, or write the cache locally and "
+                               f"`e2kd copy` it") from None
+    except OSError as exc:
+        if "precondition" in str(exc).lower() or "412" in str(exc) or "409" in str(exc):
+            raise FileExistsError(path) from None
+        if "not implemented" in str(exc).lower() or "501" in str(exc):
+            raise StoreLockedError(f"the object store refused a conditional put ({exc}): it offers no atomic "
+                                   f"create (If-None-Match), so one writer per store cannot be enforced there") \
+                from None
+        raise
+
+
+class StoreLock:
+    """One writer per store: a lock file created atomically, holding owner host, pid, token and a lease.
+
+    The owner renews the lease from a background thread (every third of ``lease_s``). A lock whose lease
+    expired — its owner died or lost its network, on any host — is taken over; so is one on this host whose
+    pid is gone (a killed run, at once). A live lock refuses a second writer. Workers compare the token with
+    the lock file before every commit (:func:`check_lock_token`), so a writer that lost its lock never commits.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, lease_s: float | None = None) -> None:
         self.fs, self.path = fs, f"{root}/{LOCK}"
+        self.lease_s = float(lease_s) if lease_s is not None else _lease_seconds()
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
-                      "token": uuid.uuid4().hex}
+                      "token": uuid.uuid4().hex, "lease_s": self.lease_s}
+        self.lost: str | None = None  # why the lock is no longer ours (taken over after our lease expired)
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     @property
     def token(self) -> str:
         """This holder's unique token: workers compare it with the lock file before they commit."""
         return str(self.owner["token"])
 
+    def _record(self) -> bytes:
+        return json.dumps({**self.owner, "expires": time.time() + self.lease_s}).encode()
+
     def acquire(self) -> None:
-        if self.fs.exists(self.path):
+        """Create the lock, or take over an expired / dead owner's lock; refuse a live one.
+
+        Raises:
+            StoreLockedError: another writer holds the store (named: host, pid, lease left).
+        """
+        try:
+            create_exclusive(self.fs, self.path, self._record())
+        except FileExistsError:
             self._take_over_or_refuse()
-        if is_local(self.fs):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                create_exclusive(self.fs, self.path, self._record())
             except FileExistsError:
-                raise StoreLockedError(f"{self.path} appeared while starting: another writer is running") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner, f)
-        else:
-            # Object storage has no O_EXCL: this is check-then-put, so two writers starting in the same
-            # instant can both pass the check. The lock token read back before every commit
-            # (check_lock_token) makes the loser's workers refuse to commit.
-            self.fs.pipe_file(self.path, json.dumps(self.owner).encode())
+                raise StoreLockedError(f"{self.path}: another writer took the lock at the same moment") from None
+        self._renewer = threading.Thread(target=self._renew_loop, name="e2kd-lock-lease", daemon=True)
+        self._renewer.start()
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            holder = read_json(self.fs, self.path)
+        except (json.JSONDecodeError, FileNotFoundError, UnicodeDecodeError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
 
     def _take_over_or_refuse(self) -> None:
-        try:
-            holder = read_json(self.fs, self.path)
-        except (json.JSONDecodeError, FileNotFoundError):
-            holder = {}
-        same_host = holder.get("host") == socket.gethostname()
-        pid = int(holder.get("pid", -1))
-        if same_host and pid > 0 and not _pid_alive(pid):
-            self.fs.rm(self.path)  # its owner is dead (killed run): take over
+        holder = self._holder()
+        now = time.time()
+        pid = holder.get("pid") if isinstance(holder.get("pid"), int) else -1
+        expires = holder.get("expires")
+        dead_here = holder.get("host") == socket.gethostname() and pid > 0 and not _pid_alive(pid)
+        expired = isinstance(expires, (int, float)) and expires < now
+        if dead_here or expired or not holder:
+            if self._holder().get("token") == holder.get("token"):  # still the lock we judged
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(self.path)
             return
+        left = f"its lease expires in {expires - now:.0f} s" if isinstance(expires, (int, float)) else \
+            "it has no lease (written by e2kd 0.1)"
         raise StoreLockedError(f"store is locked by host {holder.get('host', '?')} pid {holder.get('pid', '?')} "
-                               f"({self.path}); another cache-teacher is writing it. If that job is gone, "
-                               f"remove the lock file")
+                               f"({self.path}; {left}): another cache-teacher is writing it. A dead writer's lock "
+                               f"is taken over once its lease expires; remove the lock file only if you are sure")
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                self.renew()
+            except Exception:  # noqa: BLE001 - a missed renewal is retried; the lease has two more chances
+                continue
+            if self.lost:
+                return
+
+    def renew(self) -> None:
+        """Extend the lease, if the lock is still ours (else record in :attr:`lost` who holds it)."""
+        holder = self._holder()
+        if holder.get("token") != self.token:
+            self.lost = f"held by host {holder.get('host', '?')} pid {holder.get('pid', '?')}" if holder else "removed"
+            return
+        write_json_atomic(self.fs, self.path, json.loads(self._record()))
+
+    def check_held(self) -> None:
+        """Raise :class:`StoreLockedError` if the lock is no longer this writer's."""
+        if self.lost is None and self._holder().get("token") != self.token:
+            self.renew()
+        if self.lost:
+            raise StoreLockedError(f"{self.path}: this run lost the store's lock ({self.lost}); not recording")
 
     def release(self) -> None:
-        try:
-            holder = read_json(self.fs, self.path)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return
-        if holder.get("pid") == self.owner["pid"] and holder.get("host") == self.owner["host"]:
-            self.fs.rm(self.path)
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=5)
+        if self._holder().get("token") == self.token:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.path)
 
     def __enter__(self) -> StoreLock:
         self.acquire()

@@ -17,7 +17,7 @@ from e2kd.storage.encoding import Encoding
 from e2kd.storage.names import is_valid_shard_name
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "IDENTITY_FIELDS", "PRECISIONS", "Manifest", "ShardRecord", "ManifestError",
-           "CompatibilityError", "input_fingerprint"]
+           "CompatibilityError", "input_fingerprint", "cache_id_of"]
 
 SCHEMA = "e2kd.teacher-cache"
 SCHEMA_VERSION = 1
@@ -92,6 +92,16 @@ class ShardRecord:
                 "map_shape": list(self.map_shape) if self.map_shape is not None else None,
                 "num_bad_labels": self.num_bad_labels, "source_bytes": self.source_bytes,
                 "source_sha256": self.source_sha256}
+
+
+def cache_id_of(document: Any) -> str:
+    """A cache's id: sha256 of its manifest's canonical JSON (sorted keys, no whitespace, UTF-8).
+
+    The manifest holds every shard's checksum, so the id names the exact content of a store: a copy has the
+    same id, a changed shard or setting a different one.
+    """
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def input_fingerprint(sources: dict[str, tuple[Any, ...]]) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 
 from e2kd.storage.files import MANIFEST, SHARDS_DIR, checksum_blobs, read_blobs, read_json, resolve
 from e2kd.storage.formats import get_format
-from e2kd.storage.manifest import Manifest, ManifestError
+from e2kd.storage.manifest import Manifest, ManifestError, cache_id_of
 from e2kd.storage.shards import ERRORS_NAME, KEYS_NAME
 
 __all__ = ["open_store", "CacheStore", "StoreIntegrityError"]
@@ -59,9 +59,11 @@ class CacheStore:
         if not self.fs.exists(path):
             raise FileNotFoundError(f"{uri} is not an e2kd cache: {MANIFEST} not found")
         try:
-            self.manifest: Manifest = Manifest.from_json(read_json(self.fs, path))
+            document = read_json(self.fs, path)
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{path} is not valid JSON: {exc}") from None
+        self.manifest: Manifest = Manifest.from_json(document)
+        self.cache_id = cache_id_of(document)  # sha256 of the canonical manifest: names this exact content
         self.encoding = self.manifest.encoding
         self._format = get_format(self.manifest.format)
         self._index: dict[str, tuple[str, int]] | None = None

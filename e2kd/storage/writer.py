@@ -161,10 +161,12 @@ class CacheWriter:
         """Record a committed shard in the manifest (atomic replace): from now on readers see it.
 
         Raises:
+            StoreLockedError: this writer lost the store's lock (its lease expired and another run took over).
             ValueError: a key is already held by another shard (keys are unique across a store; the shard
                 stays unrecorded).
             ManifestError: its map shape differs from the other shards'.
         """
+        self._lock.check_held()
         clash = next((k for k in keys if self._owners.get(k, name) != name), None)
         if clash is not None:
             raise ValueError(f"key {clash!r} is also in input shard {self._owners[clash]}: keys must be unique "

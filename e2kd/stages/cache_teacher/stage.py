@@ -21,6 +21,7 @@ from e2kd.pipeline.views import RENDER_SPEC, ViewPolicy
 from e2kd.stages.cache_teacher.ray_session import ensure_ray
 from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
 from e2kd.storage import PRECISIONS, CacheWriter, Encoding, Manifest, ManifestError, create_store, list_formats
+from e2kd.storage.options import apply_storage_options, resolve_storage_options
 
 __all__ = ["CacheTeacherOptions", "run_cache_teacher"]
 
@@ -60,6 +61,7 @@ class CacheTeacherOptions:
     overwrite: bool = False
     seed: int = 0
     progress: bool = True
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec arguments; never recorded
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -161,16 +163,14 @@ def _check_maps(opts: CacheTeacherOptions, explainer: Any, transform: InputTrans
         opts.encoding.pool_maps(maps)
 
 
-def _check_inputs_unchanged(manifest: Manifest, shards: list[InputShard]) -> dict[str, int | None]:
-    """Input sizes now; a complete shard whose input changed size since it was cached is refused."""
-    sizes = {s.name: input_size_bytes(s) for s in shards}
+def _check_inputs_unchanged(manifest: Manifest, shards: list[InputShard], sizes: dict[str, int | None]) -> None:
+    """A complete shard whose input changed size since it was cached is refused."""
     for shard in shards:
         rec = manifest.shards.get(shard.name)
         if rec and rec.complete and None not in (rec.source_bytes, sizes[shard.name]) and \
                 rec.source_bytes != sizes[shard.name]:
             raise ManifestError(f"input shard {shard.name} changed since it was cached ({rec.source_bytes} bytes "
                                 f"then, {sizes[shard.name]} now); use --overwrite to rebuild the cache")
-    return sizes
 
 
 def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, ckpt_ref: Any, n: int) -> list:
@@ -218,12 +218,14 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
     if opts.teacher_checkpoint is None and not opts.random_teacher:
         raise ValueError("no --teacher-checkpoint: give the teacher's weights (or --teacher-run), or --random-teacher "
                          "to cache a randomly initialised teacher (seeded by --seed; for benchmarks and tests)")
+    apply_storage_options(resolve_storage_options(opts.storage_options, [opts.data, opts.out]))
     shards = list_shards(opts.data)
     names = _class_names(opts, shards)
     transform, checkpoint, explainer = _build_teacher(opts)
     header = _header(opts, transform, hashlib.sha256(checkpoint).hexdigest(), explainer, names)
+    sizes = {s.name: input_size_bytes(s) for s in shards}  # every input is reachable before the store is touched
     with create_store(opts.out, header, overwrite=opts.overwrite) as writer:
-        sizes = _check_inputs_unchanged(writer.manifest, shards)
+        _check_inputs_unchanged(writer.manifest, shards, sizes)
         todo = [s for s in shards if s.name not in writer.complete]
         t0 = time.time()
         failed, processing = _run_shards(opts, writer, todo, checkpoint, sizes) if todo else ({}, 0.0)
@@ -237,7 +239,8 @@ def _worker_spec(opts: CacheTeacherOptions, writer: CacheWriter) -> WorkerSpec:
                       explainer=m.explainer, views=m.views, input_size=m.input_size, encoding=m.encoding,
                       writer=writer.shard_writer(), batch_size=opts.batch_size, precision=opts.precision,
                       threads=opts.threads_per_actor,
-                      checkpoint_suffix=Path(opts.teacher_checkpoint or "w.safetensors").suffix)
+                      checkpoint_suffix=Path(opts.teacher_checkpoint or "w.safetensors").suffix,
+                      storage_options=resolve_storage_options(opts.storage_options, [opts.data, opts.out]))
 
 
 class ProgressCounter:

@@ -16,6 +16,7 @@ from e2kd.models import create_model, input_transform
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_sha256, iter_shard
 from e2kd.pipeline.views import ViewPolicy, render_view
 from e2kd.storage import PRECISIONS, Encoding, ShardWriter
+from e2kd.storage.options import StorageOptions, apply_storage_options
 
 __all__ = ["WorkerSpec", "TeacherWorker", "AUTOCAST_DTYPES"]
 
@@ -37,6 +38,10 @@ class WorkerSpec:
     precision: str = "fp32"
     threads: int = 1
     checkpoint_suffix: str = ".safetensors"
+    storage_options: StorageOptions | None = None  # protocol → fsspec arguments (secrets: never logged)
+
+    def __repr__(self) -> str:  # Ray may print a failed actor's arguments: never the storage options
+        return f"WorkerSpec(teacher={self.teacher['name']!r}, store={self.writer.uri!r})"
 
 
 class TeacherWorker:
@@ -49,6 +54,7 @@ class TeacherWorker:
 
     def __init__(self, spec: WorkerSpec, checkpoint: bytes | None = None, lazy: bool = False) -> None:
         torch.set_num_threads(spec.threads)  # fixed threads: byte-identical output whatever the worker count
+        apply_storage_options(spec.storage_options)  # before any input or store URL is opened here
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.policy = ViewPolicy.from_dict(spec.views)

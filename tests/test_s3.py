@@ -1,0 +1,220 @@
+"""Caches on real object storage: a loopback S3 server (moto's standalone server, started here) through s3fs.
+
+cache-teacher with 2 Ray actors reading and writing the bucket, resume after kill -9, train-student and
+inspect/verify from the bucket, the cache id, a tampered object, credentials never written anywhere, and the
+store lock's atomic create and lease.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import S3, S3_SECRET, TEACHER_KWARGS, shard_checksums
+
+from e2kd.cli import main
+from e2kd.storage import Encoding, Manifest, create_store, open_store
+from e2kd.storage.files import StoreLock, StoreLockedError, resolve
+
+SHARDS = 4
+STUDENT = ["--student", "resnet18", "--student-kwargs", json.dumps(TEACHER_KWARGS)]
+
+
+def _cache_args(data: str, out: str, ckpt: Path, s3: S3, *extra: str) -> list[str]:
+    return ["cache-teacher", "--data", data, "--out", out, "--teacher", "resnet18", "--num-classes", "10",
+            "--teacher-checkpoint", str(ckpt), "--teacher-kwargs", json.dumps(TEACHER_KWARGS), "--views", "2",
+            "--crop-scale", "0.3", "1.0", "--input-size", "64", "--batch-size", "16", "--quiet",
+            "--storage-options", s3.options_json, *extra]
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint: str, digits: Path) -> S3:
+    """A bucket holding the first 4 train shards under data/."""
+    s3 = S3(s3_endpoint, "shared-cache-tests")
+    for i in range(SHARDS):
+        s3.fs.put(str(digits / f"train-{i:06d}.tar"), f"{s3.bucket}/data/train-{i:06d}.tar")
+    return s3
+
+
+@pytest.fixture(scope="module")
+def s3_cache(bucket: S3, teacher_ckpt: Path) -> str:
+    """cache-teacher --data s3://… --out s3://… with 2 Ray actors (each reads and writes the bucket itself)."""
+    out = bucket.url("cache")
+    result = CliRunner().invoke(main, _cache_args(bucket.url("data/train-{000000..000003}.tar"), out, teacher_ckpt,
+                                                  bucket, "--actors", "2"))
+    assert result.exit_code == 0, result.output
+    assert "cached 200 samples in 4 shard(s)" in result.output
+    return out
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def test_cache_on_s3_holds_the_same_shards_as_a_local_run(s3_cache: str, bucket: S3, cache: Path) -> None:
+    os.environ.pop("E2KD_STORAGE_OPTIONS", None)
+    code, out = _invoke("verify", s3_cache, "--storage-options", bucket.options_json)
+    assert code == 0 and "ok" in out, out
+    local = shard_checksums(cache)
+    remote = shard_checksums(s3_cache)
+    assert len(remote) == SHARDS and all(remote[n] == local[n] for n in remote)
+    code, out = _invoke("inspect", s3_cache, "--json", "--storage-options", bucket.options_json)
+    info = json.loads(out)
+    assert code == 0 and info["num_samples"] == 200 and len(info["cache_id"]) == 64
+    assert info["cache_id"] == open_store(s3_cache).cache_id
+
+
+def test_train_student_from_s3_records_the_cache_id_and_never_the_secret(s3_cache: str, bucket: S3,
+                                                                         tmp_path: Path) -> None:
+    cache_id = open_store(s3_cache).cache_id
+    run = tmp_path / "run"
+    env = {"E2KD_STORAGE_OPTIONS": bucket.options_json}  # the environment route for credentials
+    result = CliRunner().invoke(main, ["train-student", "--data", bucket.url("data/train-{000000..000003}.tar"),
+                                       "--cache", s3_cache, *STUDENT, "--out", str(run), "--epochs", "1",
+                                       "--batch-size", "32", "--steps-per-epoch", "2", "--quiet",
+                                       "--expect-cache-id", cache_id], env=env)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["cache"]["cache_id"] == cache_id
+    assert summary["options"]["storage_options"] == sorted(bucket.options)  # key names only
+    # the secret is nowhere: console, run directory, the cache's objects
+    assert S3_SECRET not in result.output
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert S3_SECRET.encode() not in path.read_bytes(), path
+    for obj in bucket.fs.find(bucket.bucket):
+        assert S3_SECRET.encode() not in bucket.fs.cat_file(obj), obj
+    other = "0" * 64
+    code, out = _invoke("train-student", "--data", bucket.url("data/train-{000000..000003}.tar"), "--cache", s3_cache,
+                        *STUDENT, "--out", str(tmp_path / "refused"), "--expect-cache-id", other,
+                        "--storage-options", bucket.options_json)
+    assert code != 0 and f"not the expected {other}" in out and len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "refused" / "summary.json").exists()
+
+
+def test_a_bad_storage_option_is_one_line_without_the_secret() -> None:
+    code, out = _invoke("inspect", "s3://nowhere/cache", "--storage-options", '{"secret": "' + S3_SECRET + '"')
+    assert code != 0 and "not valid JSON" in out and S3_SECRET not in out
+
+
+def test_a_missing_input_object_is_an_error_naming_it(bucket: S3, teacher_ckpt: Path) -> None:
+    code, out = _invoke(*_cache_args(bucket.url("data/train-{000003..000004}.tar"), bucket.url("missing-input"),
+                                     teacher_ckpt, bucket, "--actors", "1"))
+    assert code != 0 and "cannot open input shard s3://" in out and "train-000004.tar" in out, out
+    assert not bucket.fs.exists(f"{bucket.bucket}/missing-input/manifest.json")  # refused before any work
+
+
+def _wait_for_shards(s3: S3, manifest: str, n: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(s3.fs.cat_file(manifest))["shards"]) >= n:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        s3.fs.invalidate_cache()
+        time.sleep(0.1)
+    raise AssertionError("no shard completed in time")
+
+
+def test_kill_minus_nine_and_resume_on_s3_gives_the_local_checksums(bucket: S3, teacher_ckpt: Path,
+                                                                   cache: Path) -> None:
+    out = bucket.url("killed")
+    args = _cache_args(bucket.url("data/train-{000000..000003}.tar"), out, teacher_ckpt, bucket, "--actors", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "e2kd.cli", *args], start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_shards(bucket, f"{bucket.bucket}/killed/manifest.json", 1, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(json.loads(bucket.fs.cat_file(f"{bucket.bucket}/killed/manifest.json"))["shards"]) < SHARDS
+    code, output = _invoke(*args)
+    assert code == 0 and "already complete" in output, output
+    local = shard_checksums(cache)
+    assert shard_checksums(out) == {n: local[n] for n in shard_checksums(out)} and len(shard_checksums(out)) == 4
+    assert not bucket.fs.exists(f"{bucket.bucket}/killed/.lock")
+
+
+# ---- the store lock: atomic create, a lease, take-over from any host -------------------------------------------
+def _manifest() -> Manifest:
+    return Manifest(e2kd_version="test", format="zarr", teacher={"name": "t", "num_classes": 3}, explainer={
+        "name": "gradcam", "family": "gradient"}, preprocessing={"input_size": [8, 8]}, views={"policy": "full"},
+        encoding=Encoding(num_classes=3), precision="fp32")
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path, s3_endpoint: str) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    s3 = S3(s3_endpoint, "lock-" + str(abs(hash(request.node.nodeid)) % 10**12))
+    from e2kd.storage.options import apply_storage_options
+
+    apply_storage_options({"s3": s3.options})
+    return s3.url("store")
+
+
+def test_two_writers_at_once_one_is_refused(store_url: str) -> None:
+    results: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def writer() -> None:
+        barrier.wait()
+        try:
+            with create_store(store_url, _manifest()):
+                results.append("held")
+                time.sleep(1.0)
+        except StoreLockedError as exc:
+            results.append(str(exc))
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("held") == 1, results
+    assert all("locked by host" in r or "same moment" in r for r in results if r != "held"), results
+
+
+def test_a_dead_owner_on_another_host_is_taken_over_once_its_lease_expires(store_url: str) -> None:
+    fs, root = resolve(store_url)
+    fs.makedirs(root, exist_ok=True)
+    other = {"host": "gpu-node-17", "pid": 4242, "token": "x" * 32, "lease_s": 60}
+    fs.pipe_file(f"{root}/.lock", json.dumps({**other, "expires": time.time() + 60}).encode())
+    with pytest.raises(StoreLockedError, match=r"gpu-node-17 pid 4242 .*lease expires in"):
+        create_store(store_url, _manifest())
+    fs.pipe_file(f"{root}/.lock", json.dumps({**other, "expires": time.time() - 1}).encode())
+    with create_store(store_url, _manifest()) as writer:
+        assert json.loads(fs.cat_file(f"{root}/.lock"))["token"] == writer._lock.token
+    assert not fs.exists(f"{root}/.lock")
+
+
+def test_the_owner_renews_its_lease_and_notices_a_take_over(store_url: str) -> None:
+    fs, root = resolve(store_url)
+    fs.makedirs(root, exist_ok=True)
+    lock = StoreLock(fs, root, lease_s=0.6)
+    lock.acquire()
+    try:
+        first = json.loads(fs.cat_file(f"{root}/.lock"))["expires"]
+        time.sleep(1.5)  # past the first lease: only renewal keeps it
+        assert json.loads(fs.cat_file(f"{root}/.lock"))["expires"] > first
+        with pytest.raises(StoreLockedError, match="lease expires in"):
+            StoreLock(fs, root, lease_s=0.6).acquire()
+        lock._stop.set()
+        lock._renewer.join()
+        time.sleep(0.7)  # the owner stalls: its lease runs out and a new writer takes over
+        with StoreLock(fs, root, lease_s=30):
+            with pytest.raises(StoreLockedError, match="lost the store's lock"):
+                lock.check_held()
+    finally:
+        lock.release()
