@@ -159,6 +159,12 @@ class S3:
     def url(self, path: str = "") -> str:
         return f"s3://{self.bucket}/{path}".rstrip("/")
 
+    def use(self) -> None:
+        """This process's s3:// URLs go to the loopback server (what --storage-options does in a command)."""
+        from e2kd.storage.options import apply_storage_options
+
+        apply_storage_options({"s3": self.options})
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> str:

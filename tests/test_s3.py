@@ -64,6 +64,7 @@ def test_cache_on_s3_holds_the_same_shards_as_a_local_run(s3_cache: str, bucket:
     os.environ.pop("E2KD_STORAGE_OPTIONS", None)
     code, out = _invoke("verify", s3_cache, "--storage-options", bucket.options_json)
     assert code == 0 and "ok" in out, out
+    bucket.use()
     local = shard_checksums(cache)
     remote = shard_checksums(s3_cache)
     assert len(remote) == SHARDS and all(remote[n] == local[n] for n in remote)
@@ -75,6 +76,7 @@ def test_cache_on_s3_holds_the_same_shards_as_a_local_run(s3_cache: str, bucket:
 
 def test_train_student_from_s3_records_the_cache_id_and_never_the_secret(s3_cache: str, bucket: S3,
                                                                          tmp_path: Path) -> None:
+    bucket.use()
     cache_id = open_store(s3_cache).cache_id
     run = tmp_path / "run"
     env = {"E2KD_STORAGE_OPTIONS": bucket.options_json}  # the environment route for credentials
@@ -141,6 +143,7 @@ def test_kill_minus_nine_and_resume_on_s3_gives_the_local_checksums(bucket: S3, 
     assert len(json.loads(bucket.fs.cat_file(f"{bucket.bucket}/killed/manifest.json"))["shards"]) < SHARDS
     code, output = _invoke(*args)
     assert code == 0 and "already complete" in output, output
+    bucket.use()
     local = shard_checksums(cache)
     assert shard_checksums(out) == {n: local[n] for n in shard_checksums(out)} and len(shard_checksums(out)) == 4
     assert not bucket.fs.exists(f"{bucket.bucket}/killed/.lock")
@@ -158,9 +161,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path, s3_endpoint: str) 
     if request.param == "local":
         return str(tmp_path / "store")
     s3 = S3(s3_endpoint, "lock-" + str(abs(hash(request.node.nodeid)) % 10**12))
-    from e2kd.storage.options import apply_storage_options
-
-    apply_storage_options({"s3": s3.options})
+    s3.use()
     return s3.url("store")
 
 
@@ -218,3 +219,58 @@ def test_the_owner_renews_its_lease_and_notices_a_take_over(store_url: str) -> N
                 lock.check_held()
     finally:
         lock.release()
+
+
+# ---- handing a cache over: e2kd copy ----------------------------------------------------------------------------
+def test_copy_local_to_s3_and_back_is_verified_resumable_and_keeps_the_cache_id(cache: Path, s3: S3,
+                                                                               tmp_path: Path) -> None:
+    from e2kd.storage import copy_store
+
+    s3.use()
+    dst = s3.url("published")
+    calls: list[str] = []
+
+    def killed_after_two(name: str, nbytes: int) -> None:
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the copy dies half-way
+
+    with pytest.raises(KeyboardInterrupt):
+        copy_store(str(cache), dst, on_shard=killed_after_two)
+    with pytest.raises(FileNotFoundError):
+        open_store(dst)  # the manifest comes last: a half-copied store is not a store
+    code, out = _invoke("copy", str(cache), dst, "--quiet", "--storage-options", s3.options_json)
+    assert code == 0 and "copied 4 shard(s)" in out and "2 already at" in out, out
+    assert s3.fs.cat_file(f"{s3.bucket}/published/manifest.json") == (cache / "manifest.json").read_bytes()
+    assert open_store(dst).cache_id == open_store(str(cache)).cache_id in out
+    back = tmp_path / "back"
+    code, out = _invoke("copy", dst, str(back), "--quiet", "--storage-options", s3.options_json)
+    assert code == 0 and "copied 6 shard(s)" in out, out
+    assert shard_checksums(back) == shard_checksums(cache) and open_store(str(back)).verify() == []
+    code, out = _invoke("copy", str(cache), str(back), "--quiet")
+    assert code == 0 and "copied 0 shard(s)" in out and "6 already at" in out, out
+    code, out = _invoke("copy", str(tmp_path / "back"), s3.url("other"), "--quiet", "--storage-options",
+                        s3.options_json)
+    assert code == 0
+    s3.fs.pipe_file(f"{s3.bucket}/other/manifest.json", b'{"schema": "something else"}')
+    code, out = _invoke("copy", str(cache), s3.url("other"), "--quiet", "--storage-options", s3.options_json)
+    assert code != 0 and "already holds another cache" in out and "--overwrite" in out, out
+
+
+def test_a_tampered_object_is_named_by_verify_and_stops_training(s3_cache: str, bucket: S3, tmp_path: Path) -> None:
+    tampered = bucket.url("tampered")
+    code, out = _invoke("copy", s3_cache, tampered, "--quiet", "--storage-options", bucket.options_json)
+    assert code == 0, out
+    maps = [p for p in bucket.fs.find(f"{bucket.bucket}/tampered/shards/train-000001/data.zarr/maps")
+            if not p.endswith("zarr.json")]
+    data = bytearray(bucket.fs.cat_file(maps[0]))
+    data[len(data) // 3] ^= 0x01
+    bucket.fs.pipe_file(maps[0], bytes(data))
+    code, out = _invoke("verify", tampered, "--storage-options", bucket.options_json)
+    assert code != 0 and "train-000001" in out and "'maps'" in out, out
+    code, out = _invoke("train-student", "--data", bucket.url("data/train-{000000..000003}.tar"), "--cache",
+                        tampered, *STUDENT, "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "32",
+                        "--quiet", "--storage-options", bucket.options_json)
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert code != 0 and lines[-1].startswith("Error:") and "Traceback" not in out, out
+    assert all(w in lines[-1] for w in (tampered, "shard train-000001", "array 'maps' is damaged")), lines[-1]

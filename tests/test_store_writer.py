@@ -226,3 +226,55 @@ def test_show_finds_images_of_a_handed_over_image_folder_cache(tmp_path: Path) -
     with pytest.raises(ValueError, match="not reachable here .* pass --data"):
         find_image(store, "cat/img0")
     assert np.array_equal(find_image(store, "cat/img0", data=str(moved)).permute(1, 2, 0).numpy(), pixels)
+
+
+# ---- integrity on every read: few objects per zarr shard, a checksum per chunk / member ------------------------
+def _store_with_one_shard(tmp_path: Path, fmt: str, n: int, chunk_samples: int = 64) -> tuple[str, list[str]]:
+    import dataclasses
+
+    uri = str(tmp_path / f"store-{fmt}")
+    manifest = _manifest(fmt)
+    manifest = dataclasses.replace(manifest, encoding=dataclasses.replace(manifest.encoding,
+                                                                          chunk_samples=chunk_samples))
+    keys = [f"s/{i}" for i in range(n)]
+    with create_store(uri, manifest) as writer:
+        writer.record("part-0", writer.write_shard("part-0", _columns(n, seed=1), keys, [], source="x"), keys)
+    return uri, keys
+
+
+def test_a_zarr_shard_is_a_handful_of_objects_whatever_its_chunk_count(tmp_path: Path) -> None:
+    uri, keys = _store_with_one_shard(tmp_path, "zarr", n=100, chunk_samples=8)  # 13 chunks per column
+    shard = tmp_path / "store-zarr" / "shards" / "part-0"
+    columns = _columns(100, seed=1)
+    for column in columns:  # one (sharded) object per column, not one per chunk (13)
+        objects = [p for p in (shard / "data.zarr" / column).rglob("*") if p.is_file() and p.name != "zarr.json"]
+        assert len(objects) <= 1, (column, objects)
+    assert sum(1 for p in shard.rglob("*") if p.is_file()) <= 2 * len(columns) + 3
+    store = open_store(uri)
+    assert all(np.array_equal(store.shard_columns("part-0")[1][k], v) for k, v in columns.items())
+    assert [str(store.read(k)["label"]) for k in keys[:3]] == [str(v) for v in columns["labels"][:3]]
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_a_damaged_chunk_is_named_by_array_when_it_is_read(tmp_path: Path, fmt: str) -> None:
+    from e2kd.storage import StoreIntegrityError
+
+    uri, keys = _store_with_one_shard(tmp_path, fmt, n=20)
+    shard = tmp_path / f"store-{fmt}" / "shards" / "part-0"
+    if fmt == "zarr":
+        target = next(p for p in (shard / "data.zarr" / "maps").rglob("*") if p.is_file() and p.name != "zarr.json")
+        data = bytearray(target.read_bytes())
+        data[len(data) // 3] ^= 0x10  # inside the first chunk's compressed bytes
+    else:
+        target = shard / "data.tar"
+        data = bytearray(target.read_bytes())
+        member = data.find(b"s/7.maps.npy")  # the member header; its payload starts 512 bytes later
+        data[member + 512 + 130] ^= 0x10
+    target.write_bytes(bytes(data))
+    store = open_store(uri)
+    with pytest.raises(StoreIntegrityError) as err:
+        store.read(keys[0])
+    message = str(err.value)
+    assert "shard part-0" in message and "array 'maps' is damaged" in message and "\n" not in message, message
+    assert fmt == "zarr" or "row 7" in message
+    assert [p.split(": ")[0] for p in store.verify()] == ["part-0"]

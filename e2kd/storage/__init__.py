@@ -1,10 +1,12 @@
 """Teacher caches: a manifest plus one self-contained shard per input shard (Zarr v3 or WebDataset tar).
 
 Reading: :func:`open_store` → :class:`CacheStore`. Writing: :func:`create_store` → :class:`CacheWriter`.
+Handing over: :func:`copy_store` (shard by shard, verified, manifest last). Object storage: ``storage.options``.
 Formats: :func:`list_formats`, :func:`get_format`, :func:`register_format`. Nothing here imports models,
 explainers, losses or stages.
 """
 
+from e2kd.storage.copy import CopyReport, copy_store
 from e2kd.storage.encoding import MAP_DTYPES, Encoding
 from e2kd.storage.formats import ShardFormat, get_format, list_formats, register_format
 from e2kd.storage.manifest import PRECISIONS, CompatibilityError, Manifest, ManifestError, ShardRecord
@@ -14,4 +16,4 @@ from e2kd.storage.writer import CacheWriter, ShardWriter, create_store
 
 __all__ = ["open_store", "CacheStore", "create_store", "CacheWriter", "ShardWriter", "Manifest", "ShardRecord",
            "Encoding", "ManifestError", "CompatibilityError", "StoreIntegrityError", "ShardFormat", "get_format",
-           "list_formats", "register_format", "MAP_DTYPES", "PRECISIONS", "shard_name_for"]
+           "list_formats", "register_format", "MAP_DTYPES", "PRECISIONS", "shard_name_for", "copy_store", "CopyReport"]

@@ -20,8 +20,9 @@ from fsspec.implementations.local import LocalFileSystem
 from e2kd.storage.names import check_shard_name
 
 __all__ = ["resolve", "is_local", "checksum_files", "checksum_blobs", "read_blobs", "checksum_local_dir",
-           "write_json_atomic", "read_json", "StoreLock", "StoreLockedError", "check_lock_token", "remove_tree",
-           "commit_dir", "create_exclusive", "DEFAULT_LEASE_S", "SHARDS_DIR", "STAGING_DIR", "MANIFEST", "LOCK"]
+           "write_json_atomic", "write_bytes_atomic", "read_json", "StoreLock", "StoreLockedError", "check_lock_token",
+           "remove_tree", "commit_dir", "create_exclusive", "DEFAULT_LEASE_S", "SHARDS_DIR", "STAGING_DIR", "MANIFEST",
+           "LOCK"]
 
 SHARDS_DIR = "shards"
 STAGING_DIR = ".staging"
@@ -54,6 +55,8 @@ def read_blobs(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, bytes]:
     Raises:
         FileNotFoundError: ``root`` does not exist.
     """
+    if not is_local(fs):
+        fs.invalidate_cache(root)  # another process (a Ray actor, a copy) may have written here since we listed
     if not fs.exists(root):
         raise FileNotFoundError(root)
     files = sorted(p for p in fs.find(root) if not fs.isdir(p))
@@ -77,7 +80,11 @@ def checksum_local_dir(path: str | Path) -> tuple[str, int]:
 
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, data: dict[str, Any]) -> None:
     """Replace a JSON file atomically: temp + rename locally; one ``pipe`` (the commit) on object storage."""
-    text = json.dumps(data, indent=1, sort_keys=True).encode()
+    write_bytes_atomic(fs, path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, text: bytes) -> None:
+    """Replace a file atomically with ``text``: temp + fsync + rename locally; one ``pipe`` on object storage."""
     if is_local(fs):
         tmp = f"{path}.tmp-{os.getpid()}"
         try:

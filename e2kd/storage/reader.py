@@ -172,9 +172,20 @@ class CacheStore:
         except FileNotFoundError:
             raise StoreIntegrityError(f"{where}: missing") from None
         if checksum_blobs(blobs)[0] != rec.sha256:
-            raise StoreIntegrityError(f"{where}: checksum mismatch (a file was changed, truncated, added or removed); "
+            raise StoreIntegrityError(f"{where}: checksum mismatch: {self._locate_damage(name, blobs)}; "
                                       f"run e2kd verify")
         return blobs
+
+    def _locate_damage(self, name: str, blobs: dict[str, bytes]) -> str:
+        """Which array a shard's damage is in, from the per-chunk (zarr) or per-member (wds) checksums."""
+        try:
+            keys = json.loads(blobs[KEYS_NAME])
+            specs = self.encoding.column_specs(self.manifest.num_views, self.map_shape)
+            self._format.read(blobs, self.encoding.column_names(), f"shard {name}", specs, keys)
+        except (KeyError, ValueError, TypeError) as exc:
+            return str(exc).removeprefix(f"shard {name}: ").removeprefix(f"shard {name} ")
+        return "a file was changed, truncated, added or removed (every array still decodes: keys.json, " \
+               "errors.json or a whole chunk swapped)"
 
     def _read_shard(self, name: str) -> dict[str, np.ndarray]:
         return self.shard_columns(name)[1]

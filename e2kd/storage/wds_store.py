@@ -7,6 +7,9 @@ split the key there —, an empty, ``.`` or ``..`` path part, a leading ``/``, c
 for a USTAR header) is written under its row number ``<row:08d>`` instead; ``keys.json`` always holds the
 true key of every row. Stores written by e2kd 0.1 (every row under its number) read unchanged.
 
+Beside the tar, ``members.json`` holds a CRC32 of every member (the shard's member index); a reader checks each
+member as it reads it, so a damaged row is named by column and row.
+
 Reading never extracts anything: each member's row comes from its key (``keys.json``) or its number, so a
 name that could escape a directory, a foreign member, a duplicated, missing or reordered row is refused;
 every ``.npy`` is loaded with ``allow_pickle=False`` after its header is checked.
@@ -15,17 +18,20 @@ every ``.npy`` is loaded with ``allow_pickle=False`` after its header is checked
 from __future__ import annotations
 
 import io
+import json
 import re
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import numpy as np
 
-__all__ = ["WdsFormat", "read_columns", "member_key", "DATA_NAME"]
+__all__ = ["WdsFormat", "read_columns", "member_key", "DATA_NAME", "MEMBERS_NAME"]
 
 DATA_NAME = "data.tar"
+MEMBERS_NAME = "members.json"
 _COLUMN = re.compile(r"^[a-z_]+$")
 _USTAR_NAME_MAX = 100
 
@@ -57,17 +63,34 @@ class WdsFormat:
         from webdataset import TarWriter
 
         longest = max((len(name) for name in columns), default=0)
+        digests: dict[str, int] = {}
         with TarWriter(str(shard_dir / DATA_NAME), encoder=False, mtime=0, user="e2kd", group="e2kd") as sink:
             for row, key in enumerate(keys):
+                prefix = member_key(key, row, longest)
                 sample = {f"{name}.npy": _npy_bytes(columns[name][row]) for name in columns}
-                sink.write({"__key__": member_key(key, row, longest), **sample})
+                digests.update({f"{prefix}.{ext}": zlib.crc32(data) for ext, data in sample.items()})
+                sink.write({"__key__": prefix, **sample})
+        (shard_dir / MEMBERS_NAME).write_text(json.dumps({"crc32": digests}, sort_keys=True))
 
     def read(self, blobs: dict[str, bytes], names: list[str], where: str,
              specs: dict[str, tuple[str, tuple | None]] | None, keys: list[str]) -> dict[str, np.ndarray]:
         """Decode from memory; each ``.npy`` header is checked against ``specs`` before its array is loaded."""
         if DATA_NAME not in blobs:
             raise KeyError(f"{where} has no {DATA_NAME}")
-        return _read_tar(io.BytesIO(blobs[DATA_NAME]), where, names, specs, keys)
+        return _read_tar(io.BytesIO(blobs[DATA_NAME]), where, names, specs, keys, _member_digests(blobs, where))
+
+
+def _member_digests(blobs: dict[str, bytes], where: str) -> dict[str, int] | None:
+    """The shard's member CRC32s (None for a shard written before they were recorded)."""
+    if MEMBERS_NAME not in blobs:
+        return None
+    try:
+        digests = json.loads(blobs[MEMBERS_NAME])["crc32"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{where}: {MEMBERS_NAME} is unreadable ({type(exc).__name__})") from None
+    if not isinstance(digests, dict) or not all(isinstance(v, int) for v in digests.values()):
+        raise ValueError(f"{where}: {MEMBERS_NAME} is not a member → CRC32 map")
+    return digests
 
 
 def read_columns(fs: fsspec.AbstractFileSystem, shard_path: str, names: list[str],
@@ -110,7 +133,7 @@ def _row_and_column(member: tarfile.TarInfo, rows: dict[str, int]) -> tuple[int,
 
 
 def _read_tar(f: io.IOBase, where: str, names: list[str], specs: dict[str, tuple[str, tuple | None]] | None,
-              keys: list[str] | None) -> dict[str, np.ndarray]:
+              keys: list[str] | None, digests: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Rows of every column must be ``0 … n−1``, once each and in order: a duplicated or missing row is an error."""
     per_row: dict[str, list[np.ndarray]] = {name: [] for name in names}
     next_row: dict[str, int] = {}
@@ -129,6 +152,9 @@ def _read_tar(f: io.IOBase, where: str, names: list[str], specs: dict[str, tuple
                 raise ValueError(f"{where}: more rows than the {len(keys)} the manifest records")
             if column in per_row:
                 data = tar.extractfile(member).read()
+                if digests is not None and digests.get(member.name) != zlib.crc32(data):
+                    raise ValueError(f"array {column!r} is damaged at row {row} (member {member.name!r}: its CRC32 "
+                                     f"does not match {MEMBERS_NAME})")
                 per_row[column].append(_load_row(data, column, specs.get(column) if specs else None))
     if len(set(next_row.values())) > 1:
         raise ValueError(f"{where}: columns have different row counts {dict(sorted(next_row.items()))}")

@@ -1,7 +1,14 @@
-"""Zarr v3 shard format: one Zarr group per shard, one array per column, Blosc-compressed chunks.
+"""Zarr v3 shard format: one Zarr group per shard, one array per column, Blosc-compressed, checksummed chunks.
+
+Each array is written with Zarr v3's sharding codec: all its chunks (``encoding.chunk_samples`` rows each) go into
+one object with an index, so a store shard is a handful of objects (one per column plus metadata), not one per
+chunk — what object storage wants. Every chunk carries a CRC32C (``Crc32cCodec`` after the compressor; the
+shard index has its own), checked whenever the chunk is decoded, so a damaged chunk is named by array.
 
 Half-precision columns (logits, maps) use Blosc's bit-shuffle: neighbouring float16 values share sign and
 exponent bits, which bit-shuffling lines up for the compressor (about 1.5× smaller than byte-shuffle on maps).
+Stores written before sharding (one object per chunk, no CRC) read unchanged: the layout is in each array's
+metadata.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ __all__ = ["ZarrFormat", "DATA_NAME"]
 DATA_NAME = "data.zarr"
 
 
-def _codec(encoding: Encoding, dtype: np.dtype) -> Any:
-    from zarr.codecs import BloscCodec
+def _compressors(encoding: Encoding, dtype: np.dtype) -> list[Any]:
+    """Blosc, then a CRC32C of the compressed chunk (verified on every decode)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
     shuffle = "bitshuffle" if dtype.itemsize == 2 else ("shuffle" if dtype.itemsize > 1 else "noshuffle")
-    return BloscCodec(cname=encoding.cname, clevel=encoding.clevel, shuffle=shuffle, typesize=dtype.itemsize)
+    return [BloscCodec(cname=encoding.cname, clevel=encoding.clevel, shuffle=shuffle, typesize=dtype.itemsize),
+            Crc32cCodec()]
 
 
 class ZarrFormat:
@@ -39,9 +48,11 @@ class ZarrFormat:
         group = zarr.open_group(zarr.storage.LocalStore(str(shard_dir / DATA_NAME)), mode="w", zarr_format=3)
         for name in sorted(columns):
             data = np.ascontiguousarray(columns[name])
-            chunks = (max(1, min(encoding.chunk_samples, data.shape[0])),) + tuple(max(1, s) for s in data.shape[1:])
-            arr = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype,
-                                     compressors=[_codec(encoding, data.dtype)], fill_value=0)
+            rows = max(1, min(encoding.chunk_samples, data.shape[0]))
+            chunks = (rows,) + tuple(max(1, s) for s in data.shape[1:])
+            shard = (-(-max(1, data.shape[0]) // rows) * rows,) + chunks[1:]  # every chunk in one object
+            arr = group.create_array(name, shape=data.shape, chunks=chunks, shards=shard, dtype=data.dtype,
+                                     compressors=_compressors(encoding, data.dtype), fill_value=0)
             if data.size:
                 arr[...] = data
 
@@ -62,7 +73,11 @@ class ZarrFormat:
                 raise KeyError(f"{where} has no array {name!r}")
             if specs is not None:
                 _check_array(group[name], name, specs[name], len(keys))
-            out[name] = group[name][...]
+            try:
+                out[name] = group[name][...]
+            except Exception as exc:  # noqa: BLE001 - a CRC32C mismatch, a truncated chunk or index, bad bytes
+                why = "a chunk's CRC32C does not match" if "checksum" in str(exc) else f"{type(exc).__name__}: {exc}"
+                raise ValueError(f"array {name!r} is damaged ({why})") from None
         return out
 
 
@@ -77,3 +92,8 @@ def _check_array(arr: Any, name: str, spec: tuple[str, tuple | None], rows: int)
         raise ValueError(f"array {name!r} has shape {shape}, expected {want}")
     if any(c > max(1, s) for c, s in zip(arr.chunks, shape, strict=True)):
         raise ValueError(f"array {name!r} has chunks {arr.chunks} larger than its shape {shape}")
+    shards = getattr(arr, "shards", None)
+    if shards is not None:  # a hostile shard shape would size the shard index
+        whole = -(-max(1, rows) // arr.chunks[0]) * arr.chunks[0]
+        if shards[0] > whole or tuple(shards[1:]) != tuple(arr.chunks[1:]):
+            raise ValueError(f"array {name!r} has shards {shards} that do not fit chunks {arr.chunks}, shape {shape}")

@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import tarfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,11 +64,14 @@ def _rewrite_wds(store: Path, members: Callable[[list[tuple[str, bytes]]], list[
     path = store / "shards" / SHARD / "data.tar"
     with tarfile.open(path) as tar:
         items = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    rewritten = members(items)
     with tarfile.open(path, "w") as tar:
-        for name, data in members(items):
+        for name, data in rewritten:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    # a forger recomputes the member CRCs too: the checks behind them must hold on their own
+    (path.parent / "members.json").write_text(json.dumps({"crc32": {n: zlib.crc32(d) for n, d in rewritten}}))
     _resign(store)
 
 
