@@ -239,3 +239,52 @@ def test_cached_shards_missing_from_data_warn(cache: Path, digits: Path, tmp_pat
                         student_kwargs=STUDENT_KWARGS, out=str(tmp_path / "r"), batch_size=8, progress=False)
     with pytest.warns(UserWarning, match=r"5 cached shard\(s\) are not in --data and go unused"):
         prepare_student(opts)
+
+
+# ---- the first step in O(number of shards): the cache's key index, trusted where the input's size matches --------
+def _rename_first_key_in_place(path: Path) -> str:
+    """Change the last character of the first sample's key, keeping the tar's size (header checksums redone)."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        key = tar.getmembers()[0].name.split(".", 1)[0]
+    new_key = key[:-1] + ("x" if key[-1] != "x" else "y")
+    data = bytearray(path.read_bytes().replace(key.encode() + b".", new_key.encode() + b"."))
+    for offset in range(0, len(data), 512):  # header blocks (incl. PAX headers): checksum over the new name
+        header = data[offset:offset + 512]
+        if header[257:262] == b"ustar":
+            header[148:156] = b" " * 8
+            header[148:156] = f"{sum(header):06o}\0 ".encode()
+            data[offset:offset + 512] = header
+    path.write_bytes(bytes(data))
+    return new_key
+
+
+def test_the_plan_trusts_the_key_index_of_unchanged_shards_and_the_stream_checks_them(
+        cache: Path, digits: Path, train_urls: str, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    import e2kd.pipeline.loader as loader
+
+    store, shards = open_store(str(cache)), list_shards(train_urls)
+    listed = {k: v for s in shards for k, v in s.keys()}
+    monkeypatch.setattr(loader, "iter_keys", lambda shard: pytest.fail(f"{shard.name} was read to plan"))
+    plan = plan_join(shards, store, labels=True)
+    assert sorted(plan.trusted) == sorted(s.name for s in shards)
+    assert plan.keys == listed and sum(plan.shard_counts.values()) == 300  # the same plan as listing every tar
+    assert set(plan_join(shards, store, labels=False).keys) == set(listed)
+    monkeypatch.undo()
+
+    data = tmp_path / "data"
+    shutil.copytree(digits, data, ignore=shutil.ignore_patterns("teacher-*", "val-*", "test-*"))
+    size = (data / "train-000002.tar").stat().st_size
+    renamed = _rename_first_key_in_place(data / "train-000002.tar")
+    assert (data / "train-000002.tar").stat().st_size == size  # same size: the plan trusts it, the stream finds it
+    urls = f"{data}/train-{{000000..000005}}.tar"
+    assert "train-000002" in plan_join(list_shards(urls), store).trusted
+    result = CliRunner().invoke(main, _train_args(urls, cache, tmp_path / "run", "--epochs", "1"))
+    assert result.exit_code == 1 and "1 input key(s) have no cached output" in result.output, result.output
+    assert renamed in result.output and len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(main, _train_args(urls, cache, tmp_path / "run", "--epochs", "1", "--allow-missing",
+                                                  "--overwrite"))
+    assert result.exit_code == 0 and "skipped (--allow-missing)" in result.output, result.output

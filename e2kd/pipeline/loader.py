@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 from webdataset.pipeline import DataPipeline
 
-from e2kd.pipeline.sources import BadSample, InputShard, Sample, iter_keys, iter_shard
+from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_size_bytes, iter_keys, iter_shard
 from e2kd.pipeline.views import FULL_VIEW, crop_map, draw_view, render_view
 
-__all__ = ["JoinPlan", "plan_join", "StreamSpec", "StudentStream", "build_loader", "select_shots", "pass_index",
+__all__ = ["JoinPlan", "plan_join", "key_mismatch_message", "StreamSpec", "StudentStream", "build_loader",
+           "select_shots", "pass_index",
            "shard_order", "split_by_node", "split_by_worker", "cycled"]
 
 T = TypeVar("T")
@@ -37,20 +38,27 @@ T = TypeVar("T")
 class JoinPlan:
     """What joining the input with a cache gives, computed once before training (no image decoding)."""
 
-    keys: dict[str, int]  # usable key → label
+    keys: dict[str, int | None]  # usable key → label (None: not read — a trusted shard, labels not asked for)
     shard_counts: dict[str, int]  # input shard → usable samples
     cache_bad: int = 0  # recorded as bad by the cache: skipped
     missing_in_cache: list[str] = field(default_factory=list)
     missing_in_input: list[str] = field(default_factory=list)
     unused_cache_shards: list[str] = field(default_factory=list)  # cached shards --data does not name
+    trusted: list[str] = field(default_factory=list)  # input shards whose keys came from the cache's key index
 
     @property
     def num_samples(self) -> int:
         return len(self.keys)
 
 
-def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool = False) -> JoinPlan:
-    """List the input keys and match them with the cache.
+def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool = False,
+              labels: bool = True) -> JoinPlan:
+    """Match the input's keys with the cache, in O(number of shards) where the input is the one cached.
+
+    An input shard whose size equals the size recorded when it was cached is trusted: its keys (and, with
+    ``labels``, their labels) come from the cache's key index — one ``size`` call, no read of the tar. Only the
+    other shards are listed (a full read). The stream still checks a trusted shard's keys as it reads it
+    (:meth:`StudentStream.samples`).
 
     Raises:
         ValueError: (unless ``allow_missing``) input keys the cache neither holds nor recorded as bad, or
@@ -63,36 +71,61 @@ def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool =
             keys.update(listed)
             counts[shard.name] = len(listed)
         return JoinPlan(keys, counts)
-    errors = store.errors()
-    bad = {e["key"] for e in errors if "kept" not in e}
-    unlabelled = {e["key"] for e in errors if "kept" in e}  # cached with a label outside [0, C): now −1
-    index = store.index
     plan = JoinPlan({}, {})
+    named = {s.name for s in shards}
     for shard in shards:
-        input_keys = dict(iter_keys(shard))
-        usable = {k: (-1 if k in unlabelled else v) for k, v in input_keys.items() if k in index and k not in bad}
-        plan.cache_bad += sum(1 for k in input_keys if k in bad)
-        plan.missing_in_cache += [k for k in input_keys if k not in index and k not in bad]
-        cached_here = store.shard_keys(shard.name) if shard.name in store.shard_names else []
-        plan.missing_in_input += [k for k in cached_here if k not in input_keys]
+        errors = store.shard_errors(shard.name) if shard.name in store.shard_names else []
+        if _trusted(shard, store):
+            plan.trusted.append(shard.name)
+            cached = store.shard_keys(shard.name)
+            values = store.shard_labels(shard.name) if labels else [None] * len(cached)
+            usable = dict(zip(cached, values, strict=True))
+            plan.cache_bad += sum(1 for e in errors if "kept" not in e and e["key"] != "*")
+        else:
+            usable = _listed_join(shard, store, errors, plan)
         plan.keys.update(usable)
         plan.shard_counts[shard.name] = len(usable)
-    named = {s.name for s in shards}
     plan.unused_cache_shards = [n for n in store.shard_names if n not in named]
     if not allow_missing and (plan.missing_in_cache or plan.missing_in_input):
-        what = (f"{len(plan.missing_in_cache)} input key(s) have no cached output (e.g. "
-                f"{plan.missing_in_cache[:3]})" if plan.missing_in_cache else
-                f"{len(plan.missing_in_input)} cached key(s) are not in --data (e.g. {plan.missing_in_input[:3]})")
-        raise ValueError(f"keys: {what}; is --data the dataset the cache was built from? "
-                         f"--allow-missing skips and counts them")
+        raise ValueError(key_mismatch_message(plan.missing_in_cache, plan.missing_in_input))
     return plan
 
 
-def select_shots(keys: dict[str, int], shots: int, seed: int) -> dict[str, int]:
+def key_mismatch_message(missing_in_cache: Sequence[str], missing_in_input: Sequence[str]) -> str:
+    """The one-line error for keys on one side only (the plan's and the stream's)."""
+    what = (f"{len(missing_in_cache)} input key(s) have no cached output (e.g. {list(missing_in_cache)[:3]})"
+            if missing_in_cache else
+            f"{len(missing_in_input)} cached key(s) are not in --data (e.g. {list(missing_in_input)[:3]})")
+    return f"keys: {what}; is --data the dataset the cache was built from? --allow-missing skips and counts them"
+
+
+def _trusted(shard: InputShard, store: Any) -> bool:
+    """The shard was cached from an input of exactly this size (one ``size`` call)."""
+    rec = store.manifest.shards.get(shard.name)
+    if rec is None or not rec.complete or rec.source_bytes is None:
+        return False
+    return input_size_bytes(shard) == rec.source_bytes
+
+
+def _listed_join(shard: InputShard, store: Any, errors: list[dict[str, str]], plan: JoinPlan) -> dict[str, int]:
+    """List the shard's keys (a full read) and match them with the cache; mismatches go into ``plan``."""
+    bad = {e["key"] for e in errors if "kept" not in e}
+    unlabelled = {e["key"] for e in errors if "kept" in e}  # cached with a label outside [0, C): now −1
+    index = store.index
+    input_keys = dict(iter_keys(shard))
+    usable = {k: (-1 if k in unlabelled else v) for k, v in input_keys.items() if k in index and k not in bad}
+    plan.cache_bad += sum(1 for k in input_keys if k in bad)
+    plan.missing_in_cache += [k for k in input_keys if k not in index and k not in bad]
+    cached_here = store.shard_keys(shard.name) if shard.name in store.shard_names else []
+    plan.missing_in_input += [k for k in cached_here if k not in input_keys]
+    return usable
+
+
+def select_shots(keys: dict[str, int | None], shots: int, seed: int) -> dict[str, int]:
     """``shots`` keys per class (label ≥ 0), drawn with ``seed``; classes with fewer keep all."""
     by_class: dict[int, list[str]] = {}
     for key, label in sorted(keys.items()):
-        if label >= 0:
+        if label is not None and label >= 0:
             by_class.setdefault(label, []).append(key)
     rng = random.Random(seed)
     chosen = {}
@@ -122,6 +155,8 @@ class StreamSpec:
     ram_cache_mb: int = 1024  # without DataLoader workers: decoded shards kept across epochs up to this size
     rank: int = 0
     world_size: int = 1
+    trusted: frozenset[str] = frozenset()  # shards planned from the cache's key index: keys checked while read
+    allow_missing: bool = False  # a trusted shard's key on one side only: skipped and counted, not an error
 
 
 def _key_int(*parts: object) -> int:
@@ -248,12 +283,18 @@ class StudentStream(IterableDataset):
         """
         for shard in shards:
             decoded, records = self._shard_data(shard)
+            check = _KeyCheck(shard.name, records, self.store, self.spec.allow_missing) \
+                if shard.name in self.spec.trusted and records is not None else None
             for sample in decoded:
-                if isinstance(sample, BadSample) or sample.key not in self.spec.keys:
+                if isinstance(sample, BadSample):
                     continue
-                if records is not None and sample.key not in records:
+                if check is not None:
+                    check.saw(sample.key)
+                if sample.key not in self.spec.keys or (records is not None and sample.key not in records):
                     continue
                 yield sample, records[sample.key] if records is not None else None
+            if check is not None:
+                check.done()
 
     def items(self, joined: Iterable[tuple[Sample, dict[str, Any] | None]], index: int) -> Iterator[dict[str, Any]]:
         """Training items: the view of pass ``index`` (see :func:`pass_index`) rendered, with teacher outputs."""
@@ -321,6 +362,36 @@ class StudentStream(IterableDataset):
                             target=record["target"][0])
         item["image"] = render_view(sample.image, view, spec.input_size)
         return item
+
+
+class _KeyCheck:
+    """The keys of a shard planned from the cache's key index, checked as the shard is read: a key in the input but
+    not in the cache (nor recorded as bad), or cached but absent from the input, stops the run with the plan's
+    error — or, with ``--allow-missing``, is skipped and counted (one warning per shard)."""
+
+    def __init__(self, shard: str, records: dict[str, Any], store: Any, allow_missing: bool) -> None:
+        self.shard, self.records, self.allow_missing = shard, records, allow_missing
+        self.bad = {e["key"] for e in store.shard_errors(shard)}
+        self.seen: set[str] = set()
+        self.extra: list[str] = []
+
+    def saw(self, key: str) -> None:
+        self.seen.add(key)
+        if key not in self.records and key not in self.bad:
+            self.extra.append(key)
+            if not self.allow_missing:
+                raise ValueError(key_mismatch_message(self.extra, []))
+
+    def done(self) -> None:
+        """After a whole pass over the shard: cached keys never seen."""
+        absent = [k for k in self.records if k not in self.seen]
+        if absent and not self.allow_missing:
+            raise ValueError(key_mismatch_message([], absent))
+        if absent or self.extra:
+            import warnings
+
+            warnings.warn(f"input shard {self.shard}: {len(self.extra)} key(s) not in the cache and {len(absent)} "
+                          f"cached key(s) not in the input, skipped (--allow-missing)", UserWarning, stacklevel=2)
 
 
 def build_loader(spec: StreamSpec, batch_size: int, workers: int) -> tuple[StudentStream, DataLoader]:

@@ -175,7 +175,7 @@ def _check_validation_inputs(opts: TrainOptions) -> None:
         raise CompatibilityError(f"--val-cache: its teacher has {val_store.manifest.num_classes} "
                                  f"classes, the student {opts.num_classes}")
     try:
-        plan_join(list_shards(opts.val_data), val_store)
+        plan_join(list_shards(opts.val_data), val_store, labels=False)
     except ValueError as exc:
         raise ValueError(f"--val-data: {exc}") from None
 
@@ -220,7 +220,7 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
     elif opts.num_classes is None or opts.explainer is None or opts.input_size is None:
         raise ValueError("--online-teacher needs --num-classes, --explainer and --input-size")
     shards = list_shards(opts.data)
-    plan = plan_join(shards, store, opts.allow_missing)
+    plan = plan_join(shards, store, opts.allow_missing, labels=bool(opts.shots))
     if plan.unused_cache_shards:
         import warnings
 
@@ -251,7 +251,7 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
                                            steps_per_epoch=steps)
     spec = StreamSpec(shards=shards, keys=set(keys), input_size=(opts.input_size, opts.input_size),
                       cache_uri=opts.cache, crop_scale=tuple(opts.crop_scale), flip_p=opts.flip_p, seed=opts.seed,
-                      rank=rank, world_size=world,
+                      rank=rank, world_size=world, trusted=frozenset(plan.trusted), allow_missing=opts.allow_missing,
                       map_size=(opts.input_size, opts.input_size) if opts.expl_resolution == "input" else None)
     stream, loader = build_loader(spec, opts.batch_size, opts.workers)
     objective = StudentObjective(E2KDObjective(model, opts.explainer, temperature=opts.temperature, lam=opts.lam,

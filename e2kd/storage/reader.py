@@ -99,6 +99,11 @@ class CacheStore:
             raise StoreIntegrityError(f"store {self.uri}: shard {name}: {ERRORS_NAME} missing") from None
         return _parse_errors(raw, f"store {self.uri}: shard {name}")
 
+    def shard_labels(self, name: str) -> list[int]:
+        """The labels cached for one shard, row by row (−1: unlabelled); one verified read of the shard."""
+        cols = self._load_columns(name)
+        return [int(v) for v in cols["labels"]] if cols else []
+
     def errors(self) -> list[dict[str, str]]:
         """Every sample the cache skipped, with its key, shard and reason."""
         return [e for name in self.shard_names for e in self.shard_errors(name)]

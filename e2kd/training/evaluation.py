@@ -25,9 +25,9 @@ def evaluate_model(model: torch.nn.Module, data: str, cache: str | None, explain
     """
     store = open_store(cache) if cache else None
     shards = list_shards(data)
-    plan = plan_join(shards, store)
+    plan = plan_join(shards, store, labels=False)
     spec = StreamSpec(shards=shards, keys=set(plan.keys), input_size=(input_size, input_size),
-                      cache_uri=cache, random_crop=False, shuffle_buffer=1)
+                      cache_uri=cache, random_crop=False, shuffle_buffer=1, trusted=frozenset(plan.trusted))
     _, loader = build_loader(spec, batch_size, workers)
     device = next(model.parameters()).device
     was_training = model.training
