@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_cache.py --out bench/RESULTS.md
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_train.py --out bench/RESULTS.md
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_s3.py --out bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -51,7 +51,7 @@ def s3_cache(bucket: S3, teacher_ckpt: Path) -> str:
     result = CliRunner().invoke(main, _cache_args(bucket.url("data/train-{000000..000003}.tar"), out, teacher_ckpt,
                                                   bucket, "--actors", "2"))
     assert result.exit_code == 0, result.output
-    assert "cached 200 samples in 4 shard(s)" in result.output
+    assert "cached 200 samples in 4 shard(s)" in result.output and S3_SECRET not in result.output
     return out
 
 
@@ -95,6 +95,13 @@ def test_train_student_from_s3_records_the_cache_id_and_never_the_secret(s3_cach
             assert S3_SECRET.encode() not in path.read_bytes(), path
     for obj in bucket.fs.find(bucket.bucket):
         assert S3_SECRET.encode() not in bucket.fs.cat_file(obj), obj
+    import ray
+
+    if ray.is_initialized():  # the Ray session that ran the s3 cache-teacher: its logs too
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        for path in logs.rglob("*"):
+            if path.is_file():
+                assert S3_SECRET.encode() not in path.read_bytes(), path
     other = "0" * 64
     code, out = _invoke("train-student", "--data", bucket.url("data/train-{000000..000003}.tar"), "--cache", s3_cache,
                         *STUDENT, "--out", str(tmp_path / "refused"), "--expect-cache-id", other,

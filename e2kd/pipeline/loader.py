@@ -73,16 +73,17 @@ def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool =
         return JoinPlan(keys, counts)
     plan = JoinPlan({}, {})
     named = {s.name for s in shards}
-    for shard in shards:
-        errors = store.shard_errors(shard.name) if shard.name in store.shard_names else []
-        if _trusted(shard, store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(_PLAN_THREADS, thread_name_prefix="e2kd-plan") as pool:  # requests overlap: latency
+        looked = list(pool.map(lambda shard: _look_up(shard, store, labels), shards))
+    for shard, (trusted, errors, cached) in zip(shards, looked, strict=True):
+        if trusted:
             plan.trusted.append(shard.name)
-            cached = store.shard_keys(shard.name)
-            values = store.shard_labels(shard.name) if labels else [None] * len(cached)
-            usable = dict(zip(cached, values, strict=True))
+            usable = cached
             plan.cache_bad += sum(1 for e in errors if "kept" not in e and e["key"] != "*")
         else:
-            usable = _listed_join(shard, store, errors, plan)
+            usable = _listed_join(shard, store, errors, plan, cached)
         plan.keys.update(usable)
         plan.shard_counts[shard.name] = len(usable)
     plan.unused_cache_shards = [n for n in store.shard_names if n not in named]
@@ -99,6 +100,21 @@ def key_mismatch_message(missing_in_cache: Sequence[str], missing_in_input: Sequ
     return f"keys: {what}; is --data the dataset the cache was built from? --allow-missing skips and counts them"
 
 
+_PLAN_THREADS = 16  # concurrent per-shard look-ups while planning (object storage: a few requests per shard)
+
+
+def _look_up(shard: InputShard, store: Any, labels: bool) -> tuple[bool, list[dict[str, str]], dict[str, Any]]:
+    """One shard's part of the plan: ``(trusted, cached errors, cached key → label)`` — or, for a shard that is not
+    trusted, its input keys listed (a full read)."""
+    cached_shard = shard.name in store.shard_names
+    errors = store.shard_errors(shard.name) if cached_shard else []
+    if _trusted(shard, store):
+        keys = store.shard_keys(shard.name)
+        values = store.shard_labels(shard.name) if labels else [None] * len(keys)
+        return True, errors, dict(zip(keys, values, strict=True))
+    return False, errors, dict(iter_keys(shard))
+
+
 def _trusted(shard: InputShard, store: Any) -> bool:
     """The shard was cached from an input of exactly this size (one ``size`` call)."""
     rec = store.manifest.shards.get(shard.name)
@@ -107,12 +123,12 @@ def _trusted(shard: InputShard, store: Any) -> bool:
     return input_size_bytes(shard) == rec.source_bytes
 
 
-def _listed_join(shard: InputShard, store: Any, errors: list[dict[str, str]], plan: JoinPlan) -> dict[str, int]:
-    """List the shard's keys (a full read) and match them with the cache; mismatches go into ``plan``."""
+def _listed_join(shard: InputShard, store: Any, errors: list[dict[str, str]], plan: JoinPlan,
+                 input_keys: dict[str, int]) -> dict[str, int]:
+    """Match a listed shard's keys with the cache; mismatches go into ``plan``."""
     bad = {e["key"] for e in errors if "kept" not in e}
     unlabelled = {e["key"] for e in errors if "kept" in e}  # cached with a label outside [0, C): now −1
     index = store.index
-    input_keys = dict(iter_keys(shard))
     usable = {k: (-1 if k in unlabelled else v) for k, v in input_keys.items() if k in index and k not in bad}
     plan.cache_bad += sum(1 for k in input_keys if k in bad)
     plan.missing_in_cache += [k for k in input_keys if k not in index and k not in bad]
@@ -246,10 +262,15 @@ class StudentStream(IterableDataset):
         self._store_pid: int | None = None
         self._decoded: dict[str, tuple[list[Sample | BadSample], dict[str, Any] | None]] = {}
         self._decoded_bytes = 0
+        self._pending: dict[str, Any] = {}  # shard → Future of its cached records (read one shard ahead)
+        self._pool: Any = None
+        self._pool_pid: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # an open store (zarr threads, file handles) and the RAM cache of decoded images stay in their process
-        return {**self.__dict__, "_store": None, "_store_pid": None, "_decoded": {}, "_decoded_bytes": 0}
+        # an open store (zarr threads, file handles), the prefetch thread and the RAM cache of decoded images stay
+        # in their process
+        return {**self.__dict__, "_store": None, "_store_pid": None, "_decoded": {}, "_decoded_bytes": 0,
+                "_pending": {}, "_pool": None, "_pool_pid": None}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -281,7 +302,10 @@ class StudentStream(IterableDataset):
         Skipped: bad samples, keys outside ``spec.keys`` (bad in the cache, not chosen by ``--shots``) and, where
         the shard is cached, keys the cache does not hold (``--allow-missing``).
         """
-        for shard in shards:
+        shards = list(shards)
+        for i, shard in enumerate(shards):
+            if i + 1 < len(shards):
+                self._prefetch(shards[i + 1])  # the next shard's cached records arrive while this one is decoded
             decoded, records = self._shard_data(shard)
             check = _KeyCheck(shard.name, records, self.store, self.spec.allow_missing) \
                 if shard.name in self.spec.trusted and records is not None else None
@@ -327,11 +351,30 @@ class StudentStream(IterableDataset):
         if shard.name in self._decoded:
             samples, records = self._decoded[shard.name]
             return iter(samples), records
-        records = dict(self.store.iter_shard(shard.name)) if self.store is not None and \
-            shard.name in self.store.shard_names else None
+        records = self._records(shard)
         if get_worker_info() is not None or self.spec.ram_cache_mb <= 0:
             return iter_shard(shard), records
         return self._decode_and_keep(shard, records), records
+
+    def _records(self, shard: InputShard) -> dict[str, Any] | None:
+        """The cached records of a shard (None where the cache has none): the prefetched ones, else read now."""
+        pending = self._pending.pop(shard.name, None)
+        if pending is not None:
+            return pending.result()  # an error in the prefetch (a damaged shard) is raised here, as a read would
+        if self.store is None or shard.name not in self.store.shard_names:
+            return None
+        return dict(self.store.iter_shard(shard.name))
+
+    def _prefetch(self, shard: InputShard) -> None:
+        """Start reading a shard's cached records in a background thread (one shard ahead; object storage)."""
+        if self.store is None or shard.name not in self.store.shard_names or shard.name in self._pending or \
+                shard.name in self._decoded:
+            return
+        if self._pool is None or self._pool_pid != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool, self._pool_pid = ThreadPoolExecutor(1, thread_name_prefix="e2kd-prefetch"), os.getpid()
+        self._pending = {shard.name: self._pool.submit(lambda: dict(self.store.iter_shard(shard.name)))}
 
     def _decode_and_keep(self, shard: InputShard, records: dict[str, Any] | None) -> Iterator[Sample | BadSample]:
         kept: list[Sample | BadSample] = []

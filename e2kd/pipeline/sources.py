@@ -35,6 +35,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REFUSED_EXTS = ("pkl", "pyd", "pickle", "pth", "pt")
 _FOLDER_EXTS = {"." + e for e in IMAGE_EXTS}
 _INT32 = 2**31
+_REMOTE_BLOCK = 16 * 2**20  # bytes per read of a remote input tar (one request each)
 
 
 @dataclass
@@ -377,6 +378,12 @@ def _open_stream(url: str) -> Any:
         return gopen(url, "rb")
     import fsspec
 
+    if "://" in url and not url.startswith("file://"):
+        # object storage: large blocks, the next one fetched in the background while this one is decoded
+        try:
+            return fsspec.open(url, "rb", cache_type="background", block_size=_REMOTE_BLOCK).open()
+        except TypeError:  # a backend whose files take no cache options
+            pass
     return fsspec.open(url, "rb").open()
 
 

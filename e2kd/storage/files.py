@@ -60,7 +60,10 @@ def read_blobs(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, bytes]:
     if not fs.exists(root):
         raise FileNotFoundError(root)
     files = sorted(p for p in fs.find(root) if not fs.isdir(p))
-    return {path[len(root):].lstrip("/"): fs.cat_file(path) for path in files}
+    if is_local(fs) or not files:
+        return {path[len(root):].lstrip("/"): fs.cat_file(path) for path in files}
+    blobs = fs.cat(files, on_error="raise")  # object storage: one concurrent batch of GETs, not one after another
+    return {path[len(root):].lstrip("/"): blobs[path] for path in files}
 
 
 def checksum_blobs(blobs: dict[str, bytes]) -> tuple[str, int]:
