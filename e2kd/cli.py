@@ -231,6 +231,10 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 @click.option("--gpus-per-actor", type=float, help="GPUs per actor  [default: 0]")
 @_former("--gpus-per-worker", "gpus_per_actor", type=float)
 @click.option("--threads-per-actor", type=int, help="Torch threads per actor (fixed for determinism)  [default: 1]")
+@click.option("--decode-workers", type=int,
+              help="Threads per actor that decode images and render views ahead of the teacher (0: in the actor's "
+                   "own thread; on a GPU node about cores per GPU − 2). The output is the same for any value; each "
+                   "actor asks Ray for threads-per-actor + decode-workers CPUs  [default: 0]")
 @_former("--threads-per-worker", "threads_per_actor", type=int)
 @click.option("--precision", type=click.Choice(PRECISIONS), help="Teacher autocast  [default: fp32]")
 @click.option("--ray-address", help="'auto' or HOST:PORT to join a running Ray cluster (default: private local).")

@@ -65,6 +65,17 @@ def test_one_worker_gives_the_same_bytes_as_two(cache: Path, train_urls: str, te
     assert shard_checksums(tmp_path / "one") == shard_checksums(cache)
 
 
+def test_decode_threads_give_the_same_bytes_and_an_oversized_request_is_capped(cache: Path, digits: Path,
+                                                                             teacher_ckpt: Path,
+                                                                             tmp_path: Path) -> None:
+    urls = f"{digits}/train-{{000002..000003}}.tar"
+    threads = (os.cpu_count() or 2) + 1  # 2 actors × (1 + threads) CPUs: more than this machine has
+    with pytest.warns(UserWarning, match=f"--decode-workers {threads}.*each actor asks for"):
+        run_cache_teacher(cache_options(urls, tmp_path / "threads", teacher_ckpt, actors=2, decode_workers=threads))
+    reference = shard_checksums(cache)
+    assert shard_checksums(tmp_path / "threads") == {n: reference[n] for n in ("train-000002", "train-000003")}
+
+
 def _wait_for_complete_shards(manifest: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

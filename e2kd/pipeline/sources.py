@@ -68,9 +68,19 @@ class InputShard(ABC):
     name: str
     url: str
 
-    @abstractmethod
     def samples(self) -> Iterator[Sample | BadSample]:
-        """The decoded samples, in stored order; bad ones as :class:`BadSample`."""
+        """The decoded samples, in stored order; bad ones as :class:`BadSample` (:meth:`decode` of :meth:`raw`)."""
+        for raw in self.raw():
+            yield raw if isinstance(raw, BadSample) else self.decode(raw)
+
+    @abstractmethod
+    def raw(self) -> Iterator[Any]:
+        """The shard's undecoded records in stored order (cheap: I/O only), or :class:`BadSample` where a record
+        is bad before decoding. Decoding them (:meth:`decode`) can run in other threads, in any order."""
+
+    @abstractmethod
+    def decode(self, raw: Any) -> Sample | BadSample:
+        """Decode one record of :meth:`raw` (pure: the same record gives the same sample in any thread)."""
 
     @abstractmethod
     def keys(self) -> Iterator[tuple[str, int]]:
@@ -93,7 +103,9 @@ class InputShardError(RuntimeError):
 class TarShard(InputShard):
     """A WebDataset tar: a local path, an fsspec URL (``s3://…``, ``simplecache::…``) or a ``pipe:`` command."""
 
-    def samples(self) -> Iterator[Sample | BadSample]:
+    def raw(self) -> Iterator[dict | BadSample]:
+        """The tar's samples as webdataset groups its members (bytes); a duplicate key or the unreadable rest of
+        a truncated tar as :class:`BadSample`."""
         seen: set[str] = set()
         for raw in _raw_samples_or_bad(self.url, self.name, seen):
             if isinstance(raw, BadSample):
@@ -104,7 +116,10 @@ class TarShard(InputShard):
                 yield BadSample(key, self.name, "duplicate key within the shard")
                 continue
             seen.add(key)
-            yield _decode_tar_sample(raw, key, self.name)
+            yield raw
+
+    def decode(self, raw: dict) -> Sample | BadSample:
+        return _decode_tar_sample(raw, str(raw.get("__key__", "")), self.name)
 
     def keys(self) -> Iterator[tuple[str, int]]:
         try:
@@ -149,13 +164,16 @@ class FolderShard(InputShard):
     label: int = -1
     root: str = ""
 
-    def samples(self) -> Iterator[Sample | BadSample]:
-        for path in self._files():
-            key = self._key(path)
-            try:
-                yield Sample(key, decode_image(path.read_bytes()), self.label, self.name)
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample, recorded
-                yield BadSample(key, self.name, f"undecodable image: {type(exc).__name__}: {exc}")
+    def raw(self) -> Iterator[Path]:
+        """The image files, sorted (read and decoded by :meth:`decode`)."""
+        return iter(self._files())
+
+    def decode(self, raw: Path) -> Sample | BadSample:
+        key = self._key(raw)
+        try:
+            return Sample(key, decode_image(raw.read_bytes()), self.label, self.name)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample, recorded
+            return BadSample(key, self.name, f"undecodable image: {type(exc).__name__}: {exc}")
 
     def keys(self) -> Iterator[tuple[str, int]]:
         for path in self._files():

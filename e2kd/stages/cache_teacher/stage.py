@@ -56,6 +56,7 @@ class CacheTeacherOptions:
     actors: int | None = None
     gpus_per_actor: float = 0.0
     threads_per_actor: int = 1
+    decode_workers: int = 0  # per actor: threads decoding and rendering ahead of the teacher (0: inline)
     precision: str = "fp32"
     ray_address: str | None = None
     overwrite: bool = False
@@ -77,6 +78,7 @@ class CacheTeacherOptions:
         check_crop_scale(tuple(self.crop_scale))
         check_range("--flip-p", self.flip_p, 0, 1)
         check_range("--threads-per-actor", self.threads_per_actor, 1)
+        check_range("--decode-workers", self.decode_workers, 0)
         check_range("--gpus-per-actor", self.gpus_per_actor, 0)
         self.encoding  # noqa: B018 - top-k, map dtype and map size are checked here, before any work
         self.view_policy  # noqa: B018
@@ -181,7 +183,7 @@ def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, ckpt_ref: Any, n
     max_restarts > 0" line on every run)."""
     import ray
 
-    actor_cls = ray.remote(TeacherWorker).options(num_cpus=opts.threads_per_actor, num_gpus=opts.gpus_per_actor,
+    actor_cls = ray.remote(TeacherWorker).options(num_cpus=_cpus_per_actor(opts, n), num_gpus=opts.gpus_per_actor,
                                                   max_restarts=2, max_task_retries=2)
     actors = [actor_cls.remote(spec, lazy=True) for _ in range(n)]
     try:
@@ -194,6 +196,24 @@ def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, ckpt_ref: Any, n
     return actors
 
 
+def _cpus_per_actor(opts: CacheTeacherOptions, actors: int) -> float:
+    """CPUs each actor asks Ray for: its torch threads plus its decode threads (so actors land where the cores
+    are), capped — with a warning — to what the cluster has for ``actors`` actors, so the job still runs."""
+    import warnings
+
+    import ray
+
+    wanted = opts.threads_per_actor + opts.decode_workers
+    available = float(ray.cluster_resources().get("CPU", 1)) / actors
+    if wanted <= available:
+        return float(wanted)
+    warnings.warn(f"{actors} actor(s) × (--threads-per-actor {opts.threads_per_actor} + --decode-workers "
+                  f"{opts.decode_workers}) CPUs is more than the cluster's {ray.cluster_resources().get('CPU', 1):g}: "
+                  f"each actor asks for {available:.2g} CPU(s) instead (its threads share them)", UserWarning,
+                  stacklevel=2)
+    return available
+
+
 def _default_workers(opts: CacheTeacherOptions, todo: int) -> int:
     import ray
 
@@ -203,7 +223,7 @@ def _default_workers(opts: CacheTeacherOptions, todo: int) -> int:
     if opts.gpus_per_actor > 0:
         slots = int(resources.get("GPU", 0) // opts.gpus_per_actor)
     else:
-        slots = int(resources.get("CPU", 1) // opts.threads_per_actor)
+        slots = int(resources.get("CPU", 1) // (opts.threads_per_actor + opts.decode_workers))
     return max(1, min(slots, todo))
 
 
@@ -238,7 +258,7 @@ def _worker_spec(opts: CacheTeacherOptions, writer: CacheWriter) -> WorkerSpec:
     return WorkerSpec(teacher={"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs},
                       explainer=m.explainer, views=m.views, input_size=m.input_size, encoding=m.encoding,
                       writer=writer.shard_writer(), batch_size=opts.batch_size, precision=opts.precision,
-                      threads=opts.threads_per_actor,
+                      threads=opts.threads_per_actor, decode_workers=opts.decode_workers,
                       checkpoint_suffix=Path(opts.teacher_checkpoint or "w.safetensors").suffix,
                       storage_options=resolve_storage_options(opts.storage_options, [opts.data, opts.out]))
 

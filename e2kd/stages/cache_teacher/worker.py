@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import torch
 
 from e2kd.explain import build_explainer
 from e2kd.models import create_model, input_transform
-from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_sha256, iter_shard
+from e2kd.pipeline.parallel import ordered_map
+from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_sha256
 from e2kd.pipeline.views import ViewPolicy, render_view
 from e2kd.storage import PRECISIONS, Encoding, ShardWriter
 from e2kd.storage.options import StorageOptions, apply_storage_options
@@ -38,6 +40,7 @@ class WorkerSpec:
     precision: str = "fp32"
     threads: int = 1
     checkpoint_suffix: str = ".safetensors"
+    decode_workers: int = 0  # threads decoding and rendering ahead of the teacher (0: inline)
     storage_options: StorageOptions | None = None  # protocol → fsspec arguments (secrets: never logged)
 
     def __repr__(self) -> str:  # Ray may print a failed actor's arguments: never the storage options
@@ -99,7 +102,10 @@ class TeacherWorker:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _explain(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        x = self.transform(torch.stack(images).to(self.device))
+        batch = torch.stack(images)
+        if self.device.type == "cuda":  # pinned: the copy runs asynchronously, overlapped with the decode threads
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        x = self.transform(batch.to(self.device))
         with self._autocast():
             maps, logits = self.explainer(x)
         maps = self.encoding.pool_maps(maps.float())
@@ -110,6 +116,18 @@ class TeacherWorker:
         views = [v.as_list() for v in self.policy.views_for(sample.key, h, w)]
         return views, [render_view(sample.image, v, self.spec.input_size) for v in views]
 
+    def _prepared(self, shard: InputShard) -> Iterator[tuple[Sample | BadSample, list, list[torch.Tensor]]]:
+        """Decoded samples with their views rendered, in shard order — by ``spec.decode_workers`` threads ahead
+        of the teacher (0: inline)."""
+        def prepare(raw: Any) -> tuple[Sample | BadSample, list, list[torch.Tensor]]:
+            item = raw if isinstance(raw, BadSample) else shard.decode(raw)
+            if isinstance(item, BadSample):
+                return item, [], []
+            return (item, *self._views_and_inputs(item))
+
+        ahead = max(2 * self.spec.decode_workers, -(-2 * self.spec.batch_size // self.policy.num_views))
+        return ordered_map(prepare, shard.raw(), self.spec.decode_workers, ahead)
+
     def compute(self, shard: InputShard, progress: Any = None
                 ) -> tuple[dict[str, np.ndarray], list[str], list[dict[str, str]]]:
         """Run the teacher over one input shard: (columns, keys, errors). ``progress`` (a Ray actor handle with
@@ -117,11 +135,10 @@ class TeacherWorker:
         reported = 0
         keys, labels, views, errors = [], [], [], []
         logits, maps, pending = [], [], []
-        for item in iter_shard(shard):
+        for item, sample_views, inputs in self._prepared(shard):
             if isinstance(item, BadSample):
                 errors.append(item.to_dict())
                 continue
-            sample_views, inputs = self._views_and_inputs(item)
             keys.append(item.key)
             labels.append(self._checked_label(item, errors))
             views.append(sample_views)
