@@ -234,3 +234,30 @@ def test_workers_split_the_shards_of_one_pass(shards: list[InputShard]) -> None:
     loader = DataLoader(StudentStream(spec), batch_size=None, num_workers=2, multiprocessing_context="fork")
     keys = [item["key"] for item in loader]
     assert sorted(keys) == sorted(it["key"] for it in StudentStream(spec)) and len(keys) == 20
+
+
+def test_the_next_shards_records_are_read_ahead_once_each(cache, train_urls: str, monkeypatch) -> None:
+    """One pass reads every cached shard exactly once (the read-ahead is used, not repeated) and joins the same
+    records as reading each shard when it is reached."""
+    import threading
+
+    from e2kd.pipeline.loader import StreamSpec, StudentStream
+    from e2kd.storage.reader import CacheStore
+
+    calls: list[tuple[str, str]] = []
+    real = CacheStore.iter_shard
+
+    def counting(self, name):
+        calls.append((name, threading.current_thread().name))
+        return real(self, name)
+
+    monkeypatch.setattr(CacheStore, "iter_shard", counting)
+    shards = list_shards(train_urls)
+    spec = StreamSpec(shards=shards, keys={k for s in shards for k, _ in s.keys()}, input_size=(64, 64),
+                      cache_uri=str(cache), ram_cache_mb=0)
+    stream = StudentStream(spec)
+    joined = [(sample.key, record["logits"]) for sample, record in stream.samples(stream.shards_for(0, 0))]
+    assert len(joined) == 300 and sorted(n for n, _ in calls) == sorted(s.name for s in shards)
+    assert sum(t.startswith("e2kd-prefetch") for _, t in calls) == len(shards) - 1  # all but the first, ahead
+    direct = {k: r["logits"] for s in shards for k, r in real(stream.store, s.name)}
+    assert all(torch.equal(direct[k], v) for k, v in joined)

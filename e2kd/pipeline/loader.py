@@ -304,9 +304,9 @@ class StudentStream(IterableDataset):
         """
         shards = list(shards)
         for i, shard in enumerate(shards):
+            decoded, records = self._shard_data(shard)  # takes this shard's prefetched records
             if i + 1 < len(shards):
                 self._prefetch(shards[i + 1])  # the next shard's cached records arrive while this one is decoded
-            decoded, records = self._shard_data(shard)
             check = _KeyCheck(shard.name, records, self.store, self.spec.allow_missing) \
                 if shard.name in self.spec.trusted and records is not None else None
             for sample in decoded:
@@ -374,6 +374,7 @@ class StudentStream(IterableDataset):
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool, self._pool_pid = ThreadPoolExecutor(1, thread_name_prefix="e2kd-prefetch"), os.getpid()
+        # only this one is pending: the current shard's was taken, and a pass that stopped early leaves no other use
         self._pending = {shard.name: self._pool.submit(lambda: dict(self.store.iter_shard(shard.name)))}
 
     def _decode_and_keep(self, shard: InputShard, records: dict[str, Any] | None) -> Iterator[Sample | BadSample]:
