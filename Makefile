@@ -20,12 +20,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check e2kd tests bench examples
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m pytest -q tests
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_cache.py --out bench/RESULTS.md
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_train.py --out bench/RESULTS.md
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_s3.py --out bench/RESULTS.md
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_imagenet.py --out bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
