@@ -140,7 +140,7 @@ def test_show_draws_views_and_maps(demo_dir: Path, tmp_path: Path) -> None:
 def test_train_teacher_learns_the_digits(digits: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train-teacher", "--data", f"{digits}/teacher-train-{{000000..000021}}.tar",
                                        "--model", "resnet18", "--model-kwargs", json.dumps(TEACHER_KWARGS),
-                                       "--num-classes", "10", "--input-size", "64", "--epochs", "12", "--out",
+                                       "--num-classes", "10", "--input-size", "64", "--epochs", "9", "--out",
                                        str(tmp_path / "t"), "--val-data", f"{digits}/val-000000.tar", "--quiet"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(ln) for ln in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
