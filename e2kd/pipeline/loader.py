@@ -14,6 +14,7 @@ import hashlib
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import count, islice
@@ -73,8 +74,6 @@ def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool =
         return JoinPlan(keys, counts)
     plan = JoinPlan({}, {})
     named = {s.name for s in shards}
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(_PLAN_THREADS, thread_name_prefix="e2kd-plan") as pool:  # requests overlap: latency
         looked = list(pool.map(lambda shard: _look_up(shard, store, labels), shards))
     for shard, (trusted, errors, cached) in zip(shards, looked, strict=True):
@@ -371,8 +370,6 @@ class StudentStream(IterableDataset):
                 shard.name in self._decoded:
             return
         if self._pool is None or self._pool_pid != os.getpid():
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool, self._pool_pid = ThreadPoolExecutor(1, thread_name_prefix="e2kd-prefetch"), os.getpid()
         # only this one is pending: the current shard's was taken, and a pass that stopped early leaves no other use
         self._pending = {shard.name: self._pool.submit(lambda: dict(self.store.iter_shard(shard.name)))}

@@ -67,6 +67,7 @@ class CacheStore:
         self.encoding = self.manifest.encoding
         self._format = get_format(self.manifest.format)
         self._index: dict[str, tuple[str, int]] | None = None
+        self._errors: dict[str, list[dict[str, str]]] = {}
         self._load_columns = lru_cache(maxsize=2)(self._read_shard)
 
     # ---- index ---------------------------------------------------------------------------------
@@ -92,12 +93,16 @@ class CacheStore:
         return keys
 
     def shard_errors(self, name: str) -> list[dict[str, str]]:
-        """The samples one shard skipped: ``[{"key", "shard", "reason"}, …]`` (checked to be exactly that)."""
-        try:
-            raw = self.fs.cat_file(f"{self.shard_path(name)}/{ERRORS_NAME}")
-        except FileNotFoundError:
-            raise StoreIntegrityError(f"store {self.uri}: shard {name}: {ERRORS_NAME} missing") from None
-        return _parse_errors(raw, f"store {self.uri}: shard {name}")
+        """The samples one shard skipped: ``[{"key", "shard", "reason"}, …]`` (checked to be exactly that).
+
+        Read once per store object: a complete shard never changes (the plan and every pass of the stream ask)."""
+        if name not in self._errors:
+            try:
+                raw = self.fs.cat_file(f"{self.shard_path(name)}/{ERRORS_NAME}")
+            except FileNotFoundError:
+                raise StoreIntegrityError(f"store {self.uri}: shard {name}: {ERRORS_NAME} missing") from None
+            self._errors[name] = _parse_errors(raw, f"store {self.uri}: shard {name}")
+        return self._errors[name]
 
     def shard_labels(self, name: str) -> list[int]:
         """The labels cached for one shard, row by row (−1: unlabelled); one verified read of the shard."""
