@@ -1,8 +1,8 @@
 """Model factory: timm names and ``bcos:<name>`` B-cos models, plus each model's input transform.
 
 Every stage builds models through :func:`create_model` and records :func:`model_spec`, so a model can
-always be rebuilt exactly from ``(name, num_classes, kwargs)``. Images travel through e2kd as float32
-``[B, 3, H, W]`` in ``[0, 1]``; :func:`input_transform` turns them into what the model expects.
+always be rebuilt exactly from ``(name, num_classes, kwargs)``. Images travel through e2kd as ``[B, 3, H, W]``
+uint8 (0–255) or float32 (in ``[0, 1]``); :func:`input_transform` turns them into what the model expects.
 """
 
 from __future__ import annotations
@@ -35,13 +35,19 @@ class InputTransform:
     add_inverse: bool = False
 
     def __call__(self, images: Tensor) -> Tensor:
+        """``images``: float ``[B, 3, H, W]`` in ``[0, 1]``, or uint8 (0–255, scaled first, on their device)."""
+        from e2kd.pipeline.views import to_unit_float
+
+        scaled = to_unit_float(images)
         if self.add_inverse:
-            return torch.cat([images, 1.0 - images], dim=1)
+            return torch.cat([scaled, 1.0 - scaled], dim=1)
         if self.mean is None or self.std is None:
-            return images
-        mean = images.new_tensor(self.mean).view(1, -1, 1, 1)
-        std = images.new_tensor(self.std).view(1, -1, 1, 1)
-        return (images - mean) / std
+            return scaled
+        mean = scaled.new_tensor(self.mean).view(1, -1, 1, 1)
+        std = scaled.new_tensor(self.std).view(1, -1, 1, 1)
+        if scaled is images:  # the caller's tensor: never changed in place
+            return (scaled - mean).div_(std)
+        return scaled.sub_(mean).div_(std)  # a fresh tensor: one allocation for the whole transform
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

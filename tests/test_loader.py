@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torchvision.ops  # noqa: F401 - crop_map's lazy import (seconds when cold): paid once here, not in one test
 from PIL import Image
 from torch.utils.data import DataLoader
 

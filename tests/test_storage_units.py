@@ -10,9 +10,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as tvF
 
 from e2kd.losses import kd_loss
-from e2kd.pipeline.views import FULL_VIEW, ViewPolicy, draw_views, render_view
+from e2kd.pipeline.views import (
+    FULL_VIEW,
+    RENDER_SPEC,
+    ViewPolicy,
+    crop_map,
+    draw_views,
+    pixel_view,
+    render_view,
+    render_view_uint8,
+    resample_dtype,
+    to_unit_float,
+)
 from e2kd.storage import Encoding, wds_store
 from e2kd.storage.files import resolve
 
@@ -60,15 +72,53 @@ def test_views_depend_only_on_seed_key_and_index() -> None:
     assert not any(v.flip for v in draw_views(0, "k", 20, 64, 64, flip_p=0.0))
 
 
-def test_render_view_full_equals_a_plain_antialiased_resize_and_flip_mirrors() -> None:
-    img = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
-    out = render_view(img, FULL_VIEW.as_list(), (32, 32))
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_render_view_full_equals_a_plain_antialiased_resize_and_flip_mirrors(layout: str) -> None:
+    hwc = torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8)
+    img = hwc.permute(2, 0, 1) if layout == "channels-last" else hwc.permute(2, 0, 1).contiguous()  # decode's layout
     ref = F.interpolate(img[None].float() / 255, size=(32, 32), mode="bilinear", antialias=True)[0]
-    torch.testing.assert_close(out, ref.clamp(0, 1))
-    flipped = render_view(img, [0, 0, 1, 1, 1], (32, 32))
-    torch.testing.assert_close(flipped, out.flip(-1))
-    crop = render_view(img, [0.2, 0.1, 0.5, 0.5, 0], (25, 35))
-    torch.testing.assert_close(crop, img[:, 10:35, 7:42].float() / 255)  # same size: no resampling
+    legacy = render_view(img, FULL_VIEW.as_list(), (32, 32), dtype="float32")  # caches from before 0.2
+    torch.testing.assert_close(legacy, ref.clamp(0, 1))
+    out = render_view(img, FULL_VIEW.as_list(), (32, 32))  # resampled in uint8: within one grey level of float
+    assert (out - ref).abs().max() <= 1 / 255 + 1e-6 and (out * 255).eq((out * 255).round()).all()
+    tv = tvF.resize(img.contiguous(), [32, 32], antialias=True)  # torchvision's uint8 resize, an independent caller
+    assert torch.equal(render_view_uint8(img, FULL_VIEW.as_list(), (32, 32)), tv)
+    assert torch.equal(out, to_unit_float(tv))
+    for dtype in ("uint8", "float32"):
+        flipped = render_view(img, [0, 0, 1, 1, 1], (32, 32), dtype=dtype)
+        torch.testing.assert_close(flipped, render_view(img, FULL_VIEW.as_list(), (32, 32), dtype=dtype).flip(-1))
+        crop = render_view(img, [0.2, 0.1, 0.5, 0.5, 0], (25, 35), dtype=dtype)
+        torch.testing.assert_close(crop, img[:, 10:35, 7:42].float() / 255)  # same size: no resampling
+
+
+def test_resample_dtype_of_a_manifest_render_entry() -> None:
+    assert resample_dtype(RENDER_SPEC) == "uint8"
+    legacy = {k: v for k, v in RENDER_SPEC.items() if k != "resample_dtype"}
+    assert resample_dtype(legacy) == "float32" and resample_dtype(None) == "float32"
+    with pytest.raises(ValueError, match="cannot be replayed exactly"):
+        resample_dtype({**RENDER_SPEC, "interpolation": "bicubic"})
+    with pytest.raises(ValueError, match="cannot be replayed exactly"):
+        resample_dtype({**RENDER_SPEC, "resample_dtype": "float16"})
+
+
+def test_crop_map_equals_torchvisions_roi_align_in_float64() -> None:
+    """The separable joint crop is RoIAlign (aligned, adaptive sampling): same values as torchvision's kernel, in
+    float64, for random boxes (small to whole-image), any output size, with and without a flip."""
+    from torchvision.ops import roi_align
+
+    gen = torch.Generator().manual_seed(0)
+    for i in range(200):
+        h, w = [(7, 7), (4, 6), (1, 1), (56, 56)][i % 4]
+        image_hw = [(375, 500), (64, 64), (500, 375)][i % 3]
+        maps = torch.randn(1 + 5 * (i % 2), h, w, generator=gen, dtype=torch.float64)
+        view = draw_views(i, "k", 1, *image_hw, scale=(0.01, 1.0))[0].as_list()
+        size = [None, (224, 224), (7, 7), (3, 5)][i % 4]
+        s = pixel_view(view, *image_hw)
+        box = torch.tensor([[0.0, s.left * w, s.top * h, (s.left + s.width) * w, (s.top + s.height) * h]],
+                           dtype=torch.float64)
+        ref = roi_align(maps[None], box, output_size=size or (h, w), sampling_ratio=-1, aligned=True)[0]
+        torch.testing.assert_close(crop_map(maps, view, image_hw, size), ref.flip(-1) if s.flip else ref,
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_wds_reader_refuses_path_traversal_and_foreign_members(tmp_path: Path) -> None:

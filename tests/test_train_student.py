@@ -21,10 +21,10 @@ from e2kd.cli import main
 from e2kd.explain import build_explainer
 from e2kd.pipeline.loader import StreamSpec, StudentStream, plan_join
 from e2kd.pipeline.sources import iter_shard, list_shards
-from e2kd.pipeline.views import View, ViewPolicy, crop_map, render_view
+from e2kd.pipeline.views import View, ViewPolicy, crop_map, render_view, to_unit_float
 from e2kd.stages.cache_teacher import run_cache_teacher
 from e2kd.stages.train_student import TrainOptions, train_student
-from e2kd.storage import open_store
+from e2kd.storage import CompatibilityError, open_store
 
 STUDENT_KWARGS = {"channels": [8, 8, 16, 32], "stem_width": 8, "output_stride": 16}
 E2KD = [sys.executable, "-m", "e2kd.cli"]
@@ -113,10 +113,50 @@ def test_k_view_replay_is_bit_identical_to_the_teachers_input(cache: Path, train
             used_views.add(v)
             teacher_view = policy.views_for(item["key"], *images[item["key"]].shape[1:])[v]
             teacher_input = render_view(images[item["key"]], teacher_view.as_list(), (64, 64))
-            assert torch.equal(item["image"], teacher_input)
+            assert item["image"].dtype == torch.uint8 and torch.equal(to_unit_float(item["image"]), teacher_input)
             record = store.read(item["key"])
             assert torch.equal(item["t_map"], record["maps"][v]) and torch.equal(item["t_logits"], record["logits"][v])
     assert used_views == {0, 1}
+
+
+def _with_render(cache: Path, out: Path, render: dict | None) -> Path:
+    """A copy of ``cache`` whose manifest records ``render`` (None: no entry, as caches before 0.2)."""
+    import shutil
+
+    shutil.copytree(cache, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["preprocessing"].pop("render", None)
+    if render is not None:
+        manifest["preprocessing"]["render"] = render
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_a_cache_rendered_in_float32_is_replayed_in_float32_and_an_unknown_render_is_refused(
+        cache: Path, train_urls: str, tmp_path: Path) -> None:
+    """Caches from before 0.2 resampled views in float32 (no ``resample_dtype`` recorded): the stream renders them
+    that way (float images), bit-identical to the float path — not with today's uint8 resampling."""
+    from e2kd.pipeline.views import RENDER_SPEC
+
+    legacy = {k: v for k, v in RENDER_SPEC.items() if k != "resample_dtype"}
+    old = _with_render(cache, tmp_path / "old", legacy)
+    store = open_store(str(old))
+    policy = ViewPolicy.from_dict(store.manifest.views)
+    shards = list_shards(train_urls)[:1]
+    images = {s.key: s.image for shard in shards for s in iter_shard(shard)}
+    stream = StudentStream(StreamSpec(shards=shards, keys=set(plan_join(shards, store, allow_missing=True).keys),
+                                      input_size=(64, 64), cache_uri=str(old), shuffle_buffer=1))
+    for item, _ in zip(stream, range(6), strict=False):
+        view = policy.views_for(item["key"], *images[item["key"]].shape[1:])[int(item["view_index"])].as_list()
+        assert item["image"].dtype == torch.float32
+        assert torch.equal(item["image"], render_view(images[item["key"]], view, (64, 64), dtype="float32"))
+        assert not torch.equal(item["image"], render_view(images[item["key"]], view, (64, 64)))
+    odd = _with_render(cache, tmp_path / "odd", {**RENDER_SPEC, "interpolation": "bicubic"})
+    opts = TrainOptions(data=train_urls, cache=str(odd), student="resnet18", student_kwargs=STUDENT_KWARGS,
+                        out=str(tmp_path / "run"), epochs=1, steps_per_epoch=1, progress=False)
+    with pytest.raises(CompatibilityError, match="bicubic.*cannot be replayed exactly"):
+        train_student(opts)
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_online_and_cached_training_give_the_same_first_step_loss(digits: Path, teacher_ckpt: Path,

@@ -26,10 +26,10 @@ from webdataset.filters import shuffle as wds_shuffle
 from webdataset.pipeline import DataPipeline
 
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_size_bytes, iter_keys, iter_shard
-from e2kd.pipeline.views import FULL_VIEW, crop_map, draw_view, render_view
+from e2kd.pipeline.views import FULL_VIEW, crop_map, draw_view, render_view, render_view_uint8, resample_dtype
 
 __all__ = ["JoinPlan", "plan_join", "key_mismatch_message", "StreamSpec", "StudentStream", "build_loader",
-           "select_shots", "pass_index",
+           "select_shots", "cache_resample_dtype", "pass_index",
            "shard_order", "split_by_node", "split_by_worker", "cycled"]
 
 T = TypeVar("T")
@@ -134,6 +134,20 @@ def _listed_join(shard: InputShard, store: Any, errors: list[dict[str, str]], pl
     cached_here = store.shard_keys(shard.name) if shard.name in store.shard_names else []
     plan.missing_in_input += [k for k in cached_here if k not in input_keys]
     return usable
+
+
+def cache_resample_dtype(manifest: Any) -> str:
+    """How a cache's views were resampled (``uint8``, or ``float32`` before e2kd 0.2): the stream renders the same.
+
+    Raises:
+        CompatibilityError: rendered some other way, so its views could not be replayed exactly.
+    """
+    from e2kd.storage import CompatibilityError
+
+    try:
+        return resample_dtype(manifest.preprocessing.get("render"))
+    except ValueError as e:
+        raise CompatibilityError(f"cache: {e}") from None
 
 
 def select_shots(keys: dict[str, int | None], shots: int, seed: int) -> dict[str, int]:
@@ -288,6 +302,13 @@ class StudentStream(IterableDataset):
         """The cache holds K views to replay exactly (else ``full``: one whole-image view, cropped jointly)."""
         return self.store.manifest.replays_views
 
+    def _render(self, image: torch.Tensor, view: list[float]) -> torch.Tensor:
+        """The view as the cache's teacher saw it: uint8 (today's caches, and no cache), or float32 in ``[0, 1]``
+        for caches rendered before the resampling moved to uint8."""
+        if self.spec.cache_uri is not None and cache_resample_dtype(self.store.manifest) == "float32":
+            return render_view(image, view, self.spec.input_size, dtype="float32")
+        return render_view_uint8(image, view, self.spec.input_size)
+
     # ---- the stages ------------------------------------------------------------------------------------------
 
     def shards_for(self, epoch: int, cycle: int) -> list[InputShard]:
@@ -401,7 +422,7 @@ class StudentStream(IterableDataset):
             if record is not None:  # full cache: joint crop of the cached map, logits reused
                 item.update(t_logits=record["logits"][0], t_map=crop_map(record["maps"][0], view, hw, spec.map_size),
                             target=record["target"][0])
-        item["image"] = render_view(sample.image, view, spec.input_size)
+        item["image"] = self._render(sample.image, view)
         return item
 
 
@@ -441,3 +462,4 @@ def build_loader(spec: StreamSpec, batch_size: int, workers: int) -> tuple[Stude
     loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=False,
                         persistent_workers=False, multiprocessing_context="fork" if workers else None)
     return stream, loader
+

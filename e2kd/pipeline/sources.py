@@ -330,7 +330,11 @@ def _split_outside_braces(text: str) -> list[str]:
 # PIL raises OSError (a hostile input must give a BadSample, not a crashed worker), it returns 16-bit PNGs
 # unscaled as uint16, and torchvision's image decoding is deprecated since 0.29.
 def decode_image(data: bytes) -> Tensor:
-    """Decode image bytes to uint8 ``[3, H, W]`` RGB (raises on corrupt data)."""
+    """Decode image bytes to uint8 ``[3, H, W]`` RGB (raises on corrupt data).
+
+    The tensor is channels-last in memory (a ``[3, H, W]`` view of the decoder's ``H × W × 3`` pixels): no
+    transpose copy, and the layout :func:`~e2kd.pipeline.views.render_view_uint8` resamples fastest.
+    """
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
@@ -338,7 +342,7 @@ def decode_image(data: bytes) -> Tensor:
         rgb = _pil_to_rgb(img)
     if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ValueError(f"degenerate image of shape {rgb.shape}")
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(rgb, copy=not rgb.flags.writeable)).permute(2, 0, 1)
 
 
 def _pil_to_rgb(img: Any) -> np.ndarray:

@@ -6,6 +6,7 @@ from typing import Any
 
 from e2kd.explain import explainer_family
 from e2kd.models import create_model
+from e2kd.pipeline.loader import cache_resample_dtype
 from e2kd.storage import CompatibilityError, open_store
 from e2kd.training.evaluation import evaluate_model
 
@@ -32,6 +33,7 @@ def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict
         explainer = explainer or m.explainer_name
         m.check_student(num_classes=num_classes, explainer=explainer, explainer_family=explainer_family(explainer),
                         input_size=input_size)
+        cache_resample_dtype(m)
         num_classes, input_size = num_classes or m.num_classes, input_size or m.input_size[0]
     if num_classes is None or input_size is None:
         raise ValueError("without --cache, give --num-classes and --input-size")

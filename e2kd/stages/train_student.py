@@ -20,7 +20,7 @@ import torch
 from e2kd.explain import explainer_family
 from e2kd.losses import EXPL_RESOLUTIONS, E2KDObjective
 from e2kd.models import create_model, model_spec
-from e2kd.pipeline.loader import JoinPlan, StreamSpec, build_loader, plan_join, select_shots
+from e2kd.pipeline.loader import JoinPlan, StreamSpec, build_loader, cache_resample_dtype, plan_join, select_shots
 from e2kd.pipeline.sources import list_shards
 from e2kd.storage import CompatibilityError, Manifest, ManifestError, open_store
 from e2kd.storage.options import apply_storage_options, describe_storage_options, resolve_storage_options
@@ -123,6 +123,7 @@ def resolve_against_cache(opts: TrainOptions, manifest: Manifest) -> TrainOption
     explainer = opts.explainer or manifest.explainer_name
     manifest.check_student(num_classes=opts.num_classes, explainer=explainer,
                            explainer_family=explainer_family(explainer), input_size=opts.input_size)
+    cache_resample_dtype(manifest)  # its views can be rendered as its teacher saw them
     opts.num_classes, opts.explainer = manifest.num_classes, explainer
     opts.input_size = opts.input_size or manifest.input_size[0]
     _warn_ignored_augmentation(opts, manifest)

@@ -16,7 +16,7 @@ from e2kd.explain import build_explainer
 from e2kd.models import create_model, input_transform
 from e2kd.pipeline.parallel import ordered_map
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_sha256
-from e2kd.pipeline.views import ViewPolicy, render_view
+from e2kd.pipeline.views import ViewPolicy, render_view_uint8
 from e2kd.storage import PRECISIONS, Encoding, ShardWriter
 from e2kd.storage.options import StorageOptions, apply_storage_options
 
@@ -102,6 +102,7 @@ class TeacherWorker:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _explain(self, images: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher outputs of a batch of rendered uint8 views (scaled to ``[0, 1]`` on the teacher's device)."""
         batch = torch.stack(images)
         if self.device.type == "cuda":  # pinned: the copy runs asynchronously, overlapped with the decode threads
             batch = batch.pin_memory().to(self.device, non_blocking=True)
@@ -114,7 +115,7 @@ class TeacherWorker:
     def _views_and_inputs(self, sample: Sample) -> tuple[list[list[float]], list[torch.Tensor]]:
         _, h, w = sample.image.shape
         views = [v.as_list() for v in self.policy.views_for(sample.key, h, w)]
-        return views, [render_view(sample.image, v, self.spec.input_size) for v in views]
+        return views, [render_view_uint8(sample.image, v, self.spec.input_size) for v in views]
 
     def _prepared(self, shard: InputShard) -> Iterator[tuple[Sample | BadSample, list, list[torch.Tensor]]]:
         """Decoded samples with their views rendered, in shard order — by ``spec.decode_workers`` threads ahead
