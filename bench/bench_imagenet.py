@@ -229,8 +229,9 @@ def _stored_bytes(enc: Any, logits: torch.Tensor, maps: torch.Tensor, tmp: Path)
 
 
 # ---- 3. student loader ---------------------------------------------------------------------------------------------
-def loader_samples_per_s(data: str, cache: str | None, seconds_cap: int = 400) -> float:
-    """Samples/s of one DataLoader worker of the student's stream (cache) or of a plain webdataset loader (None)."""
+def loader_samples_per_s(data: str, cache: str | None, samples: int = 1024) -> tuple[float, float]:
+    """(seconds to the first batch, samples/s after it) of one DataLoader worker: the student's stream (cache) or a
+    plain webdataset loader (None) — both with a 64-sample shuffle buffer, both handing uint8 images."""
     if cache is None:
         import webdataset as wds
         from torchvision.transforms import v2
@@ -242,7 +243,7 @@ def loader_samples_per_s(data: str, cache: str | None, seconds_cap: int = 400) -
 
             return crop(decode_image(sample["jpg"]))
 
-        ds = wds.WebDataset(data, shardshuffle=False, empty_check=False).map(prep)
+        ds = wds.WebDataset(data, shardshuffle=False, empty_check=False).repeat().shuffle(64, initial=64).map(prep)
         loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=1, multiprocessing_context="fork")
     else:
         from e2kd.pipeline.loader import StreamSpec, build_loader, plan_join
@@ -254,12 +255,44 @@ def loader_samples_per_s(data: str, cache: str | None, seconds_cap: int = 400) -
         spec = StreamSpec(shards=shards, keys=set(plan.keys), input_size=(SIZE, SIZE), cache_uri=cache,
                           map_size=(SIZE, SIZE), random_crop=True, shuffle_buffer=64, trusted=frozenset(plan.trusted))
         _, loader = build_loader(spec, 64, 1)
-    t0, n = time.perf_counter(), 0
+    t0, n, first = time.perf_counter(), 0, None
     for batch in loader:
+        if first is None:
+            first, t1 = time.perf_counter() - t0, time.perf_counter()
+            continue
         n += (batch if isinstance(batch, torch.Tensor) else batch["image"]).shape[0]
-        if n >= 512 or time.perf_counter() - t0 > seconds_cap:
+        if n >= samples:
             break
-    return n / (time.perf_counter() - t0)
+    return first, n / (time.perf_counter() - t1)
+
+
+# ---- threads or processes for decoding -----------------------------------------------------------------------------
+def _prepare(raw: tuple[str, bytes], views: str) -> list[torch.Tensor]:
+    """What one decode worker does per sample: decode, draw the views, render them (uint8)."""
+    from e2kd.pipeline.sources import decode_image
+    from e2kd.pipeline.views import ViewPolicy, render_view_uint8
+
+    key, data = raw
+    image = decode_image(data)
+    policy = ViewPolicy.parse(views, scale=(0.08, 1.0), flip_p=0.5, seed=0)
+    return [render_view_uint8(image, v.as_list(), (SIZE, SIZE)) for v in policy.views_for(key, *image.shape[1:])]
+
+
+def pool_views_per_s(shards: list[Path], views: str, kind: str, workers: int = 2) -> float:
+    """Views/s of decode + render alone in ``workers`` threads (the stage's choice) or forked processes (which must
+    send every rendered view back to the parent: pickled, ~150 KB per 224 px view)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+    from functools import partial
+
+    raws = [(s["__key__"], s["jpg"]) for p in shards for s in _samples(p)]
+    pool = ThreadPoolExecutor(workers) if kind == "threads" else \
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    with pool:
+        list(pool.map(partial(_prepare, views=views), raws[:8]))  # start-up
+        t0 = time.perf_counter()
+        n = sum(len(out) for out in pool.map(partial(_prepare, views=views), raws, chunksize=4))
+        return n / (time.perf_counter() - t0)
 
 
 def _cache(data: str, out: Path, views: str) -> str:
@@ -275,12 +308,12 @@ def _cache(data: str, out: Path, views: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench/RESULTS.md")
-    parser.add_argument("--per-shard", type=int, default=48)
+    parser.add_argument("--per-shard", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="e2kd-bench-imagenet-"))
     shards = make_photos(work / "photos", 4, args.per_shard)
-    jpeg_kb = np.mean([len(b) for b in _jpeg_sizes(shards[0])]) / 1e3
+    jpeg_kb = np.mean([len(s["jpg"]) for s in _samples(shards[0])]) / 1e3
     cores = os.cpu_count() or 2
 
     results: dict[str, Any] = {}
@@ -288,7 +321,8 @@ def main() -> None:
         one = stage_views_per_s(shards, 1, views)
         two = stage_views_per_s(shards, 2, views)
         floor = floor_views_per_s(shards, 2, views)
-        results[views] = {"stage1": one, "stage2": two, "floor2": floor}
+        threads, procs = pool_views_per_s(shards, views, "threads"), pool_views_per_s(shards, views, "processes")
+        results[views] = {"stage1": one, "stage2": two, "floor2": floor, "threads": threads, "processes": procs}
         print(views, results[views], flush=True)
     sizes = bytes_per_view(shards[0], work / "staging")
     print(sizes, flush=True)
@@ -296,6 +330,9 @@ def main() -> None:
     full, kview = _cache(data, work / "cache-full", "full"), _cache(data, work / "cache-k", "4")
     rates = {"plain": loader_samples_per_s(data, None), "full": loader_samples_per_s(data, full),
              "k-view": loader_samples_per_s(data, kview)}
+    again = {"plain": loader_samples_per_s(data, None), "full": loader_samples_per_s(data, full),
+             "k-view": loader_samples_per_s(data, kview)}  # twice, interleaved: the best of two per loader
+    rates = {k: max(rates[k], again[k], key=lambda r: r[1]) for k in rates}
     print(rates, flush=True)
 
     lines = [f"Command: `.venv/bin/python bench/bench_imagenet.py --out {args.out}`  ",
@@ -310,6 +347,12 @@ def main() -> None:
     for views, r in results.items():
         lines.append(f"| {views} | {r['stage1']:.1f} | {r['stage2']:.1f} | {r['stage2'] / r['stage1']:.2f}× | "
                      f"{r['floor2']:.1f} | **{r['stage2'] / r['floor2']:.2f}×** |")
+    lines += ["", "**Threads or processes** for the decode workers (views/s of decode + views + uint8 render alone, "
+              "2 workers; a process must send each rendered view back to the parent):", "",
+              "| views | 2 threads | 2 processes | threads / processes |", "|---|---|---|---|"]
+    for views, r in results.items():
+        lines.append(f"| {views} | {r['threads']:.1f} | {r['processes']:.1f} | "
+                     f"**{r['threads'] / r['processes']:.2f}×** |")
     lines += ["", "**Bytes per view at 1000 classes** (marginal bytes of a zarr store shard per added view — logits, "
               "target, view box, label, map, key — Blosc zstd; random-init teachers, so logits are near-uniform "
               "and maps noisy: trained teachers compress better):", "",
@@ -319,20 +362,25 @@ def main() -> None:
               f"of the decoded map to the 56×56 float32 map ≥ {sizes['bcos quant cosine']:.4f} (quantisation), "
               f"to the full-resolution float32 map {sizes['bcos full map']} area-upsampled: "
               f"{sizes['bcos cosine']:.3f} on average (pooling ×4 of a random-init B-cos map's pixel noise)", "",
-              "**Student loader** (samples/s of one DataLoader worker, batch 64, 224 px):", "",
-              f"- plain webdataset loader, decode + `RandomResizedCrop`, no cache: {rates['plain']:.1f}",
-              f"- e2kd stream, `full` cache (decode + random crop + RoIAlign of the map): {rates['full']:.1f} "
-              f"→ **{rates['full'] / rates['plain']:.2f}×** (goal ≥ 0.9×)",
-              f"- e2kd stream, 4-view cache (decode + render of the cached view): {rates['k-view']:.1f} "
-              f"→ **{rates['k-view'] / rates['plain']:.2f}×**"]
+              "**Student loader** (one DataLoader worker, batch 64, 224 px, a 64-sample shuffle buffer, uint8 "
+              "images out; samples/s after the first batch, best of two interleaved runs; the first batch's "
+              "latency apart):", "",
+              "| loader | samples/s | vs plain | first batch |", "|---|---|---|---|",
+              f"| plain webdataset: decode + `v2.RandomResizedCrop`, no cache | {rates['plain'][1]:.1f} | 1 | "
+              f"{rates['plain'][0]:.2f} s |",
+              f"| e2kd stream, `full` cache: decode + random crop + RoIAlign of the map to 224 px | "
+              f"{rates['full'][1]:.1f} | **{rates['full'][1] / rates['plain'][1]:.2f}×** (goal ≥ 0.9×) | "
+              f"{rates['full'][0]:.2f} s |",
+              f"| e2kd stream, 4-view cache: decode + render of the cached view | {rates['k-view'][1]:.1f} | "
+              f"**{rates['k-view'][1] / rates['plain'][1]:.2f}×** | {rates['k-view'][0]:.2f} s |"]
     write_section(args.out, "imagenet", "## ImageNet-shaped set (JPEG, 224 px, 1000 classes)\n\n" + "\n".join(lines))
     print("\n".join(lines))
 
 
-def _jpeg_sizes(shard: Path) -> list[bytes]:
+def _samples(shard: Path) -> list[dict]:
     import webdataset as wds
 
-    return [s["jpg"] for s in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)]
+    return list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
 
 
 if __name__ == "__main__":

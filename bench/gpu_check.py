@@ -1,30 +1,179 @@
-"""GPU check of the student objective (needs CUDA; ``bench/gpu_check.sh`` runs it on a lent GPU machine).
+"""GPU check: what one GPU gets from e2kd, and that the student objective is right on CUDA.
 
-On one CUDA device:
-1. **B-cos gradients**: the paper's B-cos student (``norm="bn_uncentered_nobias"``): E2KDObjective's gradient
-   on CUDA in float32 equals the CPU float64 gradient (cosine ≥ 0.9999); under bf16 autocast it stays finite
-   and close (cosine ≥ 0.95).
-2. **ViT student**: a timm ViT student takes E2KDObjective steps (double backward through the non-fused
-   attention) while its teacher explains with fused attention.
-3. **Step time** at 224 px, bf16, ResNet-50 → ResNet-18 GradCAM: cached e²KD (student step only) vs online
-   e²KD (teacher forward + GradCAM, then the same student step), side by side on the same batches.
+Run: ``bench/gpu_check.sh`` on a GPU machine (≤ 8 min; writes ``bench/RESULTS-gpu.md``), or
+``bench/gpu_check.sh --smoke [--out DIR]`` anywhere (CPU: ≤ 5 min on 2 cores; figures go to ``DIR``, by default a
+temporary directory, never over ``bench/RESULTS-gpu.md``). The smoke size runs every step at toy sizes so a test
+keeps the script from rotting; its figures say nothing about a GPU.
 
-Prints one JSON document; exits 1 if a check fails.
+On any device:
+
+a. **cache-teacher vs the bare teacher loop**: the whole stage (Ray, one actor with ``--decode-workers`` = cores − 2,
+   JPEG photos decoded and rendered, ResNet-50 + GradCAM in bf16 at 224 px, encoded and committed) against the
+   teacher's forward + GradCAM alone on the same views already on the device (goal ≥ 0.8×).
+b. **train-student from that cache vs online e²KD**, ResNet-50 → ResNet-18 at 224 px, ``--amp``, the real loader
+   (``--workers`` = cores − 2) in both: s/step of each and the speed-up (goal ≥ 2.5×).
+c. **``e2kd demo --quick``**: its time, and on a GPU its results next to a CPU run of the same command (accuracy
+   within 0.15 of the CPU's: one seed of two epochs, so only gross errors show).
+
+On CUDA only: B-cos gradients on CUDA vs CPU float64, a timm ViT student's e²KD steps, and the student step alone
+with cached vs live teacher targets (no data loading).
+
+Prints one JSON document; exits 1 if a correctness check fails (performance goals are reported, not enforced).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from e2kd.explain import build_explainer
-from e2kd.losses import E2KDObjective
-from e2kd.models import create_model, input_transform
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from e2kd.explain import build_explainer  # noqa: E402
+from e2kd.losses import E2KDObjective  # noqa: E402
+from e2kd.models import create_model, input_transform  # noqa: E402
+
+NARROW = {"channels": [16, 32, 64, 128], "stem_width": 16}
+#: the sizes of checks a–c: on a GPU, and ``--smoke`` (toy sizes that run in minutes on 2 CPU cores)
+SIZES: dict[str, dict[str, Any]] = {
+    "gpu": {"size": 224, "shards": 8, "per_shard": 256, "teacher": ("resnet50", {}), "student": ("resnet18", {}),
+            "batch": 64, "steps": 30, "precision": "bf16"},
+    "smoke": {"size": 64, "shards": 2, "per_shard": 24, "teacher": ("resnet18", NARROW),
+              "student": ("resnet18", {**NARROW, "channels": [8, 16, 32, 64], "stem_width": 8}), "batch": 8,
+              "steps": 3, "precision": "fp32"},
+}
+DEMO_TOLERANCE = 0.15  # |GPU − CPU| accuracy of `demo --quick` (one seed, two epochs)
+
+
+def _decode_workers() -> int:
+    return max(1, (os.cpu_count() or 2) - 2)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---- a. cache-teacher stage vs the bare teacher loop ----------------------------------------------------------------
+def stage_vs_bare(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Views/s of the whole cache-teacher stage and of the bare teacher loop on the same views (``--views full``)."""
+    from bench_imagenet import make_photos
+
+    from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
+
+    make_photos(work / "photos", cfg["shards"], cfg["per_shard"])
+    urls = f"{work}/photos/photos-{{000000..{cfg['shards'] - 1:06d}}}.tar"
+    cuda = torch.cuda.is_available()
+    name, kwargs = cfg["teacher"]
+    summary = run_cache_teacher(CacheTeacherOptions(
+        data=urls, out=str(work / "cache"), teacher=name, teacher_kwargs=kwargs, num_classes=1000,
+        random_teacher=True, input_size=cfg["size"], batch_size=cfg["batch"], actors=1,
+        gpus_per_actor=1.0 if cuda else 0.0, threads_per_actor=1 if cuda else 2, decode_workers=_decode_workers(),
+        precision=cfg["precision"], progress=False, overwrite=True))
+    bare = bare_teacher_views_per_s(cfg, urls)
+    stage = summary["samples_per_s"]
+    return {"urls": urls, "decode_workers": _decode_workers(), "stage_views_per_s": stage,
+            "stage_startup_s": summary["startup_seconds"], "bare_views_per_s": bare, "ratio": stage / bare,
+            "goal": 0.8, "met": stage / bare >= 0.8}
+
+
+def bare_teacher_views_per_s(cfg: dict[str, Any], urls: str) -> float:
+    """Teacher forward + GradCAM alone, over the stage's views already rendered and on the device."""
+    from e2kd.pipeline.sources import Sample, iter_shard, list_shards
+    from e2kd.pipeline.views import FULL_VIEW, render_view_uint8
+    from e2kd.stages.cache_teacher.worker import AUTOCAST_DTYPES
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = (cfg["size"], cfg["size"])
+    views = [render_view_uint8(s.image, FULL_VIEW.as_list(), size) for shard in list_shards(urls)
+             for s in iter_shard(shard) if isinstance(s, Sample)]
+    batches = [torch.stack(views[i:i + cfg["batch"]]).to(device) for i in range(0, len(views), cfg["batch"])]
+    name, kwargs = cfg["teacher"]
+    teacher = create_model(name, 1000, **kwargs).to(device).eval().requires_grad_(False)
+    explainer, transform = build_explainer("gradcam", teacher), input_transform(teacher)
+    dtype = AUTOCAST_DTYPES[cfg["precision"]]
+
+    def run(batch: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            explainer(transform(batch))
+
+    run(batches[0])
+    _sync()
+    t0 = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    _sync()
+    return len(views) / (time.perf_counter() - t0)
+
+
+# ---- b. train-student from the cache vs online e²KD --------------------------------------------------------------
+def cached_vs_online(cfg: dict[str, Any], urls: str, work: Path) -> dict[str, Any]:
+    """s/step of train-student with the real loader: targets from the cache of (a), then from a live teacher."""
+    from e2kd.stages.train_student import TrainOptions, prepare_student
+    from e2kd.training import OnlineTeacherTargets
+
+    name, kwargs = cfg["student"]
+    opts = TrainOptions(data=urls, cache=str(work / "cache"), student=name, student_kwargs=kwargs,
+                        out=str(work / "run"), batch_size=cfg["batch"], lr=1e-3, temperature=4.0, lam=1.0,
+                        amp=torch.cuda.is_available(), workers=_decode_workers(), progress=False, overwrite=True)
+    run = prepare_student(opts)
+    trainer, batches = run.trainer, iter(run.trainer.loader)
+    cached = _loader_steps(trainer, batches, cfg["steps"])
+    t_name, t_kwargs = cfg["teacher"]
+    teacher = create_model(t_name, 1000, **t_kwargs).to(trainer.device)
+    run.objective.targets = OnlineTeacherTargets(teacher, "gradcam")
+    online = _loader_steps(trainer, batches, cfg["steps"])
+    return {"batch": cfg["batch"], "steps": cfg["steps"], "workers": _decode_workers(), "amp": opts.amp,
+            "cached_s_per_step": cached, "online_s_per_step": online, "speedup": online / cached, "goal": 2.5,
+            "met": online / cached >= 2.5}
+
+
+def _loader_steps(trainer: Any, batches: Any, steps: int) -> float:
+    for _ in range(2):  # warm-up: allocator, kernels, the loader's first shard
+        trainer.step(next(batches))
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(next(batches))
+    _sync()
+    return (time.perf_counter() - t0) / steps
+
+
+# ---- c. the demo ---------------------------------------------------------------------------------------------------
+def demo(work: Path) -> dict[str, Any]:
+    """``e2kd demo --quick`` here (and on a GPU also with CUDA hidden): time and results of each."""
+    runs = {"this device": demo_run(work / "demo", {})}
+    if torch.cuda.is_available():
+        runs["cpu"] = demo_run(work / "demo-cpu", {"CUDA_VISIBLE_DEVICES": ""})
+    out: dict[str, Any] = {"runs": runs, "ok": all(r["returncode"] == 0 for r in runs.values())}
+    if "cpu" in runs and out["ok"]:
+        here, cpu = runs["this device"]["acc"], runs["cpu"]["acc"]
+        out["max_abs_acc_diff"] = max(abs(here[k] - cpu[k]) for k in here)
+        out["ok"] = out["max_abs_acc_diff"] <= DEMO_TOLERANCE
+    return out
+
+
+def demo_run(out: Path, env: dict[str, str]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "e2kd.cli", "demo", "--quick", "--out", str(out)],
+                          env={**os.environ, **env}, capture_output=True, text=True)
+    result: dict[str, Any] = {"seconds": time.perf_counter() - t0, "returncode": proc.returncode}
+    if proc.returncode != 0:
+        result["stderr_tail"] = proc.stderr[-2000:]
+        return result
+    rows = json.loads((out / "results.json").read_text())
+    result["acc"] = {f"{r['method']} {metric}": r[metric] for r in rows for metric in ("id_acc", "ood_acc")}
+    return result
 
 
 def _grads(model: torch.nn.Module, x: torch.Tensor, t_logits: torch.Tensor, t_maps: torch.Tensor,
@@ -129,18 +278,66 @@ def time_steps(batch: int, steps: int) -> dict:
             "online_over_cached": online_s / cached_s, "ok": True}
 
 
+def report(out: dict[str, Any], command: str) -> str:
+    """The Markdown report of a run."""
+    a, b, c = out["stage"], out["train"], out["demo"]
+    lines = ["## gpu-check", "", f"Command: `{command}`  ", f"Device: {out['device']}, {os.cpu_count()} CPU cores, "
+             f"torch {out['torch']}; size `{out['size']}`; {time.strftime('%Y-%m-%d')}.", "",
+             "| check | result |", "|---|---|",
+             f"| a. cache-teacher stage (1 actor, {a['decode_workers']} decode workers) | "
+             f"{a['stage_views_per_s']:.1f} views/s (start-up {a['stage_startup_s']:.1f} s, not in the rate) |",
+             f"| a. bare teacher forward + GradCAM on the same views, on the device | "
+             f"{a['bare_views_per_s']:.1f} views/s |",
+             f"| **a. stage / bare** (goal ≥ 0.8×) | **{a['ratio']:.2f}×** ({'met' if a['met'] else 'not met'}) |",
+             f"| b. train-student from the cache, real loader ({b['workers']} workers), batch {b['batch']}, "
+             f"amp {b['amp']} | {b['cached_s_per_step'] * 1e3:.1f} ms/step |",
+             f"| b. online e²KD (live teacher), same loader | {b['online_s_per_step'] * 1e3:.1f} ms/step |",
+             f"| **b. online / cached** (goal ≥ 2.5×) | **{b['speedup']:.2f}×** ({'met' if b['met'] else 'not met'}) |"]
+    for where, r in c["runs"].items():
+        lines.append(f"| c. `e2kd demo --quick`, {where} | {r['seconds']:.0f} s, exit {r['returncode']} |")
+    if "max_abs_acc_diff" in c:
+        lines.append(f"| c. demo accuracies, this device vs CPU | max |Δ| {c['max_abs_acc_diff']:.3f} "
+                     f"(≤ {DEMO_TOLERANCE}: {'yes' if c['ok'] else 'no'}) |")
+    for name in ("bcos", "vit", "timing"):
+        if name in out:
+            lines.append(f"| {name} (CUDA only) | `{json.dumps({k: v for k, v in out[name].items()})}` |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, any device (figures mean nothing)")
+    parser.add_argument("--out", default=None, help="directory for RESULTS-gpu.md and gpu_check.json (default: "
+                        "bench/ on a GPU; with --smoke a new temporary directory)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_check needs CUDA")
-    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    checks = {"bcos": check_bcos(96), "vit": check_vit(), "timing": time_steps(args.batch, args.steps)}
-    out.update(checks)
+    bench_dir = Path(__file__).resolve().parent
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("gpu_check needs CUDA (or --smoke, which runs anywhere at toy sizes)")
+    out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="e2kd-gpu-check-")) if args.smoke
+                                               else bench_dir)
+    if args.smoke and out_dir.resolve() == bench_dir:
+        sys.exit("--smoke never writes over bench/RESULTS-gpu.md: give another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = "smoke" if args.smoke else "gpu"
+    cfg = SIZES[size]
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                           "torch": torch.__version__, "size": size}
+    with tempfile.TemporaryDirectory(prefix="e2kd-gpu-check-work-") as tmp:
+        work = Path(tmp)
+        out["stage"] = stage_vs_bare(cfg, work)
+        out["train"] = cached_vs_online(cfg, out["stage"]["urls"], work)
+        out["demo"] = demo(work)
+    checks = {"demo": out["demo"]["ok"]}
+    if torch.cuda.is_available():
+        for name, check in (("bcos", lambda: check_bcos(96)), ("vit", check_vit),
+                            ("timing", lambda: time_steps(64, 20))):
+            out[name] = check()
+            checks[name] = out[name]["ok"]
+    (out_dir / "gpu_check.json").write_text(json.dumps(out, indent=1))
+    (out_dir / "RESULTS-gpu.md").write_text(report(out, " ".join(["bench/gpu_check.sh", *sys.argv[1:]])))
     print(json.dumps(out, indent=1))
-    sys.exit(0 if all(c["ok"] for c in checks.values()) else 1)
+    print(f"written: {out_dir / 'RESULTS-gpu.md'}", file=sys.stderr)
+    sys.exit(0 if all(checks.values()) else 1)
 
 
 if __name__ == "__main__":
