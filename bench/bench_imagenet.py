@@ -6,11 +6,11 @@ The set is made here from crops of ``sklearn.datasets.load_sample_images()`` (tw
 downloaded. Measured side by side in one run:
 
 1. **Pipeline headroom**: the cache-teacher stage's own code (``TeacherWorker.compute``: decode, views, render,
-   teacher + GradCAM, encode) with a near-free teacher (one stride-32 conv and a linear head, registered in timm;
-   1000 classes), so the pipeline is
-   the whole cost — against the floor a practitioner would write: a plain PyTorch ``DataLoader`` with as many worker
-   processes decoding the same JPEGs and rendering the same views (goal ≥ 0.8×). And the stage's views/s with 1 vs
-   2 decode threads (goal ≥ 1.7× on 2 cores).
+   teacher + GradCAM, encode) with a near-free teacher (a 1×1 conv on one pixel per 32×32 patch and a linear head,
+   registered in timm; 1000 classes), so the pipeline is the whole cost — against the floor a practitioner would
+   write: a plain PyTorch ``DataLoader`` with as many worker processes decoding the same JPEGs and rendering the
+   same views (goal ≥ 0.8×). And the stage's views/s with 1 vs 2 decode threads (goal ≥ 1.7× on 2 cores), and
+   decoding in 2 threads vs 2 processes.
 2. **Bytes per view at 1000 classes**: ResNet-50 (random init) 7×7 GradCAM + fp16 logits (goal ≤ 2.5 KB), with
    ``--topk 10`` (goal ≤ 200 B); B-cos ResNet-50 at 224 px with ``--map-size 56 --map-dtype uint8`` (bytes, and the
    cosine of the decoded map to the full-resolution float32 map, area-upsampled).
@@ -74,19 +74,21 @@ def make_photos(root: Path, shards: int, per_shard: int, seed: int = 0) -> list[
 
 # ---- 1. pipeline headroom ------------------------------------------------------------------------------------------
 class Patchify(torch.nn.Module):
-    """A near-free timm-compatible 1000-class teacher: one 32×32-stride conv (7×7 map at 224 px) and a linear head —
-    so the stage's own work (decode, views, render, encode) is the whole cost."""
+    """A near-free timm-compatible 1000-class teacher: the centre pixel of each 32×32 patch, a 1×1 conv (a 7×7 map at
+    224 px) and a linear head — so the stage's own work (decode, views, render, encode) is the whole cost. (A
+    32×32-stride conv, or 32×32 average pooling, costs 0.4–0.5 ms per view on one core: 40 % of a core at the
+    8-view rates below.)"""
 
     def __init__(self, num_classes: int = 1000, **_: Any) -> None:
         super().__init__()
         self.num_classes, self.num_features = num_classes, 16
-        self.stem = torch.nn.Conv2d(3, 16, 32, 32)
+        self.conv = torch.nn.Conv2d(3, 16, 1)
         self.fc = torch.nn.Linear(16, num_classes)
         self.pretrained_cfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
                                "input_size": (3, SIZE, SIZE), "interpolation": "bilinear", "crop_pct": 1.0}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem(x)
+        return self.conv(x[..., 16::32, 16::32])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.fc(x.mean((2, 3)))
@@ -318,9 +320,9 @@ def main() -> None:
 
     results: dict[str, Any] = {}
     for views in ("full", "8"):
-        one = stage_views_per_s(shards, 1, views)
-        two = stage_views_per_s(shards, 2, views)
-        floor = floor_views_per_s(shards, 2, views)
+        runs = [(stage_views_per_s(shards, 1, views), stage_views_per_s(shards, 2, views),
+                 floor_views_per_s(shards, 2, views)) for _ in range(2)]  # interleaved twice: best of two each
+        one, two, floor = (max(r[i] for r in runs) for i in range(3))
         threads, procs = pool_views_per_s(shards, views, "threads"), pool_views_per_s(shards, views, "processes")
         results[views] = {"stage1": one, "stage2": two, "floor2": floor, "threads": threads, "processes": procs}
         print(views, results[views], flush=True)
@@ -340,8 +342,9 @@ def main() -> None:
              f"{time.strftime('%Y-%m-%d')}. Data: {4 * args.per_shard} JPEG crops of the sklearn sample photos "
              f"(~500×375, quality 90, {jpeg_kb:.0f} KB mean) in 4 WebDataset shards; 224 px views.", "",
              "**Pipeline headroom** (views/s; the stage's per-shard code with a near-free 1000-class teacher "
-             "(one stride-32 conv + linear head, registered in timm) + GradCAM, vs a plain DataLoader with 2 "
-             "worker processes decoding the same JPEGs and rendering the same views):", "",
+             "(a 1×1 conv on one pixel per 32×32 patch and a linear head, registered in timm) + GradCAM, vs a "
+             "plain DataLoader with 2 worker processes decoding the same JPEGs and rendering the same views; best of "
+             "two interleaved runs each):", "",
              "| views | stage, 1 decode thread | stage, 2 decode threads | 1 → 2 | plain DataLoader, 2 processes "
              "| stage (2) / DataLoader |", "|---|---|---|---|---|---|"]
     for views, r in results.items():
