@@ -24,8 +24,10 @@ from e2kd.pipeline.loader import (
     shard_order,
     split_by_node,
     split_by_worker,
+    teacher_maps,
 )
 from e2kd.pipeline.sources import InputShard, list_shards
+from e2kd.pipeline.views import crop_map, draw_view
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,29 @@ def test_full_cache_draws_a_fresh_crop_per_pass(shards: list[InputShard]) -> Non
     images = [next(stream.items(joined, pass_index(e, c)))["image"] for e, c in ((0, 0), (1, 0), (0, 1), (0, 1000))]
     assert all(int(next(stream.items(joined, 5))["view_index"]) == 0 for _ in range(2))
     assert sum(not torch.equal(images[0], im) for im in images[1:]) >= 2
+
+
+def test_a_full_caches_joint_crop_handed_over_as_weights_equals_crop_map(shards: list[InputShard]) -> None:
+    """The stream hands a full cache's crop over as RoIAlign weights (12 KB, not a 224 px map); applied to a batch
+    by ``teacher_maps`` they give each item's ``crop_map`` of its own (flipped or not) view."""
+    store = _FakeStore(shards, 0, policy="full")
+    maps = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    records = {k: {**r, "maps": maps[i:i + 1]} for i, (k, r) in enumerate(store.iter_shard(store.name))}
+    store.iter_shard = lambda name: iter(records.items())
+    spec = StreamSpec(shards=shards, keys=_keys(shards), input_size=(8, 8), crop_scale=(0.2, 0.6), flip_p=0.5,
+                      map_size=(6, 5), seed=4)
+    stream = _with_store(StudentStream(spec), store)
+    joined = list(stream.samples([shards[1]]))
+    items = [next(stream.items([pair], pass_index(1, 0))) for pair in joined]
+    batch = torch.utils.data.default_collate(items)
+    got = teacher_maps(batch, torch.device("cpu"))
+    flips = set()
+    for row, (sample, record) in enumerate(joined):
+        hw = tuple(sample.image.shape[1:])
+        view = draw_view(4, sample.key, pass_index(1, 0), *hw, (0.2, 0.6), (3 / 4, 4 / 3), 0.5)
+        flips.add(view.flip)
+        torch.testing.assert_close(got[row], crop_map(record["maps"][0], view.as_list(), hw, (6, 5)))
+    assert got.shape == (4, 1, 6, 5) and flips == {False, True}
 
 
 # ---- the whole stream ------------------------------------------------------------------------------------------

@@ -26,10 +26,18 @@ from webdataset.filters import shuffle as wds_shuffle
 from webdataset.pipeline import DataPipeline
 
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_size_bytes, iter_keys, iter_shard
-from e2kd.pipeline.views import FULL_VIEW, crop_map, draw_view, render_view, render_view_uint8, resample_dtype
+from e2kd.pipeline.views import (
+    FULL_VIEW,
+    apply_crop,
+    crop_weights,
+    draw_view,
+    render_view,
+    render_view_uint8,
+    resample_dtype,
+)
 
 __all__ = ["JoinPlan", "plan_join", "key_mismatch_message", "StreamSpec", "StudentStream", "build_loader",
-           "select_shots", "cache_resample_dtype", "pass_index",
+           "select_shots", "cache_resample_dtype", "teacher_maps", "pass_index",
            "shard_order", "split_by_node", "split_by_worker", "cycled"]
 
 T = TypeVar("T")
@@ -134,6 +142,16 @@ def _listed_join(shard: InputShard, store: Any, errors: list[dict[str, str]], pl
     cached_here = store.shard_keys(shard.name) if shard.name in store.shard_names else []
     plan.missing_in_input += [k for k in cached_here if k not in input_keys]
     return usable
+
+
+def teacher_maps(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """A batch's teacher maps on ``device``, float32: a K-view cache's as cached; a ``full`` cache's whole-image maps
+    with their joint crop applied here, on the device (the stream hands the crop over as RoIAlign weights:
+    :func:`~e2kd.pipeline.views.crop_weights`)."""
+    maps = batch["t_map"].to(device).float()
+    if "t_map_rows" in batch:
+        return apply_crop(maps, batch["t_map_rows"].to(device), batch["t_map_cols"].to(device))
+    return maps
 
 
 def cache_resample_dtype(manifest: Any) -> str:
@@ -419,9 +437,10 @@ class StudentStream(IterableDataset):
             view = (draw_view(spec.seed, sample.key, index, *hw, spec.crop_scale, spec.crop_ratio, spec.flip_p)
                     if spec.random_crop else FULL_VIEW).as_list()
             item["view_index"] = torch.tensor(0)
-            if record is not None:  # full cache: joint crop of the cached map, logits reused
-                item.update(t_logits=record["logits"][0], t_map=crop_map(record["maps"][0], view, hw, spec.map_size),
-                            target=record["target"][0])
+            if record is not None:  # full cache: joint crop of the cached map (applied by teacher_maps), logits reused
+                rows, cols = crop_weights(view, hw, tuple(record["maps"].shape[-2:]), spec.map_size)
+                item.update(t_logits=record["logits"][0], t_map=record["maps"][0], t_map_rows=rows.float(),
+                            t_map_cols=cols.float(), target=record["target"][0])
         item["image"] = self._render(sample.image, view)
         return item
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["View", "ViewPolicy", "FULL_VIEW", "draw_views", "draw_view", "render_view", "render_view_uint8",
-           "to_unit_float", "resample_dtype", "crop_map", "RENDER_SPEC", "RESAMPLE_DTYPES", "view_rng", "pixel_view"]
+           "to_unit_float", "resample_dtype", "crop_map", "crop_weights", "apply_crop", "RENDER_SPEC",
+           "RESAMPLE_DTYPES", "view_rng", "pixel_view"]
 
 #: How :func:`render_view` resamples: recorded in every cache manifest.
 RENDER_SPEC = {"crop": "round-to-pixel", "interpolation": "bilinear", "antialias": True, "align_corners": False,
@@ -250,17 +251,30 @@ def crop_map(maps: Tensor, view: Sequence[float], image_hw: tuple[int, int],
 
     The result has the map's own resolution ``[C_e, h, w]`` unless ``size`` is given; this is the ❄
     frozen-e²KD joint crop of a ``full`` cache. Computed as torchvision's ``roi_align`` (``aligned=True``,
-    adaptive sampling) defines it, but separably — RoIAlign's bilinear samples and bin averages factor into a
-    row and a column weight matrix — so one crop costs two small matrix products instead of a kernel that
-    precomputes every output pixel's four taps (~10× less at 224 px).
+    adaptive sampling) defines it, but separably (:func:`crop_weights`, :func:`apply_crop`).
     """
+    rows, cols = crop_weights(view, image_hw, tuple(maps.shape[-2:]), size)
+    return apply_crop(maps, rows, cols)
+
+
+def crop_weights(view: Sequence[float], image_hw: tuple[int, int], map_hw: tuple[int, int],
+                 size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`crop_map` as two float64 matrices, ``rows [H_out, h]`` and ``cols [W_out, w]`` (the flip folded into
+    ``cols``): RoIAlign's bilinear samples and bin averages factor along the axes, so the crop is
+    ``rows @ map @ cols.T`` — two small products instead of a kernel that computes every output pixel's four taps
+    (~5× less at 224 px), and 12 KB to hand between processes instead of a 200 KB map at 224 px."""
     snapped = pixel_view(view, *image_hw)
-    _, h, w = maps.shape
+    h, w = map_hw
     out_h, out_w = size or (h, w)
     rows = _roi_align_weights(snapped.top * h, snapped.height * h, out_h, h)
     cols = _roi_align_weights(snapped.left * w, snapped.width * w, out_w, w)
-    out = torch.einsum("ph,chw,qw->cpq", rows.to(maps.dtype), maps, cols.to(maps.dtype))
-    return out.flip(-1) if snapped.flip else out
+    return rows, cols.flip(0) if snapped.flip else cols
+
+
+def apply_crop(maps: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``rows @ maps @ cols.T`` per channel, for one map ``[C, h, w]`` or a batch ``[B, C, h, w]`` (with ``[B, …]``
+    weights), in the maps' dtype."""
+    return torch.einsum("...ph,...chw,...qw->...cpq", rows.to(maps.dtype), maps, cols.to(maps.dtype))
 
 
 def _roi_align_weights(start: float, length: float, pooled: int, size: int) -> Tensor:

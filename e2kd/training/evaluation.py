@@ -6,7 +6,7 @@ import torch
 
 from e2kd.losses import E2KDObjective
 from e2kd.models import input_transform
-from e2kd.pipeline.loader import StreamSpec, build_loader, plan_join
+from e2kd.pipeline.loader import StreamSpec, build_loader, plan_join, teacher_maps
 from e2kd.pipeline.sources import list_shards
 from e2kd.storage import open_store
 
@@ -43,7 +43,7 @@ def evaluate_model(model: torch.nn.Module, data: str, cache: str | None, explain
         x = transform(batch["image"].to(device))
         if "t_logits" in batch and objective is not None:
             targets = batch["target"].to(device)
-            objective(x, batch["t_logits"].to(device).float(), batch["t_map"].to(device).float(), targets=targets,
+            objective(x, batch["t_logits"].to(device).float(), teacher_maps(batch, device), targets=targets,
                       create_graph=False)
             logits = objective.last_logits
             sums["agree"] += int((logits.argmax(1) == targets).sum())

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from e2kd.pipeline.loader import teacher_maps
+
 __all__ = ["CachedTargets", "OnlineTeacherTargets"]
 
 
@@ -16,8 +18,7 @@ class CachedTargets:
     online = False
 
     def __call__(self, batch: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        return (batch["t_logits"].to(device).float(), batch["t_map"].to(device).float(),
-                batch["target"].to(device).long())
+        return batch["t_logits"].to(device).float(), teacher_maps(batch, device), batch["target"].to(device).long()
 
 
 class OnlineTeacherTargets:
