@@ -282,10 +282,9 @@ def _roi_align_weights(start: float, length: float, pooled: int, size: int) -> T
     ``p`` averages ``ceil(length / pooled)`` bilinear samples at the bin's sub-centres; a sample beyond
     ``[-1, size]`` counts as zero, one in ``[-1, 0]`` is clamped to 0, one past the last pixel takes its value.
     (numpy: for arrays this small, several times faster than the same torch ops.)"""
-    weights = np.zeros((pooled, size), dtype=np.float64)
     grid = math.ceil(length / pooled)
     if grid <= 0:
-        return torch.from_numpy(weights)
+        return torch.zeros(pooled, size, dtype=torch.float64)
     step = length / pooled
     sub = (np.arange(grid) + 0.5) * step / grid
     pos = (start - 0.5) + np.arange(pooled)[:, None] * step + sub[None, :]  # [pooled, grid]
@@ -296,7 +295,8 @@ def _roi_align_weights(start: float, length: float, pooled: int, size: int) -> T
     low[edge] = size - 1
     high = np.where(edge, size - 1, low + 1)
     frac = np.where(edge, 0.0, pos - low)
-    rows = np.broadcast_to(np.arange(pooled)[:, None], pos.shape)
-    np.add.at(weights, (rows, low), (1.0 - frac) * valid)
-    np.add.at(weights, (rows, high), frac * valid)
-    return torch.from_numpy(weights)
+    rows = np.arange(pooled)[:, None] * size
+    taps = np.concatenate([(rows + low).ravel(), (rows + high).ravel()])  # flat [pooled, size] index of each tap
+    summed = np.bincount(taps, weights=np.concatenate([((1.0 - frac) * valid).ravel(), (frac * valid).ravel()]),
+                         minlength=pooled * size)
+    return torch.from_numpy(summed.reshape(pooled, size))
