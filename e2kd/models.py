@@ -36,9 +36,7 @@ class InputTransform:
 
     def __call__(self, images: Tensor) -> Tensor:
         """``images``: float ``[B, 3, H, W]`` in ``[0, 1]``, or uint8 (0–255, scaled first, on their device)."""
-        from e2kd.pipeline.views import to_unit_float
-
-        scaled = to_unit_float(images)
+        scaled = images.float().div_(255.0) if images.dtype == torch.uint8 else images
         if self.add_inverse:
             return torch.cat([scaled, 1.0 - scaled], dim=1)
         if self.mean is None or self.std is None:

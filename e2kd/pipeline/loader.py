@@ -296,6 +296,7 @@ class StudentStream(IterableDataset):
         self._pending: dict[str, Any] = {}  # shard → Future of its cached records (read one shard ahead)
         self._pool: Any = None
         self._pool_pid: int | None = None
+        self._resample: str | None = None  # how the cache's views were resampled (see _render)
 
     def __getstate__(self) -> dict[str, Any]:
         # an open store (zarr threads, file handles), the prefetch thread and the RAM cache of decoded images stay
@@ -323,7 +324,9 @@ class StudentStream(IterableDataset):
     def _render(self, image: torch.Tensor, view: list[float]) -> torch.Tensor:
         """The view as the cache's teacher saw it: uint8 (today's caches, and no cache), or float32 in ``[0, 1]``
         for caches rendered before the resampling moved to uint8."""
-        if self.spec.cache_uri is not None and cache_resample_dtype(self.store.manifest) == "float32":
+        if self._resample is None:  # asked once per process: the manifest does not change
+            self._resample = cache_resample_dtype(self.store.manifest) if self.spec.cache_uri is not None else "uint8"
+        if self._resample == "float32":
             return render_view(image, view, self.spec.input_size, dtype="float32")
         return render_view_uint8(image, view, self.spec.input_size)
 
@@ -481,4 +484,3 @@ def build_loader(spec: StreamSpec, batch_size: int, workers: int) -> tuple[Stude
     loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=False,
                         persistent_workers=False, multiprocessing_context="fork" if workers else None)
     return stream, loader
-

@@ -233,7 +233,8 @@ def render_view(image_uint8_chw: Tensor, view: Sequence[float], size: tuple[int,
 
 
 def to_unit_float(images: Tensor) -> Tensor:
-    """uint8 images (``[..., 3, H, W]``, 0–255) → float32 in ``[0, 1]``; float images pass through unchanged."""
+    """uint8 images (``[..., 3, H, W]``, 0–255) → float32 in ``[0, 1]``; float images pass through unchanged (the
+    scaling :class:`~e2kd.models.InputTransform` applies first)."""
     if images.dtype == torch.uint8:
         return images.float().div_(255.0)
     return images
