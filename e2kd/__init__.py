@@ -1,3 +1,3 @@
 """e2kd: cached explanation-enhanced knowledge distillation."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

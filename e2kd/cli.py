@@ -238,7 +238,10 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 @_former("--threads-per-worker", "threads_per_actor", type=int)
 @click.option("--precision", type=click.Choice(PRECISIONS), help="Teacher autocast  [default: fp32]")
 @click.option("--ray-address", help="'auto' or HOST:PORT to join a running Ray cluster (default: private local).")
-@click.option("--overwrite/--no-overwrite", default=None, help="Delete an existing store and start over.")
+@click.option("--overwrite/--no-overwrite", default=None,
+              help="Delete an existing e2kd store at --out and start over (never a directory that is not one).")
+@click.option("--create-bucket", is_flag=True, default=None,
+              help="Create --out's bucket if it does not exist (refused by default: a typo would make a new bucket).")
 @click.option("--seed", type=int, help="Seed of the random views  [default: 0]")
 @_storage_option
 @click.option("--config", help="YAML file of these options, or a packaged preset name (demo-digits, …).")
@@ -333,10 +336,12 @@ def verify_cmd(store: str, storage_options: str | None) -> None:
 @main.command("copy")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--overwrite", is_flag=True, help="Replace a different cache at DST.")
+@click.option("--overwrite", is_flag=True, help="Replace a different cache at DST (never a directory that is not one).")
+@click.option("--create-bucket", is_flag=True, help="Create DST's bucket if it does not exist (refused by default).")
 @_storage_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def copy_cmd(src: str, dst: str, overwrite: bool, storage_options: str | None, quiet: bool) -> None:
+def copy_cmd(src: str, dst: str, overwrite: bool, create_bucket: bool, storage_options: str | None,
+             quiet: bool) -> None:
     """Copy a cache from SRC to DST (local paths or URLs: s3://, gs://, …), shard by shard.
 
     Each shard is checked against its checksum before and after the copy; the manifest is written last, byte for
@@ -350,7 +355,8 @@ def copy_cmd(src: str, dst: str, overwrite: bool, storage_options: str | None, q
     try:
         _use_storage(storage_options, src, dst)
         with tqdm(unit="shard", desc="copy", disable=quiet, dynamic_ncols=True) as bar:
-            report = copy_store(src, dst, overwrite=overwrite, on_shard=lambda name, nbytes: bar.update(1))
+            report = copy_store(src, dst, overwrite=overwrite, create_bucket=create_bucket,
+                                on_shard=lambda name, nbytes: bar.update(1))
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
         raise _fail(exc) from None
     click.echo(f"copied {len(report.copied)} shard(s) ({report.nbytes} B), {len(report.skipped)} already at {dst} "

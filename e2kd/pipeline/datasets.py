@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,22 @@ def write_wds_shards(records: list[_Record], out_dir: Path, prefix: str, shard_s
     return paths
 
 
+def check_dataset_dir(out: Path) -> None:
+    """Refuse a file, or a directory holding anything but digits-shift shards (which are regenerated in place).
+
+    Raises:
+        FileExistsError: naming the target and what is there (nothing is written).
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a directory")
+    own = re.compile(rf"^\.?({'|'.join(map(re.escape, SPLITS))})-\d{{6}}\.tar(\.tmp-\d+)?$")
+    foreign = sorted(p.name for p in out.iterdir() if not own.match(p.name)) if out.is_dir() else []
+    if foreign:
+        raise FileExistsError(f"--out {out} holds files make-dataset did not write ({', '.join(foreign[:3])}"
+                              f"{', …' if len(foreign) > 3 else ''}): e2kd never writes into a directory it does not "
+                              f"own — empty it yourself or choose another --out")
+
+
 def make_digits_shift(out_dir: str | Path, seed: int = 0, tie: float = 1.0, image_size: int = 64,
                       shard_size: int = 250) -> dict[str, list[Path]]:
     """Generate the digits-shift dataset as WebDataset shards ``{split}-{NNNNNN}.tar`` in ``out_dir``."""
@@ -110,10 +127,11 @@ def make_digits_shift(out_dir: str | Path, seed: int = 0, tie: float = 1.0, imag
         raise ValueError(f"tie must be in [0, 1], got {tie}")
     if image_size < 16:
         raise ValueError(f"image size must be >= 16, got {image_size}")
+    out = Path(out_dir)
+    check_dataset_dir(out)
     digits = load_digits()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(digits.target))
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, list[Path]] = {}
     start = 0

@@ -123,10 +123,26 @@ def _data(root: Path) -> dict[str, Any]:
     return d
 
 
+#: What the demo writes into its --out: anything else there means it is not a demo directory.
+DEMO_ENTRIES = ("data", "teacher", "cache-full", "cache-views", "cache-val", "cache-ood", "runs", "results.json",
+                "results.md", "explanations.png")
+
+
+def _check_demo_dir(root: Path) -> None:
+    """The demo replaces its own earlier output; a file, or a directory holding anything else, is refused."""
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"--out {root} is a file, not a directory")
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in DEMO_ENTRIES) if root.is_dir() else []
+    if foreign:
+        raise FileExistsError(f"--out {root} holds entries the demo did not write ({', '.join(foreign[:3])}): "
+                              f"e2kd never writes into a directory it does not own — choose another --out")
+
+
 def run_demo(out: str | Path, quick: bool = False) -> list[dict[str, Any]]:
     """Run the whole demo into ``out``; return the rows written to ``results.json``."""
     plan = DemoPlan.quick() if quick else DemoPlan()
     root = Path(out)
+    _check_demo_dir(root)
     t0 = time.time()
     d = _data(root)
     teacher = TeacherOptions(data=d["teacher-train"], teacher="resnet18", teacher_kwargs=TEACHER_KWARGS, num_classes=10,

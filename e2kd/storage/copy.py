@@ -30,6 +30,7 @@ from e2kd.storage.files import (
     write_bytes_atomic,
 )
 from e2kd.storage.manifest import Manifest, ManifestError, cache_id_of
+from e2kd.storage.ownership import check_writable, mark_store, recorded_shards, remove_owned_shards
 
 __all__ = ["copy_store", "CopyReport"]
 
@@ -44,7 +45,7 @@ class CopyReport:
     nbytes: int  # bytes copied now
 
 
-def copy_store(src: str, dst: str, *, overwrite: bool = False,
+def copy_store(src: str, dst: str, *, overwrite: bool = False, create_bucket: bool = False,
                on_shard: Callable[[str, int], None] | None = None) -> CopyReport:
     """Copy the complete shards and then the manifest of the store at ``src`` to ``dst``.
 
@@ -55,6 +56,8 @@ def copy_store(src: str, dst: str, *, overwrite: bool = False,
         ManifestError: ``dst`` holds a different store (``overwrite`` replaces it), or a shard's checksum is
             wrong at the source or after the copy (named; nothing is recorded at ``dst``).
         StoreLockedError: another writer holds ``dst``.
+        NotAStoreError: ``dst`` is a file or a non-empty directory that is not an e2kd store, or its bucket is
+            missing (``create_bucket`` creates it).
     """
     sfs, sroot = resolve(src)
     dfs, droot = resolve(dst)
@@ -66,8 +69,10 @@ def copy_store(src: str, dst: str, *, overwrite: bool = False,
         raise FileNotFoundError(f"{src} is not an e2kd cache: {MANIFEST} not found") from None
     document = json.loads(raw)
     manifest = Manifest.from_json(document)
+    check_writable(dst, create_bucket=create_bucket, what="copy destination")  # never into what is not a store
     dfs.makedirs(droot, exist_ok=True)
     with StoreLock(dfs, droot):
+        mark_store(dfs, droot)
         _check_destination(dfs, droot, raw, dst, overwrite)
         report = CopyReport(cache_id_of(document), [], [], 0)
         for name in manifest.complete_shards:
@@ -79,7 +84,7 @@ def copy_store(src: str, dst: str, *, overwrite: bool = False,
                 report.copied.append(name)
             if on_shard is not None:
                 on_shard(name, manifest.shards[name].nbytes)
-        _drop_foreign_shards(dfs, droot, set(manifest.complete_shards))
+        remove_owned_shards(dfs, droot, keep=set(manifest.complete_shards))  # stale e2kd shards only
         write_bytes_atomic(dfs, f"{droot}/{MANIFEST}", raw)  # last: from now on readers see the copy
     return report
 
@@ -96,7 +101,8 @@ def _check_destination(fs: object, root: str, raw: bytes, dst: str, overwrite: b
         except ValueError:
             other = "unreadable"
         raise ManifestError(f"copy: {dst} already holds another cache (id {other}); --overwrite replaces it")
-    for leftover in (path, f"{root}/{SHARDS_DIR}", f"{root}/{STAGING_DIR}"):
+    remove_owned_shards(fs, root, keep=set(), owned=recorded_shards(fs, root))  # only the other cache's shards
+    for leftover in (path, f"{root}/{STAGING_DIR}"):
         if fs.exists(leftover):
             fs.rm(leftover, recursive=True)
 
@@ -121,7 +127,7 @@ def _copy_shard(sfs: object, spath: str, dfs: object, droot: str, name: str, sha
                 target = staging / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
-            commit_dir(staging, dfs, droot, name)
+            commit_dir(staging, dfs, droot, name, replace_unmarked=True)  # a shard of the cache being copied
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if os.path.isdir(staging.parent) and not any(staging.parent.iterdir()):
@@ -134,13 +140,3 @@ def _copy_shard(sfs: object, spath: str, dfs: object, droot: str, name: str, sha
     if not _shard_matches(dfs, final, sha):
         raise ManifestError(f"copy: destination {dst}: shard {name} does not match its checksum after the copy")
     return sum(len(b) for b in blobs.values())
-
-
-def _drop_foreign_shards(fs: object, root: str, keep: set[str]) -> None:
-    """Shard directories the manifest does not record (a different store's leftovers) are removed."""
-    shards = f"{root}/{SHARDS_DIR}"
-    if not fs.exists(shards):
-        return
-    for entry in fs.ls(shards, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
-            remove_tree(fs, entry)

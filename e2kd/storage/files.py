@@ -108,14 +108,24 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     return json.loads(fs.cat_file(path))
 
 
-def commit_dir(staging: Path, fs: fsspec.AbstractFileSystem, root: str, name: str) -> str:
+def commit_dir(staging: Path, fs: fsspec.AbstractFileSystem, root: str, name: str, *,
+               replace_unmarked: bool = False) -> str:
     """Make a fully written local staging directory visible as shard ``name`` of the store at ``root``.
 
     Renames locally, uploads remotely; returns the final path ``root/shards/name``. Only ever replaces that
-    one directory: ``name`` is checked with the readers' rule first.
+    one directory (``name`` is checked with the readers' rule first), and only if it carries e2kd's shard marker
+    — or ``replace_unmarked``, for a copy replacing a shard of the cache it is copying.
+
+    Raises:
+        FileExistsError: ``root/shards/name`` exists and is not provably the store's.
     """
+    from e2kd.storage.ownership import is_marked_shard
+
     final = f"{root}/{SHARDS_DIR}/{check_shard_name(name)}"
     if fs.exists(final):
+        if not (replace_unmarked or is_marked_shard(fs, final)):
+            raise FileExistsError(f"{final} exists and was not written by e2kd (no shard marker): not replacing it; "
+                                  f"move it away and re-run")
         fs.rm(final, recursive=True)  # leftover of a killed run: it was never committed in the manifest
     if is_local(fs):
         os.makedirs(os.path.dirname(final), exist_ok=True)

@@ -8,7 +8,7 @@ manifest — is the same for every format and lives in :mod:`e2kd.storage.writer
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -33,6 +33,11 @@ class ShardFormat(Protocol):
 
     def write(self, shard_dir: Path, columns: dict[str, np.ndarray], keys: list[str], encoding: Encoding) -> None:
         """Write ``columns`` (one row per key) into ``shard_dir/data_name`` (a fresh local directory)."""
+        ...
+
+    def is_marked(self, fs: Any, path: str) -> bool:
+        """Whether the shard directory ``path`` carries e2kd's shard marker in this format's metadata (only what
+        carries it is ever removed by a store's clean-up; see :mod:`e2kd.storage.ownership`)."""
         ...
 
     def read(self, blobs: dict[str, bytes], names: list[str], where: str, specs: ColumnSpecs | None,

@@ -28,6 +28,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from e2kd.storage.ownership import SHARD_MARKER, SHARD_MARKER_KEY, read_marker
+
 __all__ = ["WdsFormat", "read_columns", "member_key", "DATA_NAME", "MEMBERS_NAME"]
 
 DATA_NAME = "data.tar"
@@ -70,7 +72,12 @@ class WdsFormat:
                 sample = {f"{name}.npy": _npy_bytes(columns[name][row]) for name in columns}
                 digests.update({f"{prefix}.{ext}": zlib.crc32(data) for ext, data in sample.items()})
                 sink.write({"__key__": prefix, **sample})
-        (shard_dir / MEMBERS_NAME).write_text(json.dumps({"crc32": digests}, sort_keys=True))
+        members = {"crc32": digests, SHARD_MARKER_KEY: SHARD_MARKER}  # the marker: e2kd wrote this shard
+        (shard_dir / MEMBERS_NAME).write_text(json.dumps(members, sort_keys=True))
+
+    def is_marked(self, fs: Any, path: str) -> bool:
+        """Whether the shard at ``path`` carries e2kd's marker (in its ``members.json``)."""
+        return read_marker(fs, f"{path}/{MEMBERS_NAME}")
 
     def read(self, blobs: dict[str, bytes], names: list[str], where: str,
              specs: dict[str, tuple[str, tuple | None]] | None, keys: list[str]) -> dict[str, np.ndarray]:

@@ -41,6 +41,7 @@ from e2kd.storage.files import (
     write_json_atomic,
 )
 from e2kd.storage.manifest import Manifest, ShardRecord
+from e2kd.storage.ownership import check_writable, recorded_shards, remove_owned_shards
 from e2kd.storage.shards import KEYS_NAME, stage_shard
 
 __all__ = ["create_store", "CacheWriter", "ShardWriter"]
@@ -98,9 +99,10 @@ class CacheWriter:
     Use :func:`create_store`; close it (or use it as a context manager) to release the lock.
     """
 
-    def __init__(self, uri: str, manifest: Manifest, *, overwrite: bool = False) -> None:
+    def __init__(self, uri: str, manifest: Manifest, *, overwrite: bool = False, create_bucket: bool = False) -> None:
         self.uri = str(uri)
         self.fs, self.root = resolve(uri)
+        check_writable(self.uri, create_bucket=create_bucket)  # never into (or cleaning) what is not an e2kd store
         self.fs.makedirs(self.root, exist_ok=True)
         self._lock = StoreLock(self.fs, self.root)
         self._lock.acquire()
@@ -115,8 +117,9 @@ class CacheWriter:
     def _prepare(self, wanted: Manifest, overwrite: bool) -> Manifest:
         """Load (resume) or start the manifest; drop leftovers of killed runs."""
         path = f"{self.root}/{MANIFEST}"
-        if overwrite:
-            for leftover in (f"{self.root}/{SHARDS_DIR}", f"{self.root}/{STAGING_DIR}", path):
+        if overwrite:  # only what this store wrote: the shards its manifest records or that carry the marker
+            remove_owned_shards(self.fs, self.root, keep=set(), owned=recorded_shards(self.fs, self.root))
+            for leftover in (f"{self.root}/{STAGING_DIR}", path):
                 if self.fs.exists(leftover):
                     self.fs.rm(leftover, recursive=True)
         manifest = wanted
@@ -125,11 +128,7 @@ class CacheWriter:
             manifest.check_same_run(wanted)
         if self.fs.exists(f"{self.root}/{STAGING_DIR}"):
             remove_tree(self.fs, f"{self.root}/{STAGING_DIR}")  # a killed run's worker may still be writing there
-        complete = set(manifest.complete_shards)
-        if self.fs.exists(f"{self.root}/{SHARDS_DIR}"):
-            for entry in self.fs.ls(f"{self.root}/{SHARDS_DIR}", detail=False):
-                if entry.rstrip("/").rsplit("/", 1)[-1] not in complete:  # written, never recorded in the manifest
-                    self.fs.rm(entry, recursive=True)
+        remove_owned_shards(self.fs, self.root, keep=set(manifest.shards))  # written by a killed run, never recorded
         write_json_atomic(self.fs, path, manifest.to_json())
         return manifest
 
@@ -194,15 +193,17 @@ class CacheWriter:
         self.close()
 
 
-def create_store(uri: str, manifest: Manifest, *, overwrite: bool = False) -> CacheWriter:
+def create_store(uri: str, manifest: Manifest, *, overwrite: bool = False, create_bucket: bool = False) -> CacheWriter:
     """Open a store at ``uri`` (local path or fsspec URL) for writing shards described by ``manifest``.
 
     A new store starts with ``manifest``; an existing one is resumed if it was written with the same identity
     (teacher, explainer, preprocessing, views, encoding, precision, format), else refused. ``overwrite``
-    deletes an existing store first.
+    deletes an existing store first — only what it wrote (see ``storage.ownership``). A non-empty directory that
+    is not an e2kd store, or a file, is refused either way; so is a missing bucket unless ``create_bucket``.
 
     Raises:
+        NotAStoreError: ``uri`` is a file or a non-empty directory that is not an e2kd store.
         StoreLockedError: another writer holds the store.
         ManifestError: the existing store was written with different settings.
     """
-    return CacheWriter(uri, manifest, overwrite=overwrite)
+    return CacheWriter(uri, manifest, overwrite=overwrite, create_bucket=create_bucket)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from e2kd.storage.encoding import Encoding
+from e2kd.storage.ownership import SHARD_MARKER, SHARD_MARKER_KEY, read_marker
 
 __all__ = ["ZarrFormat", "DATA_NAME"]
 
@@ -45,7 +46,8 @@ class ZarrFormat:
     def write(self, shard_dir: Path, columns: dict[str, np.ndarray], keys: list[str], encoding: Encoding) -> None:
         import zarr
 
-        group = zarr.open_group(zarr.storage.LocalStore(str(shard_dir / DATA_NAME)), mode="w", zarr_format=3)
+        group = zarr.open_group(zarr.storage.LocalStore(str(shard_dir / DATA_NAME)), mode="w", zarr_format=3,
+                                attributes={SHARD_MARKER_KEY: SHARD_MARKER})  # e2kd wrote this shard (cleanup)
         for name in sorted(columns):
             data = np.ascontiguousarray(columns[name])
             rows = max(1, min(encoding.chunk_samples, data.shape[0]))
@@ -55,6 +57,10 @@ class ZarrFormat:
                                      compressors=_compressors(encoding, data.dtype), fill_value=0)
             if data.size:
                 arr[...] = data
+
+    def is_marked(self, fs: Any, path: str) -> bool:
+        """Whether the shard at ``path`` carries e2kd's marker (its group's attributes)."""
+        return read_marker(fs, f"{path}/{DATA_NAME}/zarr.json")
 
     def read(self, blobs: dict[str, bytes], names: list[str], where: str,
              specs: dict[str, tuple[str, tuple | None]] | None, keys: list[str]) -> dict[str, np.ndarray]:

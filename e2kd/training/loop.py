@@ -28,12 +28,21 @@ RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "summary.json", "student.safetens
 
 
 def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to train into an existing run unless it is resumed or explicitly overwritten (nothing lost silently).
+    """Refuse to train into an existing run unless it is resumed or explicitly overwritten, and refuse — with or
+    without ``--overwrite`` — a file, or a non-empty directory that holds no run (nothing lost silently). Checks
+    only: nothing is created.
 
     Raises:
-        FileExistsError: ``out`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+        FileExistsError: ``out`` is a file, holds something that is not a run, or holds a run and neither
+            ``resume`` nor ``overwrite`` is set.
     """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a run directory")
     found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found and out.is_dir() and any(out.iterdir()):
+        shown = ", ".join(sorted(p.name for p in out.iterdir())[:3])
+        raise FileExistsError(f"--out {out} is not empty and holds no e2kd run ({shown}, …): e2kd never writes into "
+                              f"or cleans a directory it did not create — empty it yourself or choose another --out")
     if found and not resume and not overwrite:
         raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): --resume continues it, --overwrite "
                               f"replaces it, or choose another --out")

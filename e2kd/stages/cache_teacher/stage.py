@@ -18,10 +18,11 @@ from e2kd.explain import build_explainer, explainer_family
 from e2kd.models import InputTransform, is_bcos_name
 from e2kd.pipeline.sources import InputShard, class_names, input_size_bytes, list_shards, read_class_names
 from e2kd.pipeline.views import RENDER_SPEC, ViewPolicy
-from e2kd.stages.cache_teacher.ray_session import ensure_ray
+from e2kd.stages.cache_teacher.ray_session import check_ray_address, ensure_ray
 from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
 from e2kd.storage import PRECISIONS, CacheWriter, Encoding, Manifest, ManifestError, create_store, list_formats
 from e2kd.storage.options import apply_storage_options, resolve_storage_options
+from e2kd.storage.ownership import check_writable
 
 __all__ = ["CacheTeacherOptions", "run_cache_teacher"]
 
@@ -60,6 +61,7 @@ class CacheTeacherOptions:
     precision: str = "fp32"
     ray_address: str | None = None
     overwrite: bool = False
+    create_bucket: bool = False  # --out in a bucket that does not exist: create it (else refused: a typo?)
     seed: int = 0
     progress: bool = True
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec arguments; never recorded
@@ -239,12 +241,14 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
         raise ValueError("no --teacher-checkpoint: give the teacher's weights (or --teacher-run), or --random-teacher "
                          "to cache a randomly initialised teacher (seeded by --seed; for benchmarks and tests)")
     apply_storage_options(resolve_storage_options(opts.storage_options, [opts.data, opts.out]))
+    check_writable(opts.out, create_bucket=opts.create_bucket)  # every check before any work; nothing created
+    check_ray_address(opts.ray_address)
     shards = list_shards(opts.data)
     names = _class_names(opts, shards)
+    sizes = {s.name: input_size_bytes(s) for s in shards}  # every input is reachable before the store is touched
     transform, checkpoint, explainer = _build_teacher(opts)
     header = _header(opts, transform, hashlib.sha256(checkpoint).hexdigest(), explainer, names)
-    sizes = {s.name: input_size_bytes(s) for s in shards}  # every input is reachable before the store is touched
-    with create_store(opts.out, header, overwrite=opts.overwrite) as writer:
+    with create_store(opts.out, header, overwrite=opts.overwrite, create_bucket=opts.create_bucket) as writer:
         _check_inputs_unchanged(writer.manifest, shards, sizes)
         todo = [s for s in shards if s.name not in writer.complete]
         t0 = time.time()
