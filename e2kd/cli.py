@@ -320,7 +320,8 @@ def inspect_cmd(store: str, as_json: bool, list_keys: bool, list_errors: bool, s
 @click.argument("store")
 @_storage_option
 def verify_cmd(store: str, storage_options: str | None) -> None:
-    """Recompute every shard's checksum; exit non-zero naming the bad shard(s)."""
+    """Recompute every shard's checksum and check its contents (every chunk present, counts, targets, keys unique
+    across shards); exit non-zero naming the bad shard(s)."""
     from e2kd.storage import open_store
 
     try:

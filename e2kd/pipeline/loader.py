@@ -91,12 +91,28 @@ def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool =
             plan.cache_bad += sum(1 for e in errors if "kept" not in e and e["key"] != "*")
         else:
             usable = _listed_join(shard, store, errors, plan, cached)
+        _check_no_duplicate(usable, plan, shard, list(zip(shards, looked, strict=True)), store)
         plan.keys.update(usable)
         plan.shard_counts[shard.name] = len(usable)
     plan.unused_cache_shards = [n for n in store.shard_names if n not in named]
     if not allow_missing and (plan.missing_in_cache or plan.missing_in_input):
         raise ValueError(key_mismatch_message(plan.missing_in_cache, plan.missing_in_input))
     return plan
+
+
+def _check_no_duplicate(usable: dict[str, Any], plan: JoinPlan, shard: InputShard,
+                        looked: list[tuple[InputShard, tuple[bool, Any, dict[str, Any]]]], store: Any) -> None:
+    """A key already planned from another shard: named, with the side (cache or --data) that holds it twice."""
+    dup = next((k for k in usable if k in plan.keys), None)
+    if dup is None:
+        return
+    cached = [n for n in store.shard_names if dup in set(store.shard_keys(n))]
+    if len(cached) > 1:
+        raise ValueError(f"cache {store.uri}: key {dup!r} is in cached shards {cached[0]} and {cached[1]}: keys are "
+                         f"unique in a cache; the cache is damaged (e2kd verify lists every duplicate)")
+    other = next((s.name for s, (_, _, keys) in looked if s.name in plan.shard_counts and dup in keys), "?")
+    raise ValueError(f"--data: key {dup!r} is in input shards {other} and {shard.name}: keys must be unique across "
+                     f"the dataset")
 
 
 def key_mismatch_message(missing_in_cache: Sequence[str], missing_in_input: Sequence[str]) -> str:

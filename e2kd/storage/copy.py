@@ -20,7 +20,9 @@ from e2kd.storage.files import (
     MANIFEST,
     SHARDS_DIR,
     STAGING_DIR,
+    OversizeError,
     StoreLock,
+    allowance,
     checksum_blobs,
     commit_dir,
     is_local,
@@ -80,7 +82,8 @@ def copy_store(src: str, dst: str, *, overwrite: bool = False, create_bucket: bo
             if _shard_matches(dfs, f"{droot}/{SHARDS_DIR}/{name}", sha):
                 report.skipped.append(name)
             else:
-                report.nbytes += _copy_shard(sfs, f"{sroot}/{SHARDS_DIR}/{name}", dfs, droot, name, sha, src, dst)
+                report.nbytes += _copy_shard(sfs, f"{sroot}/{SHARDS_DIR}/{name}", dfs, droot, name, sha, src, dst,
+                                             manifest.shards[name].nbytes)
                 report.copied.append(name)
             if on_shard is not None:
                 on_shard(name, manifest.shards[name].nbytes)
@@ -114,9 +117,13 @@ def _shard_matches(fs: object, path: str, sha: str) -> bool:
         return False
 
 
-def _copy_shard(sfs: object, spath: str, dfs: object, droot: str, name: str, sha: str, src: str, dst: str) -> int:
+def _copy_shard(sfs: object, spath: str, dfs: object, droot: str, name: str, sha: str, src: str, dst: str,
+                nbytes: int = 0) -> int:
     """Read, check, write, read back, check. Returns the bytes written."""
-    blobs = read_blobs(sfs, spath)
+    try:
+        blobs = read_blobs(sfs, spath, allowance(nbytes) if nbytes else None)
+    except OversizeError as exc:
+        raise ManifestError(f"copy: source {src}: shard {name}: {exc}") from None
     if checksum_blobs(blobs)[0] != sha:
         raise ManifestError(f"copy: source {src}: shard {name}: checksum mismatch; run e2kd verify {src}")
     final = f"{droot}/{SHARDS_DIR}/{name}"

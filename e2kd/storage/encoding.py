@@ -113,7 +113,7 @@ class Encoding:
             return f"column 'labels' holds labels outside [-1, {c})"
         if "views" in cols and cols["views"].size and not (0 <= cols["views"].min() and cols["views"].max() <= 1):
             return "column 'views' holds boxes outside [0, 1]"
-        return None
+        return _check_target(cols)
 
     # ---- encode (writer side) -------------------------------------------------------------------
     def pool_maps(self, maps: torch.Tensor) -> torch.Tensor:
@@ -174,3 +174,28 @@ class Encoding:
         names += ["logits"] if self.topk is None else ["topk_values", "topk_indices", "logsumexp"]
         names += ["maps"] if self.map_dtype == "float16" else ["maps", "map_scale", "map_offset"]
         return names
+
+
+def _check_target(cols: dict[str, np.ndarray]) -> str | None:
+    """The cached target is the teacher's top-1: where the logits of its class are stored (all of them, or the
+    target among the top-k), that logit is the largest (rounding to float16 keeps the order, ties allowed)."""
+    if "target" not in cols or not cols["target"].size:
+        return None
+    target = cols["target"].astype(np.int64)[..., None]
+    if "logits" in cols:
+        logits = cols["logits"]
+        if logits.shape[:-1] != target.shape[:-1] or not target.size:
+            return None
+        wrong = np.take_along_axis(logits, target, -1)[..., 0] < logits.max(-1)
+    elif "topk_values" in cols and "topk_indices" in cols:
+        values, indices = cols["topk_values"], cols["topk_indices"]
+        if values.shape != indices.shape or values.shape[:-1] != target.shape[:-1]:
+            return None
+        at = indices == target
+        wrong = at.any(-1) & (np.where(at, values, -np.inf).max(-1) < values.max(-1))
+    else:
+        return None
+    if wrong.any():
+        return f"column 'target' disagrees with the cached logits' top-1 in {int(wrong.sum())} view(s)"
+    return None
+

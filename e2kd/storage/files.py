@@ -19,10 +19,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from e2kd.storage.names import check_shard_name
 
-__all__ = ["resolve", "is_local", "checksum_files", "checksum_blobs", "read_blobs", "checksum_local_dir",
-           "write_json_atomic", "write_bytes_atomic", "read_json", "StoreLock", "StoreLockedError", "check_lock_token",
-           "remove_tree", "commit_dir", "create_exclusive", "DEFAULT_LEASE_S", "SHARDS_DIR", "STAGING_DIR", "MANIFEST",
-           "LOCK"]
+__all__ = ["resolve", "is_local", "checksum_files", "checksum_blobs", "read_blobs", "read_bounded", "allowance",
+           "OversizeError", "checksum_local_dir", "write_json_atomic", "write_bytes_atomic", "read_json", "StoreLock",
+           "StoreLockedError", "check_lock_token", "remove_tree", "commit_dir", "create_exclusive", "DEFAULT_LEASE_S",
+           "SHARDS_DIR", "STAGING_DIR", "MANIFEST", "LOCK"]
 
 SHARDS_DIR = "shards"
 STAGING_DIR = ".staging"
@@ -49,21 +49,46 @@ def checksum_files(fs: fsspec.AbstractFileSystem, root: str) -> tuple[str, int]:
     return checksum_blobs(read_blobs(fs, root))
 
 
-def read_blobs(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, bytes]:
+class OversizeError(ValueError):
+    """Files are larger than what the manifest promises: refused before they are read (no unbounded allocation)."""
+
+
+def allowance(nbytes: int) -> int:
+    """How many bytes a shard recorded at ``nbytes`` may hold before it is refused unread: a damaged shard still
+    reaches the checksum (which names the damaged array); a hostile one cannot make a reader allocate."""
+    return max(2 * nbytes, nbytes + (1 << 20))
+
+
+def read_blobs(fs: fsspec.AbstractFileSystem, root: str, max_bytes: int | None = None) -> dict[str, bytes]:
     """Every file under ``root`` as ``relative path → bytes`` (one read each).
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
+        OversizeError: the files add up to more than ``max_bytes`` (checked from the listing, before any read).
     """
     if not is_local(fs):
         fs.invalidate_cache(root)  # another process (a Ray actor, a copy) may have written here since we listed
     if not fs.exists(root):
         raise FileNotFoundError(root)
-    files = sorted(p for p in fs.find(root) if not fs.isdir(p))
+    listing = fs.find(root, detail=True)
+    files = sorted(p for p, info in listing.items() if info.get("type") != "directory")
+    if max_bytes is not None:
+        total = sum(int(listing[p].get("size") or 0) for p in files)
+        if total > max_bytes:
+            raise OversizeError(f"its files hold {total} bytes, far more than the {max_bytes} allowed by the "
+                                f"manifest; not read")
     if is_local(fs) or not files:
         return {path[len(root):].lstrip("/"): fs.cat_file(path) for path in files}
     blobs = fs.cat(files, on_error="raise")  # object storage: one concurrent batch of GETs, not one after another
     return {path[len(root):].lstrip("/"): blobs[path] for path in files}
+
+
+def read_bounded(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int, what: str) -> bytes:
+    """One file's bytes, refused unread (:class:`OversizeError`) when it is larger than ``max_bytes``."""
+    size = fs.size(path)
+    if size is not None and int(size) > max_bytes:
+        raise OversizeError(f"{what} holds {size} bytes, more than the {max_bytes} the manifest allows; not read")
+    return fs.cat_file(path)
 
 
 def checksum_blobs(blobs: dict[str, bytes]) -> tuple[str, int]:

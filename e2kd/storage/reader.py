@@ -9,7 +9,17 @@ from typing import Any
 
 import numpy as np
 
-from e2kd.storage.files import MANIFEST, SHARDS_DIR, checksum_blobs, read_blobs, read_json, resolve
+from e2kd.storage.files import (
+    MANIFEST,
+    SHARDS_DIR,
+    OversizeError,
+    allowance,
+    checksum_blobs,
+    read_blobs,
+    read_bounded,
+    read_json,
+    resolve,
+)
 from e2kd.storage.formats import get_format
 from e2kd.storage.manifest import Manifest, ManifestError, cache_id_of
 from e2kd.storage.shards import ERRORS_NAME, KEYS_NAME
@@ -29,6 +39,19 @@ def open_store(uri: str) -> CacheStore:
         >>> store.read(next(iter(store.keys())))["maps"].shape  # doctest: +SKIP
     """
     return CacheStore(uri)
+
+
+#: Bytes a shard's key file may spend per sample (JSON-escaped keys, on average) and its error file per record,
+#: before either is refused unread: what the manifest promises bounds what a reader allocates.
+KEY_BYTES, ERROR_BYTES = 4096, 16384
+
+
+def keys_allowance(num_samples: int) -> int:
+    return 1024 + KEY_BYTES * num_samples
+
+
+def errors_allowance(num_records: int) -> int:
+    return 1024 + ERROR_BYTES * num_records
 
 
 def _parse_errors(raw: bytes | None, where: str) -> list[dict[str, str]]:
@@ -79,10 +102,16 @@ class CacheStore:
         return f"{self.root}/{SHARDS_DIR}/{name}"
 
     def shard_keys(self, name: str) -> list[str]:
+        """One shard's keys from its key file (size checked against the manifest before it is parsed)."""
+        where = f"store {self.uri}: shard {name}"
         try:
-            keys = read_json(self.fs, f"{self.shard_path(name)}/{KEYS_NAME}")
+            raw = read_bounded(self.fs, f"{self.shard_path(name)}/{KEYS_NAME}",
+                               keys_allowance(self.manifest.shards[name].num_samples), KEYS_NAME)
+            keys = json.loads(raw)
         except FileNotFoundError:
-            raise StoreIntegrityError(f"store {self.uri}: shard {name}: {KEYS_NAME} missing") from None
+            raise StoreIntegrityError(f"{where}: {KEYS_NAME} missing") from None
+        except OversizeError as exc:
+            raise StoreIntegrityError(f"{where}: {exc}") from None
         except ValueError as exc:
             raise StoreIntegrityError(f"store {self.uri}: shard {name}: {KEYS_NAME} is not JSON ({exc})") from None
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
@@ -97,10 +126,14 @@ class CacheStore:
 
         Read once per store object: a complete shard never changes (the plan and every pass of the stream ask)."""
         if name not in self._errors:
+            rec = self.manifest.shards[name]
             try:
-                raw = self.fs.cat_file(f"{self.shard_path(name)}/{ERRORS_NAME}")
+                raw = read_bounded(self.fs, f"{self.shard_path(name)}/{ERRORS_NAME}",
+                                   errors_allowance(rec.num_errors + rec.num_bad_labels), ERRORS_NAME)
             except FileNotFoundError:
                 raise StoreIntegrityError(f"store {self.uri}: shard {name}: {ERRORS_NAME} missing") from None
+            except OversizeError as exc:
+                raise StoreIntegrityError(f"store {self.uri}: shard {name}: {exc}") from None
             self._errors[name] = _parse_errors(raw, f"store {self.uri}: shard {name}")
         return self._errors[name]
 
@@ -145,6 +178,9 @@ class CacheStore:
         blobs = self._verified_blobs(name)
         where = f"store {self.uri}: shard {name}"
         expected = self.manifest.shards[name].num_samples
+        if len(blobs.get(KEYS_NAME, b"")) > keys_allowance(expected):
+            raise StoreIntegrityError(f"{where}: {KEYS_NAME} holds {len(blobs[KEYS_NAME])} bytes, more than "
+                                      f"{expected} keys may take; not parsed")
         try:
             keys = json.loads(blobs[KEYS_NAME])
         except (KeyError, ValueError) as exc:
@@ -178,9 +214,11 @@ class CacheStore:
         if rec is None or not rec.complete:
             raise StoreIntegrityError(f"{where}: not a complete shard of this store")
         try:
-            blobs = read_blobs(self.fs, self.shard_path(name))
+            blobs = read_blobs(self.fs, self.shard_path(name), allowance(rec.nbytes) if rec.nbytes else None)
         except FileNotFoundError:
             raise StoreIntegrityError(f"{where}: missing") from None
+        except OversizeError as exc:
+            raise StoreIntegrityError(f"{where}: {exc}") from None
         if checksum_blobs(blobs)[0] != rec.sha256:
             raise StoreIntegrityError(f"{where}: checksum mismatch: {self._locate_damage(name, blobs)}; "
                                       f"run e2kd verify")
@@ -224,14 +262,20 @@ class CacheStore:
 
     # ---- integrity -----------------------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Check every shard (checksum, then key and row counts against the manifest); one message per bad shard."""
-        problems = []
+        """Check every shard (checksum, every chunk present, key and row counts against the manifest, targets
+        against the cached logits) and that no key is in two shards; one message per problem."""
+        problems, owner = [], {}
         for name, rec in sorted(self.manifest.shards.items()):
             if not rec.complete:
                 problems.append(f"{name}: incomplete")
                 continue
             try:
-                self.shard_columns(name)
+                keys, _ = self.shard_columns(name)
             except StoreIntegrityError as exc:
                 problems.append(f"{name}: {str(exc).split(f'shard {name}: ', 1)[-1].removesuffix('; run e2kd verify')}")
+                continue
+            for key in keys:
+                first = owner.setdefault(key, name)
+                if first != name:
+                    problems.append(f"{name}: key {key!r} is also in shard {first} (keys must be unique)")
         return problems

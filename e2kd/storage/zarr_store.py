@@ -54,7 +54,8 @@ class ZarrFormat:
             chunks = (rows,) + tuple(max(1, s) for s in data.shape[1:])
             shard = (-(-max(1, data.shape[0]) // rows) * rows,) + chunks[1:]  # every chunk in one object
             arr = group.create_array(name, shape=data.shape, chunks=chunks, shards=shard, dtype=data.dtype,
-                                     compressors=_compressors(encoding, data.dtype), fill_value=0)
+                                     compressors=_compressors(encoding, data.dtype), fill_value=0,
+                                     config={"write_empty_chunks": True})  # every chunk stored: none reads as fill
             if data.size:
                 arr[...] = data
 
@@ -73,18 +74,36 @@ class ZarrFormat:
         store = zarr.storage.MemoryStore({k[len(prefix):]: cpu.Buffer.from_bytes(v) for k, v in blobs.items()
                                           if k.startswith(prefix)}, read_only=True)
         group = zarr.open_group(store, mode="r", zarr_format=3)
+        marked = group.attrs.get(SHARD_MARKER_KEY) == SHARD_MARKER
         out = {}
         for name in names:
             if name not in group:
                 raise KeyError(f"{where} has no array {name!r}")
             if specs is not None:
                 _check_array(group[name], name, specs[name], len(keys))
+            if keys and (marked or name in _NEVER_FILL):
+                _check_every_chunk(group[name], name)
             try:
                 out[name] = group[name][...]
             except Exception as exc:  # noqa: BLE001 - a CRC32C mismatch, a truncated chunk or index, bad bytes
                 why = "a chunk's CRC32C does not match" if "checksum" in str(exc) else f"{type(exc).__name__}: {exc}"
                 raise ValueError(f"array {name!r} is damaged ({why})") from None
         return out
+
+
+#: Columns whose chunks can never be all fill value (a view box has a positive size): required in any shard.
+#: Shards written since the marker (e2kd 0.3) store every chunk, so there every column's chunks are required;
+#: older writers skipped all-zero chunks (Zarr's default), which a reader cannot tell from a lost object.
+_NEVER_FILL = frozenset({"views"})
+
+
+def _check_every_chunk(arr: Any, name: str) -> None:
+    """Every chunk the array's shape implies is stored: a lost object (or an emptied shard-index entry) would
+    otherwise read as fill values — zeros — without a word."""
+    stored, wanted = arr.nchunks_initialized, arr.nchunks
+    if stored != wanted:
+        raise ValueError(f"array {name!r} is missing {wanted - stored} of its {wanted} chunk(s) (they would read "
+                         f"as zeros)")
 
 
 def _check_array(arr: Any, name: str, spec: tuple[str, tuple | None], rows: int) -> None:

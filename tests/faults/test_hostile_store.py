@@ -127,6 +127,33 @@ def _errors_dict(store: Path) -> None:
     _resign(store)
 
 
+def _lost_object(store: Path) -> None:
+    """One array object deleted and the checksum re-signed: it would read as zeros (an all-zero teacher)."""
+    (store / "shards" / SHARD / "data.zarr" / "logits" / "c" / "0" / "0" / "0").unlink()
+    _resign(store)
+
+
+def _wrong_target(store: Path) -> None:
+    arr = zarr.open_array(str(store / "shards" / SHARD / "data.zarr" / "target"), mode="r+")
+    arr[3, 0] = (int(arr[3, 0]) + 1) % 10
+    _resign(store)
+
+
+def _key_in_two_shards(store: Path) -> None:
+    path = store / "shards" / SHARD / "keys.json"
+    keys = json.loads(path.read_text())
+    keys[0] = json.loads((store / "shards" / "train-000000" / "keys.json").read_text())[0]
+    path.write_text(json.dumps(keys))
+    _resign(store)
+
+
+def _huge_keys(store: Path) -> None:
+    """A key file of ~20 MB for a shard the manifest says holds 50 samples (re-signed)."""
+    path = store / "shards" / SHARD / "keys.json"
+    path.write_text(json.dumps([f"k{i:018d}" for i in range(1_000_000)]))
+    _resign(store)
+
+
 def _field(path: list[str], value: object, delete: bool = False) -> Callable[[Path], None]:
     def tamper(store: Path) -> None:
         def change(m: dict) -> None:
@@ -160,6 +187,10 @@ CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "num_classes a string": ("zarr", _field(["teacher", "num_classes"], "ten"), "num_classes"),
     "input_size missing": ("zarr", _field(["preprocessing", "input_size"], None, delete=True), "input_size"),
     "views without k": ("zarr", _field(["views", "k"], None, delete=True), "views.k"),
+    "lost array object (re-signed)": ("zarr", _lost_object, "missing 1 of its"),
+    "target is not the logits' top-1": ("zarr", _wrong_target, "top-1"),
+    "a key in two shards": ("zarr", _key_in_two_shards, "also in shard|cached shards|is in shards"),
+    "20 MB keys.json for 50 samples": ("zarr", _huge_keys, "more than"),
 }
 
 
@@ -194,4 +225,32 @@ def test_hostile_store_gets_one_error_line_from_every_command(case: str, pristin
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     inspect = CliRunner().invoke(main, ["inspect", str(store)])
     assert "Traceback" not in inspect.output and inspect.exit_code in (0, 1)
+    fault_log.record("clear error")
+
+
+def test_untrusted_key_files_are_refused_before_they_are_parsed(pristine: dict[str, Path], digits: Path,
+                                                                  tmp_path: Path, fault_log) -> None:
+    """What the manifest promises bounds what a reader allocates: inspect, the key listing and the student's plan
+    refuse a 20 MB key file for 50 samples without reading it (peak traced memory far below the file's size)."""
+    import tracemalloc
+
+    from e2kd.pipeline.loader import plan_join
+    from e2kd.pipeline.sources import list_shards
+    from e2kd.stages.inspect import summarise_store
+    from e2kd.storage import ManifestError, open_store
+
+    store = tmp_path / "store"
+    shutil.copytree(pristine["zarr"], store)
+    _huge_keys(store)
+    size = (store / "shards" / SHARD / "keys.json").stat().st_size
+    shards = list_shards(f"{digits}/train-{{000000..000001}}.tar")
+    reads = {"inspect": lambda: summarise_store(str(store)), "keys": lambda: list(open_store(str(store)).keys()),
+             "plan": lambda: plan_join(shards, open_store(str(store)), labels=False)}
+    for name, read in reads.items():
+        tracemalloc.start()
+        with pytest.raises(ManifestError, match="more than the .* the manifest allows; not read"):
+            read()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < size // 4, (name, peak, size)
     fault_log.record("clear error")
