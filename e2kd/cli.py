@@ -127,6 +127,13 @@ def _use_storage(options: str | None, *urls: str | None) -> None:
     apply_storage_options(resolve_storage_options(parse_storage_options(options), urls))
 
 
+def _config_values(config: str | None) -> dict[str, Any]:
+    """The option values a ``--config`` file gives (to tell an explicit value from a default)."""
+    from e2kd.config import load_yaml
+
+    return load_yaml(config) if config else {}
+
+
 def _model_flags(run_dir: str | None, student: str | None, weights: str | None, student_kwargs: str | None,
                  num_classes: int | None, required: bool = True) -> dict[str, Any]:
     """``--run DIR`` or ``--student/--weights/--student-kwargs``: the model to load (flags must agree with a run)."""
@@ -249,16 +256,18 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags: Any) -> None:
     """Run a teacher once over a dataset and cache its logits and explanation maps (Ray-parallel, resumable)."""
     from e2kd.config import build_options, parse_json_kwargs, parse_size
-    from e2kd.runs import fill_from_run
+    from e2kd.runs import fill_from_run, inherit_from_run
     from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
     from e2kd.storage.options import parse_storage_options
 
     try:
         flags = _take_former(flags)
         flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
-        flags = fill_from_run(flags.pop("teacher_run"), flags, {"teacher": "name", "num_classes": "num_classes",
-                                                                "teacher_kwargs": "kwargs",
-                                                                "teacher_checkpoint": "weights"}, "--teacher-run")
+        run = flags.pop("teacher_run")
+        flags = fill_from_run(run, flags, {"teacher": "name", "num_classes": "num_classes", "teacher_kwargs": "kwargs",
+                                           "teacher_checkpoint": "weights"}, "--teacher-run")
+        given = {**_config_values(config), **{k: v for k, v in flags.items() if v is not None}}
+        flags.update({k: v for k, v in inherit_from_run(run, given).items() if k not in given})  # e.g. input size
         flags["explainer_kwargs"] = parse_json_kwargs(flags["explainer_kwargs"])
         flags["map_size"] = parse_size(flags["map_size"])
         flags["storage_options"] = parse_storage_options(flags["storage_options"])

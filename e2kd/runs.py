@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunModel", "read_run", "recorded_spec", "check_recorded_spec", "fill_from_run"]
+__all__ = ["RunModel", "read_run", "recorded_spec", "check_recorded_spec", "fill_from_run", "inherit_from_run",
+           "INHERITED_OPTIONS"]
+
+#: Options a cache depends on that a teacher run records (its ``summary.json`` options): a cache built from the run
+#: takes them unless they are given, and warns where they are given differently.
+INHERITED_OPTIONS = ("input_size",)
 
 SUMMARY = "summary.json"
 WEIGHTS = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
@@ -110,3 +115,29 @@ def fill_from_run(run: str | Path | None, given: dict[str, Any], fields: dict[st
                              f"gives {_canonical(mine)}")
         out[option] = values[key]
     return out
+
+
+def inherit_from_run(run: str | Path | None, given: dict[str, Any], what: str = "--teacher-run") -> dict[str, Any]:
+    """``given`` with the :data:`INHERITED_OPTIONS` the run recorded filled in where ``given`` has None; a given
+    value that differs warns (the teacher's outputs depend on it: a 96 px teacher cached at 224 px is another
+    teacher)."""
+    import warnings
+
+    if run is None:
+        return given
+    try:
+        recorded = json.loads((Path(run) / SUMMARY).read_text()).get("options") or {}
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    out = dict(given)
+    for name in INHERITED_OPTIONS:
+        value = recorded.get(name) if isinstance(recorded, dict) else None
+        if value is None:
+            continue
+        if out.get(name) is None:
+            out[name] = value
+        elif _canonical(out[name]) != _canonical(value):
+            warnings.warn(f"--{name.replace('_', '-')} {out[name]} differs from the {value} that {what} {run} was "
+                          f"trained with: the cached outputs will not be that teacher's", UserWarning, stacklevel=2)
+    return out
+

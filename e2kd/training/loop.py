@@ -21,7 +21,12 @@ from timm.utils import dispatch_clip_grad, random_seed
 
 from e2kd.training.objectives import StepObjective
 
-__all__ = ["Trainer", "build_optimizer", "init_distributed", "seed_everything", "check_run_dir", "RUN_FILES"]
+__all__ = ["Trainer", "build_optimizer", "init_distributed", "seed_everything", "check_run_dir", "RUN_FILES",
+           "SCHEDULE_OPTIONS"]
+
+#: Options that shape the optimiser's schedule: a resumed run must be given the values it started with.
+SCHEDULE_OPTIONS = ("epochs", "batch_size", "lr", "opt", "sched", "warmup_epochs", "weight_decay",
+                    "steps_per_epoch")
 
 #: Files that make a directory a run: training into it again needs ``--resume`` or ``--overwrite``.
 RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "summary.json", "student.safetensors", "teacher.safetensors")
@@ -202,7 +207,8 @@ class Trainer:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "epoch": epoch, "num_updates": num_updates,
                  "torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1]),
-                 "python_rng_version": random.getstate()[0], "options": json.dumps(self.options, default=str)}
+                 "python_rng_version": random.getstate()[0], "options": json.dumps(self.options, default=str),
+                 "steps_per_epoch": self.steps_per_epoch}
         tmp = out / "checkpoint.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, out / "checkpoint.pt")
@@ -213,6 +219,7 @@ class Trainer:
         if not path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint in {out}")
         state = torch.load(path, map_location=self.device, weights_only=True)
+        self._check_same_schedule(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -220,6 +227,25 @@ class Trainer:
         random.setstate((state["python_rng_version"], tuple(state["python_rng"]), None))
         _truncate_metrics(out / "metrics.jsonl", state["epoch"])
         return state["epoch"], state["num_updates"]
+
+    def _check_same_schedule(self, state: dict[str, Any]) -> None:
+        """A resumed run keeps the schedule it was started with: an option that shapes it (epochs, batch size,
+        learning rate, …) given differently is refused by name — the old schedule would silently win."""
+        try:
+            recorded = json.loads(state.get("options") or "{}")
+        except ValueError:
+            recorded = {}
+        for name in SCHEDULE_OPTIONS:
+            if name in recorded and name in self.options and recorded[name] != self.options[name]:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"--resume: the run was started with {flag} {recorded[name]}, now {flag} "
+                                 f"{self.options[name]}; options that shape the schedule cannot change on resume "
+                                 f"(give the original value, or start a new run with --overwrite or another --out)")
+        steps = state.get("steps_per_epoch")
+        if steps is not None and int(steps) != self.steps_per_epoch:
+            raise ValueError(f"--resume: the run was started with {int(steps)} steps per epoch, now "
+                             f"{self.steps_per_epoch} (different data, --shots or --steps-per-epoch); the schedule "
+                             f"cannot change on resume")
 
     def save_weights(self, path: Path) -> None:
         """The model's weights as safetensors (rank 0 only)."""

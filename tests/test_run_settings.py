@@ -1,0 +1,80 @@
+"""Runs keep their settings: a cache built from a teacher run takes the run's input size; a resumed run keeps the
+schedule it was started with (a different --epochs is refused by name, not silently ignored)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import TEACHER_KWARGS
+
+from e2kd.cli import main
+
+
+def _teacher_run(tmp_path: Path, teacher_ckpt: Path, input_size: int) -> Path:
+    """A train-teacher run directory as train-teacher writes it (summary with the model spec and its options)."""
+    run = tmp_path / "teacher-run"
+    run.mkdir()
+    shutil.copy(teacher_ckpt, run / "teacher.safetensors")
+    summary = {"teacher": {"name": "resnet18", "num_classes": 10, "kwargs": TEACHER_KWARGS},
+               "options": {"input_size": input_size, "epochs": 25}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def _captured_cache_options(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[object, str]:
+    import e2kd.stages.cache_teacher as stage
+
+    seen = {}
+
+    def capture(opts: object) -> dict:
+        seen["opts"] = opts
+        return {"num_samples": 0, "shards": 0, "shards_cached_now": 0, "shards_already_complete": 0, "skipped": 0,
+                "bytes_per_sample_view": 0.0, "samples_per_s": 0.0, "startup_seconds": 0.0}
+
+    monkeypatch.setattr(stage, "run_cache_teacher", capture)
+    result = CliRunner().invoke(main, ["cache-teacher", *args])
+    assert result.exit_code == 0, result.output
+    return seen["opts"], result.output
+
+
+def test_cache_teacher_takes_the_teacher_runs_input_size(teacher_ckpt: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _teacher_run(tmp_path, teacher_ckpt, input_size=96)
+    base = ["--teacher-run", str(run), "--data", "x.tar", "--out", str(tmp_path / "store")]
+    opts, out = _captured_cache_options(monkeypatch, *base)
+    assert opts.input_size == 96 and opts.num_classes == 10 and "Warning" not in out
+    opts, out = _captured_cache_options(monkeypatch, *base, "--input-size", "224")  # explicit: kept, but warned
+    assert opts.input_size == 224
+    assert "Warning: --input-size 224 differs from the 96 that --teacher-run" in out
+    config = tmp_path / "c.yaml"
+    config.write_text("input-size: 64\n")  # a config file's value is explicit too
+    opts, out = _captured_cache_options(monkeypatch, *base, "--config", str(config))
+    assert opts.input_size == 64 and "differs from the 96" in out
+
+
+def _tree_sha(root: Path) -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(root.iterdir()) if p.is_file())).hexdigest()
+
+
+def test_resume_refuses_a_different_schedule_and_changes_nothing(digits: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["train-teacher", "--data", str(digits / "train-000000.tar"), "--teacher", "resnet18", "--num-classes",
+            "10", "--teacher-kwargs", json.dumps(TEACHER_KWARGS), "--input-size", "64", "--batch-size", "16",
+            "--warmup-epochs", "0", "--out", str(run), "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    before = _tree_sha(run)
+    for flag, value, words in (("--epochs", "3", "--epochs 1, now --epochs 3"),
+                               ("--lr", "0.1", "--lr 0.003, now --lr 0.1")):
+        epochs = [] if flag == "--epochs" else ["--epochs", "1"]
+        result = CliRunner().invoke(main, [*args, *epochs, flag, value, "--resume"])
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 1 and lines[-1].startswith("Error: --resume:") and words in lines[-1], result.output
+        assert "Traceback" not in result.output and _tree_sha(run) == before
+    result = CliRunner().invoke(main, [*args, "--epochs", "1", "--resume"])  # the same schedule resumes (a no-op)
+    assert result.exit_code == 0, result.output
