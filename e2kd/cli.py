@@ -16,6 +16,10 @@ from e2kd.storage import MAP_DTYPES, PRECISIONS, list_formats
 
 def _fail(exc: BaseException) -> click.ClickException:
     """One line for the user: the message's first line (the last one, unwrapped, for a DataLoader worker's error)."""
+    from e2kd.storage.options import credentials_message, is_credentials_error
+
+    if is_credentials_error(exc):
+        return click.ClickException(credentials_message(_command_urls()))
     text = str(exc)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
@@ -25,11 +29,22 @@ def _fail(exc: BaseException) -> click.ClickException:
     return click.ClickException(lines[0])
 
 
+def _command_urls() -> list[str]:
+    """The URLs the running command was given (its options and arguments; never a JSON value such as
+    ``--storage-options``), to name them in an error."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return []
+    values = list(ctx.params.values()) or ctx.meta.get("e2kd.args", [])  # the group's: the raw arguments
+    return [v for v in values if isinstance(v, str) and "://" in v and not v.lstrip().startswith("{")]
+
+
 class _Cli(click.Group):
     """The command group: an error no command expected still ends in one ``Error:`` line, never a traceback
     (``E2KD_DEBUG=1`` shows it)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        ctx.meta["e2kd.args"] = [*getattr(ctx, "_protected_args", []), *ctx.args]  # click clears them on invoke
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
@@ -37,7 +52,11 @@ class _Cli(click.Group):
         except Exception as exc:  # noqa: BLE001 - the last line of defence of the CLI
             if os.environ.get("E2KD_DEBUG"):
                 raise
+            from e2kd.storage.options import is_credentials_error
+
             message = _fail(exc).message
+            if is_credentials_error(exc):
+                raise click.ClickException(message) from None
             raise click.ClickException(f"{type(exc).__name__}: {message} (E2KD_DEBUG=1 shows the traceback)") \
                 from None
 

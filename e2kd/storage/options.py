@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 
 __all__ = ["StorageOptions", "parse_storage_options", "resolve_storage_options", "apply_storage_options",
-           "describe_storage_options", "url_protocols"]
+           "describe_storage_options", "url_protocols", "is_credentials_error", "credentials_message"]
 
 #: ``protocol → fsspec filesystem arguments`` (what :func:`apply_storage_options` installs).
 StorageOptions = dict[str, dict[str, Any]]
@@ -81,3 +81,31 @@ def describe_storage_options(options: dict[str, Any] | None) -> list[str] | None
     if not options:
         return None
     return sorted(options)
+
+
+_CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                      "DefaultCredentialsError", "ClientAuthenticationError")
+_CREDENTIAL_TEXT = ("Unable to locate credentials", "NoCredentialsError", "Partial credentials found",
+                    "Could not automatically determine credentials")
+
+
+def is_credentials_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says that no usable credentials were found."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ in _CREDENTIAL_ERRORS or any(t in str(current) for t in _CREDENTIAL_TEXT):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def credentials_message(urls: Iterable[str | None]) -> str:
+    """One line: which URLs found no credentials, and the ways to pass them (never any value)."""
+    remote = sorted({str(u) for u in urls if u and url_protocols([u])})
+    where = ", ".join(remote) if remote else "the object store"
+    return (f"no credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE; "
+            f"GOOGLE_APPLICATION_CREDENTIALS for gs://), or pass --storage-options '{{\"key\": …, \"secret\": …}}' "
+            f"(also E2KD_STORAGE_OPTIONS)")
+
