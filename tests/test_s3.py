@@ -281,3 +281,46 @@ def test_a_tampered_object_is_named_by_verify_and_stops_training(s3_cache: str, 
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert code != 0 and lines[-1].startswith("Error:") and "Traceback" not in out, out
     assert all(w in lines[-1] for w in (tampered, "shard train-000001", "array 'maps' is damaged")), lines[-1]
+
+
+# ---- image folders on object storage ------------------------------------------------------------------------------
+def test_an_image_folder_on_s3_caches_like_the_same_folder_on_disk(s3: S3, digits: Path, tmp_path: Path) -> None:
+    import tarfile
+
+    from conftest import cache_options
+
+    from e2kd.pipeline.loader import plan_join
+    from e2kd.pipeline.sources import list_shards
+    from e2kd.stages.cache_teacher import run_cache_teacher
+
+    local = tmp_path / "photos"
+    with tarfile.open(digits / "train-000000.tar") as tar:
+        pngs = [m for m in tar.getmembers() if m.name.endswith(".png")][:12]
+        for i, member in enumerate(pngs):
+            cls = ("cat", "dog")[i % 2]
+            path = local / cls / ("sub" if i % 3 == 0 else "") / f"img-{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(tar.extractfile(member).read())
+    s3.fs.put(str(local), f"{s3.bucket}/photos", recursive=True)
+    s3.use()
+    remote = list_shards(s3.url("photos"))
+    assert [(s.name, s.label) for s in remote] == [(s.name, s.label) for s in list_shards(str(local))]
+    assert [k for s in remote for k in s.keys()] == [k for s in list_shards(str(local)) for k in s.keys()]
+    stores = {}
+    for where, data in (("local", str(local)), ("s3", s3.url("photos"))):
+        stores[where] = tmp_path / f"cache-{where}"
+        run_cache_teacher(cache_options(data, stores[where], None, teacher_checkpoint=None, random_teacher=True,
+                                        num_classes=2, workers=1, storage_options=s3.options))
+    assert shard_checksums(stores["s3"]) == shard_checksums(stores["local"])
+    opened = open_store(str(stores["s3"]))
+    assert len(opened) == 12 and opened.manifest.class_names == ("cat", "dog") and opened.verify() == []
+    plan = plan_join(list_shards(s3.url("photos")), opened)  # the student side reads the same folder
+    assert plan.num_samples == 12 and not plan.missing_in_cache
+
+
+def test_an_empty_object_is_an_error_never_an_empty_cache(s3: S3, teacher_ckpt: Path, tmp_path: Path) -> None:
+    s3.fs.pipe_file(f"{s3.bucket}/photos-typo", b"")
+    code, out = _invoke(*_cache_args(s3.url("photos-typo"), str(tmp_path / "store"), teacher_ckpt, s3))
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert code == 1 and lines[-1].startswith("Error: input s3://") and "is empty" in lines[-1], out
+    assert not (tmp_path / "store").exists()

@@ -159,19 +159,30 @@ class TarShard(InputShard):
 
 @dataclass(frozen=True)
 class FolderShard(InputShard):
-    """One class directory ``url`` of an image folder: class index ``label``, keys relative to ``root``."""
+    """One class directory ``url`` of an image folder: class index ``label``, keys relative to ``root``.
+
+    ``url`` and ``root`` are local paths or fsspec URLs (``s3://bucket/photos/cat``): a folder on object storage is
+    read like a local one (listed once, each image fetched when it is decoded)."""
 
     label: int = -1
     root: str = ""
 
-    def raw(self) -> Iterator[Path]:
+    @property
+    def remote(self) -> bool:
+        return not _is_local(self.url)
+
+    def raw(self) -> Iterator[Path | str]:
         """The image files, sorted (read and decoded by :meth:`decode`)."""
         return iter(self._files())
 
-    def decode(self, raw: Path) -> Sample | BadSample:
+    def decode(self, raw: Path | str) -> Sample | BadSample:
         key = self._key(raw)
         try:
-            return Sample(key, decode_image(raw.read_bytes()), self.label, self.name)
+            data = raw.read_bytes() if isinstance(raw, Path) else _read_url(raw)
+        except Exception as exc:  # noqa: BLE001 - a vanished or unreadable file is a bad sample, recorded
+            return BadSample(key, self.name, f"unreadable image: {type(exc).__name__}: {exc}")
+        try:
+            return Sample(key, decode_image(data), self.label, self.name)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample, recorded
             return BadSample(key, self.name, f"undecodable image: {type(exc).__name__}: {exc}")
 
@@ -181,19 +192,53 @@ class FolderShard(InputShard):
 
     def size_bytes(self) -> int | None:
         """Total size of the directory's image files."""
-        return sum(p.stat().st_size for p in self._files())
+        if self.remote:
+            return sum(size for _, size in _remote_images(self.url))
+        return sum(p.stat().st_size for p in self._files())  # type: ignore[union-attr]
 
     def sha256(self) -> str | None:
         """None: a folder's content is not hashed."""
         return None
 
-    def _files(self) -> list[Path]:
+    def _files(self) -> list[Path] | list[str]:
         """The image files under the class directory (any depth), sorted."""
+        if self.remote:
+            return [url for url, _ in _remote_images(self.url)]
         return sorted(p for p in Path(self.url).rglob("*") if p.is_file() and p.suffix.lower() in _FOLDER_EXTS)
 
-    def _key(self, path: Path) -> str:
+    def _key(self, path: Path | str) -> str:
         """A file's sample key: its path relative to the folder root, without extension, ``/``-separated."""
+        if isinstance(path, str):
+            rel = path[len(self.root.rstrip("/")) + 1:]
+            stem, dot, ext = rel.rpartition(".")
+            return stem if dot and "/" not in ext else rel
         return str(path.relative_to(self.root).with_suffix("")).replace(os.sep, "/")
+
+
+def _read_url(url: str) -> bytes:
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def _remote_images(url: str) -> list[tuple[str, int]]:
+    """``(URL, bytes)`` of the image files under a folder on object storage, sorted by URL.
+
+    Raises:
+        InputShardError: the folder cannot be listed (named, with the cause).
+    """
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        listing = fs.find(path.rstrip("/"), detail=True)
+    except Exception as exc:  # noqa: BLE001 - credentials, network, permissions: all name the URL
+        raise InputShardError(f"cannot list image folder {url}: {type(exc).__name__}: {exc}") from None
+    base, prefix = path.rstrip("/"), url.rstrip("/")
+    found = [(prefix + p[len(base):], int(info.get("size") or 0)) for p, info in listing.items()
+             if info.get("type") != "directory" and os.path.splitext(p)[1].lower() in _FOLDER_EXTS]
+    return sorted(found)
 
 
 # ---- module-level API (thin wrappers over the shard methods) -------------------------------------------
@@ -233,7 +278,8 @@ def read_class_names(path: str | Path) -> list[str]:
 
 
 def list_shards(urls: str | Sequence[str]) -> list[InputShard]:
-    """Expand comma-separated URLs / brace patterns into input shards; a local directory is an image folder.
+    """Expand comma-separated URLs / brace patterns into input shards; a directory — local or on object storage
+    (``s3://bucket/photos``) — is an image folder.
 
     Raises:
         ValueError: nothing matched, a local file is missing, a brace pattern is unbalanced, or two shards
@@ -247,12 +293,29 @@ def list_shards(urls: str | Sequence[str]) -> list[InputShard]:
             shards.extend(_folder_shards(url))
         elif _is_local(url) and not os.path.isfile(url):
             raise ValueError(f"input shard not found: {url}")
+        elif not _is_local(url) and not _looks_like_tar(url) and _remote_isdir(url):
+            shards.extend(_folder_shards(url.rstrip("/")))
         else:
             shards.append(TarShard(name=_shard_name(url), url=url))
     if not shards:
         raise ValueError(f"no input shards in {urls!r}")
     _check_unique_names(shards)
     return shards
+
+
+def _looks_like_tar(url: str) -> bool:
+    return url.startswith("pipe:") or url.rstrip("/").endswith((".tar", ".tgz", ".tar.gz"))
+
+
+def _remote_isdir(url: str) -> bool:
+    """Whether an fsspec URL names a directory (a prefix with objects under it)."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return bool(fs.isdir(path.rstrip("/")))
+    except Exception as exc:  # noqa: BLE001 - credentials, network: named with the URL
+        raise InputShardError(f"cannot open input {url}: {type(exc).__name__}: {exc}") from None
 
 
 def _is_local(url: str) -> bool:
@@ -268,10 +331,19 @@ def _check_unique_names(shards: list[InputShard]) -> None:
 
 
 def _folder_shards(root: str) -> list[FolderShard]:
-    classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
+    if _is_local(root):
+        classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
+    else:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(root)
+        entries = fs.ls(path.rstrip("/"), detail=True)
+        classes = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+        classes = [c for c in classes if not c.startswith(".")]
     if not classes:
         raise ValueError(f"image folder {root} has no class sub-directories (expected root/<class>/<file>)")
-    return [FolderShard(name=shard_name_for(f"class-{c}"), url=str(Path(root) / c), label=i, root=root)
+    join = (lambda c: str(Path(root) / c)) if _is_local(root) else (lambda c: f"{root}/{c}")
+    return [FolderShard(name=shard_name_for(f"class-{c}"), url=join(c), label=i, root=root)
             for i, c in enumerate(classes)]
 
 

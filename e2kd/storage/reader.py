@@ -278,4 +278,6 @@ class CacheStore:
                 first = owner.setdefault(key, name)
                 if first != name:
                     problems.append(f"{name}: key {key!r} is also in shard {first} (keys must be unique)")
+        if not problems and self.manifest.complete_shards and self.manifest.num_samples == 0:
+            problems.append("(store) it holds no samples: every input sample was skipped (inspect --errors says why)")
         return problems

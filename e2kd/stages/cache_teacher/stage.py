@@ -16,7 +16,14 @@ from typing import Any, ClassVar
 from e2kd import __version__
 from e2kd.explain import build_explainer, explainer_family
 from e2kd.models import InputTransform, is_bcos_name
-from e2kd.pipeline.sources import InputShard, class_names, input_size_bytes, list_shards, read_class_names
+from e2kd.pipeline.sources import (
+    FolderShard,
+    InputShard,
+    class_names,
+    input_size_bytes,
+    list_shards,
+    read_class_names,
+)
 from e2kd.pipeline.views import RENDER_SPEC, ViewPolicy
 from e2kd.stages.cache_teacher.ray_session import check_ray_address, ensure_ray
 from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
@@ -167,6 +174,16 @@ def _check_maps(opts: CacheTeacherOptions, explainer: Any, transform: InputTrans
         opts.encoding.pool_maps(maps)
 
 
+def _check_not_empty(shards: list[InputShard], sizes: dict[str, int | None]) -> None:
+    """An input of 0 bytes (an empty object, a directory URL that is neither a folder of images nor a tar) is an
+    error before any work, never a cache of nothing."""
+    empty = [s.url for s in shards if sizes[s.name] == 0 and not isinstance(s, FolderShard)]
+    if empty or all(sizes[s.name] == 0 for s in shards):
+        where = empty[0] if empty else shards[0].url
+        raise ValueError(f"input {where} is empty (0 bytes of tar or images): nothing to cache"
+                         + (f" ({len(empty)} such input shard(s))" if len(empty) > 1 else ""))
+
+
 def _check_inputs_unchanged(manifest: Manifest, shards: list[InputShard], sizes: dict[str, int | None]) -> None:
     """A complete shard whose input changed size since it was cached is refused."""
     for shard in shards:
@@ -246,6 +263,7 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
     shards = list_shards(opts.data)
     names = _class_names(opts, shards)
     sizes = {s.name: input_size_bytes(s) for s in shards}  # every input is reachable before the store is touched
+    _check_not_empty(shards, sizes)
     transform, checkpoint, explainer = _build_teacher(opts)
     header = _header(opts, transform, hashlib.sha256(checkpoint).hexdigest(), explainer, names)
     with create_store(opts.out, header, overwrite=opts.overwrite, create_bucket=opts.create_bucket) as writer:
@@ -375,6 +393,9 @@ def _summary(manifest: Manifest, todo: list[InputShard], failed: dict[str, str],
                "bytes": nbytes, "bytes_per_sample_view": nbytes / max(1, n * views),
                "samples_per_s": new / processing if processing > 0 else 0.0, "seconds": elapsed,
                "startup_seconds": elapsed - processing, "failed": failed}
+    if not failed and n == 0:
+        raise RuntimeError(f"no sample could be cached from {len(recs)} input shard(s): every one was skipped "
+                           f"(`e2kd inspect --errors` on the store lists why); the store holds none")
     if failed:
         names = ", ".join(f"{k} ({v})" for k, v in sorted(failed.items()))
         raise RuntimeError(f"{len(failed)} shard(s) failed and were not cached: {names}. Re-run the same command "
