@@ -170,6 +170,15 @@ class Trainer:
         stopped (model, optimiser, scheduler, RNG states; metrics of later epochs dropped). Returns (last epoch's
         metrics, number of updates); a finished run resumed keeps its final metrics.
         """
+        created = not out.exists()
+        try:
+            return self._fit(out, resume)
+        except BaseException:
+            if created and self.rank == 0 and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a run refused before it wrote anything leaves nothing behind
+            raise
+
+    def _fit(self, out: Path, resume: bool) -> tuple[dict[str, float], int]:
         start_epoch, num_updates = 0, 0
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)

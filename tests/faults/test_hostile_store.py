@@ -223,6 +223,7 @@ def test_hostile_store_gets_one_error_line_from_every_command(case: str, pristin
         assert lines[-1].startswith("Error: ") and "Traceback" not in result.output, (name, result.output)
         assert any(w in lines[-1] for w in words.split("|")), (name, lines[-1])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # a refused run leaves no (empty) run directory
     inspect = CliRunner().invoke(main, ["inspect", str(store)])
     assert "Traceback" not in inspect.output and inspect.exit_code in (0, 1)
     fault_log.record("clear error")
