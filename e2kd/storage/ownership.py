@@ -57,7 +57,7 @@ def _entries(fs: fsspec.AbstractFileSystem, root: str) -> list[str] | None:
     if not is_local(fs):
         fs.invalidate_cache(root)
     try:
-        return [_name(p) for p in fs.ls(root, detail=False) if _name(p) and _name(p) != _name(root)]
+        return [_name(p) for p in fs.ls(root, detail=False) if _name(p) and p.rstrip("/") != root.rstrip("/")]
     except FileNotFoundError:
         return None
     except NotADirectoryError:
