@@ -2,10 +2,12 @@
 
 Reading: :func:`open_store` → :class:`CacheStore`. Writing: :func:`create_store` → :class:`CacheWriter`.
 Handing over: :func:`copy_store` (shard by shard, verified, manifest last). Object storage: ``storage.options``.
-Formats: :func:`list_formats`, :func:`get_format`, :func:`register_format`. Nothing here imports models,
+Formats: :func:`list_formats`, :func:`get_format`, :func:`register_format`. Codecs (how logits and maps
+become columns): :func:`list_codecs`, :func:`get_codec`, :func:`register_codec`. Nothing here imports models,
 explainers, losses or stages.
 """
 
+from e2kd.storage.codecs import Codec, get_codec, list_codecs, register_codec
 from e2kd.storage.copy import CopyReport, copy_store
 from e2kd.storage.encoding import MAP_DTYPES, Encoding
 from e2kd.storage.formats import ShardFormat, get_format, list_formats, register_format
@@ -16,4 +18,5 @@ from e2kd.storage.writer import CacheWriter, ShardWriter, create_store
 
 __all__ = ["open_store", "CacheStore", "create_store", "CacheWriter", "ShardWriter", "Manifest", "ShardRecord",
            "Encoding", "ManifestError", "CompatibilityError", "StoreIntegrityError", "ShardFormat", "get_format",
-           "list_formats", "register_format", "MAP_DTYPES", "PRECISIONS", "shard_name_for", "copy_store", "CopyReport"]
+           "list_formats", "register_format", "MAP_DTYPES", "PRECISIONS", "shard_name_for", "copy_store", "CopyReport",
+           "Codec", "register_codec", "get_codec", "list_codecs"]

@@ -7,16 +7,20 @@ Columns of one shard (``N`` samples, ``V`` views):
   ``topk_indices`` int32 ``[N, V, k]`` plus ``logsumexp`` float32 ``[N, V]`` of all logits;
 - maps: ``maps`` float16 ``[N, V, C_e, h, w]``, or uint8 with a per-map ``map_scale`` and ``map_offset``
   (float32 ``[N, V]``), so signed maps survive quantisation.
+
+The logits and maps columns are those of the registered codecs (:mod:`e2kd.storage.codecs`) that ``topk`` and
+``map_dtype`` name: :attr:`Encoding.logits_codec`, :attr:`Encoding.map_codec`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from e2kd.topk import encode_topk, logits_from_topk
+from e2kd.storage.codecs import AffineUint8Maps, Codec, Float16Logits, Float16Maps, TopkLogits
 
 if TYPE_CHECKING:
     import torch
@@ -83,37 +87,59 @@ class Encoding:
             raise ValueError("encoding has no num_classes")
         return cls(**d)
 
+    # ---- the codecs of its two outputs (registered values, ``storage.codecs``) -----------------
+    @cached_property
+    def logits_codec(self) -> Codec:
+        """The codec of the teacher's logits: ``logits-topk`` with ``topk``, else ``logits-float16``."""
+        return TopkLogits(k=self.topk, num_classes=self.num_classes) if self.topk is not None else Float16Logits()
+
+    @cached_property
+    def map_codec(self) -> Codec:
+        """The codec of the explanation maps: ``map-uint8-affine`` or ``map-float16`` (``map_dtype``)."""
+        return AffineUint8Maps() if self.map_dtype == "uint8" else Float16Maps()
+
     # ---- what a shard must hold (checked before any data is read) -------------------------------
     def column_specs(self, num_views: int, map_shape: tuple[int, ...] | None) -> dict[str, tuple[str, tuple]]:
         """``column → (dtype, shape of one row)`` for a shard of ``num_views`` views and maps of ``map_shape``."""
-        v, c = num_views, self.num_classes
+        v = num_views
         specs: dict[str, tuple[str, tuple]] = {"labels": ("int32", ()), "views": ("float32", (v, 5)),
                                                "target": ("int32", (v,))}
-        if self.topk is None:
-            specs["logits"] = ("float16", (v, c))
-        else:
-            specs.update(topk_values=("float16", (v, self.topk)), topk_indices=("int32", (v, self.topk)),
-                         logsumexp=("float32", (v,)))
-        maps = (v, *map_shape) if map_shape is not None else None
-        specs["maps"] = (self.map_dtype, maps)  # None: shape not known from the manifest (any 3-d map)
-        if self.map_dtype == "uint8":
-            specs.update(map_scale=("float32", (v,)), map_offset=("float32", (v,)))
+        specs.update(self.logits_codec.columns(v, (self.num_classes,)))
+        specs.update(self.map_codec.columns(v, map_shape))  # None: shape not known from the manifest (any 3-d map)
         return specs
 
     def check_values(self, cols: dict[str, np.ndarray]) -> str | None:
-        """What is wrong with decoded columns (non-finite floats, out-of-range classes), or None."""
+        """What is wrong with decoded columns (non-finite floats, out-of-range classes, a target that is not the
+        cached logits' top-1), or None."""
         for name, col in cols.items():
             if col.dtype.kind == "f" and not np.isfinite(col).all():
                 return f"non-finite values in column {name!r}"
         c = self.num_classes
-        for name in ("target", "topk_indices"):
-            if name in cols and cols[name].size and not (0 <= cols[name].min() and cols[name].max() < c):
-                return f"column {name!r} holds classes outside [0, {c})"
+        if "target" in cols and cols["target"].size and not (0 <= cols["target"].min() and cols["target"].max() < c):
+            return f"column 'target' holds classes outside [0, {c})"
+        for codec in (self.logits_codec, self.map_codec):
+            if all(name in cols for name in codec.columns(1, None)):
+                problem = codec.check(cols, c)
+                if problem:
+                    return problem
         if "labels" in cols and cols["labels"].size and not (-1 <= cols["labels"].min() and cols["labels"].max() < c):
             return f"column 'labels' holds labels outside [-1, {c})"
         if "views" in cols and cols["views"].size and not (0 <= cols["views"].min() and cols["views"].max() <= 1):
             return "column 'views' holds boxes outside [0, 1]"
-        return _check_target(cols)
+        return self._check_target(cols)
+
+    def _check_target(self, cols: dict[str, np.ndarray]) -> str | None:
+        """The cached target is the teacher's top-1 wherever the logits codec can tell (see its
+        ``top1_consistent``)."""
+        codec = self.logits_codec
+        consistent = getattr(codec, "top1_consistent", None)
+        if consistent is None or "target" not in cols or not cols["target"].size or \
+                not all(name in cols for name in codec.columns(1, None)):
+            return None
+        wrong = ~consistent(cols, cols["target"].astype(np.int64))
+        if wrong.any():
+            return f"column 'target' disagrees with the cached logits' top-1 in {int(wrong.sum())} view(s)"
+        return None
 
     # ---- encode (writer side) -------------------------------------------------------------------
     def pool_maps(self, maps: torch.Tensor) -> torch.Tensor:
@@ -129,73 +155,19 @@ class Encoding:
     def encode(self, logits: np.ndarray, maps: np.ndarray) -> dict[str, np.ndarray]:
         """Encode float32 logits ``[N, V, C]`` and maps ``[N, V, C_e, h, w]`` into columns."""
         cols: dict[str, np.ndarray] = {"target": logits.argmax(-1).astype(np.int32)}
-        if self.topk is None:
-            cols["logits"] = logits.astype(np.float16)
-        else:
-            values, indices, lse = encode_topk(logits, self.topk)
-            cols["topk_values"], cols["topk_indices"] = values.astype(np.float16), indices.astype(np.int32)
-            cols["logsumexp"] = lse
-        if self.map_dtype == "float16":
-            cols["maps"] = maps.astype(np.float16)
-        else:
-            flat = maps.reshape(*maps.shape[:2], -1)
-            lo, hi = flat.min(-1), flat.max(-1)
-            scale = ((hi - lo) / 255.0).astype(np.float32)
-            safe = np.where(scale > 0, scale, 1.0)
-            q = np.rint((flat - lo[..., None]) / safe[..., None])
-            cols["maps"] = np.clip(q, 0, 255).astype(np.uint8).reshape(maps.shape)
-            cols["map_scale"], cols["map_offset"] = scale, lo.astype(np.float32)
+        cols.update(self.logits_codec.encode(logits))
+        cols.update(self.map_codec.encode(maps))
         return cols
 
     # ---- decode (reader side) -------------------------------------------------------------------
     def decode_logits(self, cols: dict[str, np.ndarray]) -> torch.Tensor:
         """Full float32 logits ``[..., V, C]`` (rebuilt from the top-k cache when ``topk`` is set)."""
-        import torch
-
-        if self.topk is None:
-            return torch.from_numpy(np.asarray(cols["logits"], dtype=np.float32))
-        return logits_from_topk(torch.from_numpy(np.asarray(cols["topk_values"], dtype=np.float32)),
-                                torch.from_numpy(np.asarray(cols["topk_indices"], dtype=np.int64)),
-                                torch.from_numpy(np.asarray(cols["logsumexp"], dtype=np.float32)), self.num_classes)
+        return self.logits_codec.decode(cols)
 
     def decode_maps(self, cols: dict[str, np.ndarray]) -> torch.Tensor:
         """Float32 maps ``[..., V, C_e, h, w]``."""
-        import torch
-
-        maps = np.asarray(cols["maps"], dtype=np.float32)
-        if self.map_dtype == "uint8":
-            scale = np.asarray(cols["map_scale"], dtype=np.float32)[..., None, None, None]
-            offset = np.asarray(cols["map_offset"], dtype=np.float32)[..., None, None, None]
-            maps = maps * scale + offset
-        return torch.from_numpy(maps)
+        return self.map_codec.decode(cols)
 
     def column_names(self) -> list[str]:
-        names = ["labels", "views", "target"]
-        names += ["logits"] if self.topk is None else ["topk_values", "topk_indices", "logsumexp"]
-        names += ["maps"] if self.map_dtype == "float16" else ["maps", "map_scale", "map_offset"]
-        return names
-
-
-def _check_target(cols: dict[str, np.ndarray]) -> str | None:
-    """The cached target is the teacher's top-1: where the logits of its class are stored (all of them, or the
-    target among the top-k), that logit is the largest (rounding to float16 keeps the order, ties allowed)."""
-    if "target" not in cols or not cols["target"].size:
-        return None
-    target = cols["target"].astype(np.int64)[..., None]
-    if "logits" in cols:
-        logits = cols["logits"]
-        if logits.shape[:-1] != target.shape[:-1] or not target.size:
-            return None
-        wrong = np.take_along_axis(logits, target, -1)[..., 0] < logits.max(-1)
-    elif "topk_values" in cols and "topk_indices" in cols:
-        values, indices = cols["topk_values"], cols["topk_indices"]
-        if values.shape != indices.shape or values.shape[:-1] != target.shape[:-1]:
-            return None
-        at = indices == target
-        wrong = at.any(-1) & (np.where(at, values, -np.inf).max(-1) < values.max(-1))
-    else:
-        return None
-    if wrong.any():
-        return f"column 'target' disagrees with the cached logits' top-1 in {int(wrong.sum())} view(s)"
-    return None
+        return ["labels", "views", "target", *self.logits_codec.columns(1, None), *self.map_codec.columns(1, None)]
 
