@@ -247,7 +247,11 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 @click.option("--flip-p", type=float, help="Flip probability of random views (0 for digits/text)  [default: 0.5]")
 @click.option("--input-size", type=int, help="Teacher input side in pixels  [default: 224]")
 @click.option("--batch-size", type=int, help="Views per teacher batch  [default: 64]")
-@click.option("--topk", type=int, help="Store only the top-k logits plus the log-sum-exp of all.")
+@click.option("--logits", help="How logits are stored: 'full' (float16), 'topk:K' (the K largest + the log-sum-exp of "
+                               "all; a biased KD target) or 'sampled:S[@T]' (S class ids drawn from the teacher at "
+                               "temperature T, default 1: an unbiased KD gradient; students train at T)  "
+                               "[default: full]")
+@click.option("--topk", type=int, hidden=True, help="Former spelling of --logits topk:K.")
 @click.option("--map-dtype", type=click.Choice(MAP_DTYPES), help="[default: float16]")
 @click.option("--map-size", help="Area-pool maps to H or HxW before storing.")
 @click.option("--format", "fmt", type=click.Choice(list_formats()),
@@ -339,6 +343,9 @@ def inspect_cmd(store: str, as_json: bool, list_keys: bool, list_errors: bool, s
     size = "×".join(map(str, info["preprocessing"]["input_size"]))
     click.echo(f"explainer   {info['explainer']['name']}  map {info['map_shape']} {info['encoding']['map_dtype']}  "
                f"input {size} px  views {info['views']['policy']} ×{info['num_views']}")
+    click.echo("codecs      " + "  ".join(f"{part}: " + " ".join([codec["name"], *(f"{k}={v}" for k, v in codec.items()
+                                                                          if k not in ("name", "num_classes"))])
+                                          for part, codec in info["codecs"].items()))
     click.echo(f"samples     {info['num_samples']}  skipped {info['errors']}  bad labels {info['bad_labels']} "
                f"(cached as unlabelled)  shards {len(info['shards'])} ({info['complete_shards']} complete)")
     click.echo(f"size        {info['bytes']} B  ({info['bytes_per_sample_view']:.0f} B per sample per view)")

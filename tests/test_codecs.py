@@ -14,7 +14,9 @@ from e2kd.storage import Encoding, get_codec, get_format, list_codecs, list_form
 from e2kd.storage.codecs import Float16Maps, codec_class
 
 CLASSES, VIEWS, N = 7, 2, 5
-PARAMS = {"logits-topk": {"k": 3, "num_classes": CLASSES}}  # codecs whose defaults do not fit the test's values
+#: codecs whose defaults do not fit the test's values
+PARAMS = {"logits-topk": {"k": 3, "num_classes": CLASSES},
+          "logits-sampled": {"samples": 12, "num_classes": CLASSES, "temperature": 2.0}}
 
 
 def _values(kind: str, seed: int = 0) -> np.ndarray:
@@ -34,6 +36,11 @@ def _close(codec, values: np.ndarray, decoded: torch.Tensor) -> None:
         idx = torch.from_numpy(np.argsort(-values, -1, kind="stable")[..., :codec.k])
         torch.testing.assert_close(decoded.gather(-1, idx), log_p.gather(-1, idx), atol=2e-2, rtol=0)
         assert torch.allclose(decoded.exp().sum(-1), torch.ones(()), atol=2e-2)  # a distribution
+    elif codec.name == "logits-sampled":  # temperature · log of the draws' empirical distribution
+        q = (decoded / codec.temperature).exp()
+        torch.testing.assert_close(q.sum(-1), torch.ones(q.shape[:-1]))
+        torch.testing.assert_close(q * codec.samples, (q * codec.samples).round(), atol=1e-4, rtol=0)
+        assert ((q > 0).sum(-1) <= codec.samples).all()
     elif codec.name == "map-uint8-affine":
         span = np.ptp(values.reshape(N, VIEWS, -1), -1)[..., None, None, None]
         assert (np.abs(decoded.numpy() - values) <= span / 255 / 2 + 1e-6).all()

@@ -29,5 +29,6 @@ def summarise_store(uri: str) -> dict[str, Any]:
             "errors": sum(r.num_errors for r in complete), "shards": shards,
             "bad_labels": sum(r.num_bad_labels for r in complete), "complete_shards": len(complete),
             "views": m.views, "encoding": m.encoding.to_dict(), "format": m.format,
+            "codecs": {"logits": m.encoding.logits_codec.to_dict(), "maps": m.encoding.map_codec.to_dict()},
             "schema_version": m.schema_version, "e2kd_version": m.e2kd_version, "preprocessing": m.preprocessing,
             "inputs": m.inputs, "class_names": list(m.class_names) if m.class_names else None}

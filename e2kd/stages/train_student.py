@@ -122,7 +122,8 @@ def resolve_against_cache(opts: TrainOptions, manifest: Manifest) -> TrainOption
     """Fill class count / explainer / input size from the manifest; explicit values must agree with it."""
     explainer = opts.explainer or manifest.explainer_name
     manifest.check_student(num_classes=opts.num_classes, explainer=explainer,
-                           explainer_family=explainer_family(explainer), input_size=opts.input_size)
+                           explainer_family=explainer_family(explainer), input_size=opts.input_size,
+                           temperature=opts.temperature)
     cache_resample_dtype(manifest)  # its views can be rendered as its teacher saw them
     opts.num_classes, opts.explainer = manifest.num_classes, explainer
     opts.input_size = opts.input_size or manifest.input_size[0]

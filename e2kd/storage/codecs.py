@@ -7,7 +7,8 @@ float32 values ``[N, V, *shape]`` into them, decodes them back (``[..., V, *shap
 decoded columns for values no writer produces. Nothing outside a codec names its columns.
 
 Built-ins: ``logits-float16`` (full logits), ``logits-topk`` (top-k logits + indices + the log-sum-exp of all),
-``map-float16`` and ``map-uint8-affine`` (a per-map scale and offset, so signed maps survive).
+``logits-sampled`` (class ids drawn from the teacher's distribution: an unbiased KD gradient), ``map-float16`` and
+``map-uint8-affine`` (a per-map scale and offset, so signed maps survive).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["Codec", "ColumnSpecs", "register_codec", "get_codec", "list_codecs", "codec_class", "Float16Logits",
-           "TopkLogits", "Float16Maps", "AffineUint8Maps", "KINDS"]
+           "TopkLogits", "SampledLogits", "Float16Maps", "AffineUint8Maps", "KINDS"]
 
 #: ``column → (dtype, shape of one row)``; a ``None`` shape: any ``(V, *value shape)`` (maps before the first shard).
 ColumnSpecs = dict[str, tuple[str, "tuple | None"]]
@@ -191,6 +192,85 @@ class TopkLogits(_Base):
         values, indices = cols["topk_values"], cols["topk_indices"]
         at = indices == target[..., None]
         return ~at.any(-1) | (np.where(at, values, -np.inf).max(-1) >= values.max(-1))
+
+
+@register_codec
+@dataclass(frozen=True)
+class SampledLogits(_Base):
+    """``samples`` class ids drawn per view from the teacher's distribution at ``temperature`` (with replacement,
+    stored sorted), the teacher's logit at each draw (float16) and the log-sum-exp of all logits at that
+    temperature (Anshumann et al., ACL 2025, "Sparse Logit Sampling").
+
+    Decoded as ``temperature · log q`` where ``q`` is the draws' empirical distribution (classes never drawn get a
+    log-probability of −10⁴, i.e. zero mass): the KD term at the same temperature then has the gradient of the
+    full-logit KD term in expectation — unbiased, unlike top-k. At another temperature it would be biased, so a
+    student must train at the recorded ``temperature`` (checked before training). Draws are seeded by ``seed``
+    and each row's values: the same teacher outputs give the same cache (resume, any actor count).
+    """
+
+    name: ClassVar[str] = "logits-sampled"
+    kind: ClassVar[str] = "logits"
+    samples: int = 1
+    num_classes: int = 1
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (_is_int(self.samples, 1) and self.samples <= 65535 and _is_int(self.num_classes, 1)):
+            raise ValueError(f"sampled logits need 1 <= samples <= 65535 draws, got {self.samples}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or \
+                not 0 < float(self.temperature) < float("inf"):
+            raise ValueError(f"the sampling temperature must be a positive number, got {self.temperature!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"the sampling seed must be an integer, got {self.seed!r}")
+
+    def columns(self, num_views: int, shape: tuple[int, ...] | None) -> ColumnSpecs:
+        v, s = num_views, self.samples
+        return {"sampled_ids": ("int32", (v, s)), "sampled_logits": ("float16", (v, s)),
+                "sampled_logsumexp": ("float32", (v,))}
+
+    def encode(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        import zlib
+
+        values = np.asarray(values, dtype=np.float32)
+        scaled = values.astype(np.float64) / float(self.temperature)
+        top = scaled.max(-1, keepdims=True)
+        lse = top[..., 0] + np.log(np.exp(scaled - top).sum(-1))
+        cdf = np.cumsum(np.exp(scaled - lse[..., None]), -1)
+        ids = np.empty((*values.shape[:-1], self.samples), np.int32)
+        for n in range(values.shape[0]):  # a generator per row: the draws do not depend on batching
+            rng = np.random.default_rng([self.seed, zlib.crc32(values[n].tobytes())])
+            u = rng.random((values.shape[1], self.samples)) * cdf[n, :, -1:]
+            for v in range(values.shape[1]):
+                ids[n, v] = np.minimum(np.searchsorted(cdf[n, v], np.sort(u[v]), side="right"), values.shape[-1] - 1)
+        return {"sampled_ids": ids, "sampled_logits": np.take_along_axis(values, ids, -1).astype(np.float16),
+                "sampled_logsumexp": lse.astype(np.float32)}
+
+    def decode(self, cols: dict[str, np.ndarray]) -> torch.Tensor:
+        import torch
+
+        ids = torch.from_numpy(np.asarray(cols["sampled_ids"], dtype=np.int64))
+        counts = torch.zeros(*ids.shape[:-1], self.num_classes, dtype=torch.float32)
+        counts.scatter_add_(-1, ids, torch.ones(ids.shape, dtype=torch.float32))
+        log_q = torch.log(counts / self.samples).clamp_min(_NEVER_DRAWN)
+        return log_q * float(self.temperature)
+
+    def check(self, cols: dict[str, np.ndarray], num_classes: int) -> str | None:
+        ids = cols["sampled_ids"]
+        if ids.size and not (0 <= ids.min() and ids.max() < num_classes):
+            return f"column 'sampled_ids' holds classes outside [0, {num_classes})"
+        return _finite(cols)
+
+    def check_temperature(self, temperature: float) -> str | None:
+        """Why KD at ``temperature`` would be biased from this cache, or None."""
+        if abs(float(temperature) - float(self.temperature)) > 1e-9:
+            return (f"the cache's logits were sampled at temperature {self.temperature:g}: train with --temperature "
+                    f"{self.temperature:g} (at another temperature the sampled KD term is biased)")
+        return None
+
+
+#: The log-probability of a class never drawn (zero mass without −inf, so KL stays finite: 0 · log 0 = 0).
+_NEVER_DRAWN = -1e4
 
 
 # ---- explanation maps ------------------------------------------------------------------------------------------

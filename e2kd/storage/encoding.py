@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from e2kd.storage.codecs import AffineUint8Maps, Codec, Float16Logits, Float16Maps, TopkLogits
+from e2kd.storage.codecs import AffineUint8Maps, Codec, Float16Logits, Float16Maps, SampledLogits, TopkLogits
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Encoding", "MAP_DTYPES", "CNAMES"]
+__all__ = ["Encoding", "MAP_DTYPES", "CNAMES", "parse_logits"]
 
 MAP_DTYPES = ("float16", "uint8")
 CNAMES = ("zstd", "lz4", "lz4hc", "zlib", "blosclz")
@@ -42,6 +42,8 @@ class Encoding:
     cname: str = "zstd"
     clevel: int = 5
     chunk_samples: int = 64
+    sampled: int | None = None  # draws per view of the ``logits-sampled`` codec (None: full or top-k logits)
+    sample_temperature: float | None = None  # the temperature those draws were taken at (default 1)
 
     def __post_init__(self) -> None:
         for name in ("num_classes", "clevel", "chunk_samples") + (("topk",) if self.topk is not None else ()):
@@ -65,10 +67,18 @@ class Encoding:
             raise ValueError(f"Expected an integer in (0, 9) for clevel. Got {self.clevel} instead.")
         if self.chunk_samples < 1:
             raise ValueError(f"chunk_samples must be >= 1, got {self.chunk_samples}")
+        if self.sampled is not None and self.topk is not None:
+            raise ValueError("a cache stores top-k or sampled logits, not both")
+        if self.sample_temperature is not None and self.sampled is None:
+            raise ValueError("sample_temperature needs sampled logits")
+        self.logits_codec  # noqa: B018 - the codec checks its own parameters (draws, temperature)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["map_size"] = list(self.map_size) if self.map_size else None
+        for key in ("sampled", "sample_temperature"):  # absent unless used: other caches' manifests are unchanged
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -90,7 +100,11 @@ class Encoding:
     # ---- the codecs of its two outputs (registered values, ``storage.codecs``) -----------------
     @cached_property
     def logits_codec(self) -> Codec:
-        """The codec of the teacher's logits: ``logits-topk`` with ``topk``, else ``logits-float16``."""
+        """The codec of the teacher's logits: ``logits-topk`` with ``topk``, ``logits-sampled`` with ``sampled``, else
+        ``logits-float16``."""
+        if self.sampled is not None:
+            return SampledLogits(samples=self.sampled, num_classes=self.num_classes,
+                                 temperature=1.0 if self.sample_temperature is None else self.sample_temperature)
         return TopkLogits(k=self.topk, num_classes=self.num_classes) if self.topk is not None else Float16Logits()
 
     @cached_property
@@ -170,4 +184,35 @@ class Encoding:
 
     def column_names(self) -> list[str]:
         return ["labels", "views", "target", *self.logits_codec.columns(1, None), *self.map_codec.columns(1, None)]
+
+
+def parse_logits(spec: str, topk: int | None = None) -> dict[str, Any]:
+    """``--logits full | topk:K | sampled:S[@T]`` (``--topk K``: the former spelling of ``topk:K``) → the
+    encoding's ``topk`` / ``sampled`` / ``sample_temperature``.
+
+    Raises:
+        ValueError: an unknown form, or ``--topk`` disagreeing with ``--logits``.
+    """
+    kind, _, arg = str(spec).partition(":")
+    out: dict[str, Any] = {"topk": None, "sampled": None, "sample_temperature": None}
+    try:
+        if kind == "full" and not arg:
+            pass
+        elif kind == "topk":
+            out["topk"] = int(arg)
+        elif kind == "sampled":
+            draws, _, temperature = arg.partition("@")
+            out["sampled"] = int(draws)
+            out["sample_temperature"] = float(temperature) if temperature else None
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--logits must be full, topk:K or sampled:S[@T] (e.g. topk:10, sampled:12@2), "
+                         f"got {spec!r}") from None
+    if topk is not None:
+        if kind not in ("full", "topk") or (kind == "topk" and out["topk"] != topk):
+            raise ValueError(f"--topk {topk} (the former spelling of --logits topk:{topk}) disagrees with --logits "
+                             f"{spec}")
+        out["topk"] = topk
+    return out
 

@@ -247,11 +247,12 @@ class Manifest:
 
     def check_student(self, *, num_classes: int | None = None, explainer: str | None = None,
                       explainer_family: str | None = None, input_size: int | None = None,
-                      what: str = "cache") -> None:
+                      temperature: float | None = None, what: str = "cache") -> None:
         """Can a student with these values train or be evaluated on this cache? ``CompatibilityError`` if not.
 
         ``explainer_family`` is the family of the student's ``explainer`` (the caller resolves names); an
-        ``input_size`` other than the cache's is refused only for a K-view cache (view replay needs it).
+        ``input_size`` other than the cache's is refused only for a K-view cache (view replay needs it); a KD
+        ``temperature`` is refused where the logits codec says KD at it would be biased (sampled logits).
         """
         if num_classes is not None and num_classes != self.num_classes:
             raise CompatibilityError(f"num_classes: the student has {num_classes} classes, the {what}'s teacher "
@@ -263,6 +264,10 @@ class Manifest:
         if input_size is not None and input_size != size and self.replays_views:
             raise CompatibilityError(f"input_size: the {what}'s views were rendered at {size} px, the student asks "
                                      f"for {input_size} (view replay needs the same size)")
+        check_temperature = getattr(self.encoding.logits_codec, "check_temperature", None)
+        problem = check_temperature(temperature) if temperature is not None and check_temperature else None
+        if problem:
+            raise CompatibilityError(f"temperature: {problem}")
         incomplete = sorted(n for n, r in self.shards.items() if not r.complete)
         if incomplete or self.map_shape is None:
             raise CompatibilityError(f"{what}: incomplete store (shards {incomplete[:3]}); finish it with the same "

@@ -28,6 +28,7 @@ from e2kd.pipeline.views import RENDER_SPEC, ViewPolicy
 from e2kd.stages.cache_teacher.ray_session import check_ray_address, ensure_ray
 from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
 from e2kd.storage import PRECISIONS, CacheWriter, Encoding, Manifest, ManifestError, create_store, list_formats
+from e2kd.storage.encoding import parse_logits
 from e2kd.storage.options import apply_storage_options, resolve_storage_options
 from e2kd.storage.ownership import check_writable
 
@@ -57,7 +58,8 @@ class CacheTeacherOptions:
     flip_p: float = 0.5
     input_size: int = 224
     batch_size: int = 64
-    topk: int | None = None
+    logits: str = "full"  # full | topk:K | sampled:S[@T]
+    topk: int | None = None  # former spelling of logits="topk:K"
     map_dtype: str = "float16"
     map_size: tuple[int, int] | None = None
     format: str = "zarr"
@@ -104,7 +106,7 @@ class CacheTeacherOptions:
 
     @property
     def encoding(self) -> Encoding:
-        return Encoding(num_classes=self.num_classes, topk=self.topk, map_dtype=self.map_dtype,
+        return Encoding(num_classes=self.num_classes, **parse_logits(self.logits, self.topk), map_dtype=self.map_dtype,
                         map_size=tuple(self.map_size) if self.map_size else None)
 
 
