@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["create_model", "input_transform", "InputTransform", "model_spec", "load_state_dict",
-           "is_bcos_name", "BCOS_PREFIX", "BCOS_NORMS", "bcos_norm_layer"]
+           "load_state_bytes", "is_bcos_name", "BCOS_PREFIX", "BCOS_NORMS", "bcos_norm_layer"]
 
 BCOS_PREFIX = "bcos:"
 
@@ -220,15 +220,46 @@ def load_state_dict(model: nn.Module, checkpoint: str | Path) -> None:
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _load_checked(model, lambda: _read_state(path), str(path))
+
+
+def load_state_bytes(model: nn.Module, data: bytes, suffix: str = ".safetensors", name: str = "weights") -> None:
+    """Load weights from bytes (a ``.safetensors`` file's, or a torch state_dict's for ``.pt``/``.pth``) strictly,
+    without a temporary file — what every Ray actor of cache-teacher does with the teacher's weights."""
+    _load_checked(model, lambda: _state_from_bytes(data, suffix), name)
+
+
+def _load_checked(model: nn.Module, read: Any, where: str) -> None:
     try:
-        state = _read_state(path)
+        state = read()
     except (ValueError, FileNotFoundError):
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors / torch report a bad file in many ways
-        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
+        raise ValueError(f"{where} is not a readable checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    _check_compatible(model, state, path)
+    _check_compatible(model, state, where)
     model.load_state_dict(state, strict=True)
+
+
+def _state_from_bytes(data: bytes, suffix: str) -> dict[str, Tensor]:
+    """:func:`_read_state` of bytes: safetensors, or ``torch.load(weights_only=True)`` of a state_dict or a
+    training checkpoint (``state_dict`` / ``model`` entry), ``module.`` prefixes removed (timm's cleaning)."""
+    import io
+
+    from timm.models import clean_state_dict
+
+    if suffix == ".safetensors":
+        from safetensors.torch import load
+
+        state: Any = load(data)
+    else:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if isinstance(state, dict):
+            state = state.get("state_dict", state.get("model", state))
+        state = clean_state_dict(state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"expected a state_dict of tensors, got {type(state).__name__}")
+    return state
 
 
 def _read_state(path: Path) -> dict[str, Tensor]:
@@ -242,7 +273,7 @@ def _read_state(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _check_compatible(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+def _check_compatible(model: nn.Module, state: dict[str, Tensor], path: Path | str) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

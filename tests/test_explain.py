@@ -132,3 +132,35 @@ def test_unknown_and_unsuitable_explainers_are_clear_errors() -> None:
         build_explainer("nope", model)
     with pytest.raises(ValueError, match="B-cos model"):
         build_explainer("bcos", model)
+
+
+def test_whether_an_explainer_suits_a_teacher_is_the_explainers_answer() -> None:
+    from e2kd.explain import register_explainer
+    from e2kd.explain.registry import _REGISTRY, Explainer, check_supports
+    from e2kd.models import create_model
+
+    for name, model in (("gradcam", "resnet18"), ("bcos", "bcos:resnet18"), ("input_x_gradient", "bcos:resnet18"),
+                        ("input_x_gradient", "resnet18")):
+        check_supports(name, model)
+    with pytest.raises(ValueError, match="does not fit teacher 'bcos:resnet18': a B-cos model explains itself"):
+        check_supports("gradcam", "bcos:resnet18")
+    with pytest.raises(ValueError, match="the bcos explainer needs a B-cos model"):
+        check_supports("bcos", create_model("resnet18", 3))
+
+    @register_explainer
+    class OnlyViTs(Explainer):  # a plug-in explainer answers for itself
+        name, family = "only_vits_test", "gradcam"
+
+        @classmethod
+        def supports(cls, model):  # noqa: ANN001, ANN206
+            return None if "vit" in str(model) else "ViTs only"
+
+        def explain(self, inputs, targets, create_graph):  # noqa: ANN001, ANN201
+            raise NotImplementedError
+
+    try:
+        with pytest.raises(ValueError, match="ViTs only"):
+            check_supports("only_vits_test", "resnet18")
+        check_supports("only_vits_test", "vit_tiny_patch16_224")
+    finally:
+        del _REGISTRY["only_vits_test"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -59,3 +61,28 @@ def test_unknown_names_are_clear_errors() -> None:
         create_model("no_such_net", 3)
     with pytest.raises(ValueError, match="unknown B-cos model"):
         create_model("bcos:no_such_net", 3)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_load_from_bytes_as_from_the_file(suffix: str, tmp_path: Path) -> None:
+    """cache-teacher's actors load the teacher from the checkpoint's bytes (no temporary file): the same tensors
+    as loading the file, for safetensors and for a torch training checkpoint ({"model": state}, module. prefixes)."""
+    from safetensors.torch import save_file
+
+    from e2kd.models import create_model, load_state_bytes
+    from e2kd.stages.cache_teacher.teacher import TeacherSpec
+
+    kwargs = {"channels": [8, 8, 16, 32], "stem_width": 8}
+    torch.manual_seed(3)
+    source = create_model("resnet18", 4, **kwargs)
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pt":
+        torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}, path)
+    else:
+        save_file(source.state_dict(), path)
+    from_file = create_model("resnet18", 4, checkpoint=path, **kwargs)
+    from_bytes = TeacherSpec("resnet18", 4, kwargs, suffix).build(path.read_bytes(), checkpoint=path)
+    for (k, a), b in zip(from_file.state_dict().items(), from_bytes.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="garbage is not a readable checkpoint"):
+        load_state_bytes(create_model("resnet18", 4, **kwargs), b"not weights", suffix, name="garbage")

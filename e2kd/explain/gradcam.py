@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from e2kd.explain.registry import Explainer, register_explainer
+from e2kd.explain.registry import Explainer, is_bcos, register_explainer
 
 __all__ = ["GradCAM", "gradcam_from"]
 
@@ -29,6 +29,15 @@ class GradCAM(Explainer):
 
     name = "gradcam"
     family = "gradcam"
+
+    @classmethod
+    def supports(cls, model: nn.Module | str) -> str | None:
+        if is_bcos(model):
+            return "a B-cos model explains itself: use bcos (or input_x_gradient) for bcos:<name> teachers"
+        if not isinstance(model, str) and not (hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")) \
+                and not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+            return "gradcam needs a timm model with forward_features/forward_head (or a ViT)"
+        return None
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

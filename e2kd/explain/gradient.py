@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from e2kd.explain.dynamic import install_backward_fixing, is_bcos_model
-from e2kd.explain.registry import Explainer, register_explainer
+from e2kd.explain.dynamic import install_backward_fixing
+from e2kd.explain.registry import Explainer, is_bcos, register_explainer
 
 __all__ = ["BcosExplainer", "InputXGradient"]
 
@@ -36,11 +36,17 @@ class BcosExplainer(Explainer):
     name = "bcos"
     family = "bcos"
 
+    @classmethod
+    def supports(cls, model: nn.Module | str) -> str | None:
+        if not is_bcos(model) or (not isinstance(model, str) and not hasattr(model, "explanation_mode")):
+            return "the bcos explainer needs a B-cos model (bcos:<name>) with explanation_mode()"
+        return None
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        if not hasattr(model, "explanation_mode") or not is_bcos_model(model):
-            raise ValueError(f"the bcos explainer needs a B-cos model (bcos:<name>) with explanation_mode(); "
-                             f"got {type(model).__name__}")
+        reason = self.supports(model)
+        if reason:
+            raise ValueError(f"{reason}; got {type(model).__name__}")
 
     def prepare_double_backward(self) -> None:
         super().prepare_double_backward()

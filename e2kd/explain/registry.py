@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Explainer", "register_explainer", "build_explainer", "list_explainers", "explainer_family"]
+__all__ = ["Explainer", "register_explainer", "build_explainer", "list_explainers", "explainer_family",
+           "check_supports", "is_bcos"]
 
 _REGISTRY: dict[str, type[Explainer]] = {}
 
@@ -31,6 +32,13 @@ class Explainer(ABC):
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._prepared_for_double_backward = False
+
+    @classmethod
+    def supports(cls, model: nn.Module | str) -> str | None:
+        """Why this explainer should not explain teacher ``model`` for a cache (a built model, or a model name such
+        as ``bcos:resnet18``, asked before anything is built), or None where it can. cache-teacher asks it; every
+        model is supported unless a subclass says otherwise."""
+        return None
 
     def __call__(self, inputs: Tensor, targets: Tensor | None = None,
                  create_graph: bool = False) -> tuple[Tensor, Tensor]:
@@ -101,6 +109,25 @@ def _lookup(name: str) -> type[Explainer]:
 def explainer_family(name: str) -> str:
     """The family of a registered explainer (maps of one family are comparable)."""
     return _lookup(name).family
+
+
+def is_bcos(model: nn.Module | str) -> bool:
+    """A B-cos model (built from ``bcos`` package modules), or the name of one (``bcos:<name>``)."""
+    if isinstance(model, str):
+        from e2kd.models import is_bcos_name
+
+        return is_bcos_name(model)
+    from e2kd.explain.dynamic import is_bcos_model
+
+    return is_bcos_model(model)
+
+
+def check_supports(name: str, model: nn.Module | str) -> None:
+    """Raise ``ValueError`` (the explainer's reason) unless explainer ``name`` can explain ``model``."""
+    reason = _lookup(name).supports(model)
+    if reason:
+        what = model if isinstance(model, str) else type(model).__name__
+        raise ValueError(f"explainer {name!r} does not fit teacher {what!r}: {reason}")
 
 
 def build_explainer(name: str, model: nn.Module, **kwargs: Any) -> Explainer:

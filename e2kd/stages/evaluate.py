@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from e2kd.explain import explainer_family
 from e2kd.models import create_model
-from e2kd.pipeline.loader import cache_resample_dtype
-from e2kd.storage import CompatibilityError, open_store
+from e2kd.pipeline.student_cache import open_student_cache
 from e2kd.training.evaluation import evaluate_model
 
 __all__ = ["evaluate_weights"]
@@ -25,16 +23,9 @@ def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict
             the one ``expect_cache_id`` names.
     """
     if cache:
-        store = open_store(cache)
-        if expect_cache_id is not None and store.cache_id != expect_cache_id.strip().lower():
-            raise CompatibilityError(f"cache {cache} has id {store.cache_id}, not the expected {expect_cache_id} "
-                                     f"(--expect-cache-id): a different or changed cache")
-        m = store.manifest
-        explainer = explainer or m.explainer_name
-        m.check_student(num_classes=num_classes, explainer=explainer, explainer_family=explainer_family(explainer),
-                        input_size=input_size)
-        cache_resample_dtype(m)
-        num_classes, input_size = num_classes or m.num_classes, input_size or m.input_size[0]
+        opened = open_student_cache(cache, expect_id=expect_cache_id, num_classes=num_classes, explainer=explainer,
+                                    input_size=input_size)
+        explainer, num_classes, input_size = opened.explainer, opened.num_classes, opened.input_size
     if num_classes is None or input_size is None:
         raise ValueError("without --cache, give --num-classes and --input-size")
     model = create_model(student, num_classes, checkpoint=weights, **(student_kwargs or {}))

@@ -112,14 +112,16 @@ def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None,
     Returns the per-view cosine between the student's and the teacher's map (taken at the input size, as
     train-student's loss takes it); empty without a student.
     """
+    from e2kd.pipeline.student_cache import open_student_cache
     from e2kd.storage import open_store
 
-    store = open_store(store_uri)
+    with_student = bool(student and weights)  # a student must fit the cache (the same checks as train-student)
+    store = open_student_cache(store_uri, what="store").store if with_student else open_store(store_uri)
     rec, image = store.read(key), find_image(store, key, data)
     size = store.manifest.input_size
     inputs = torch.stack([render_view(image, v.tolist(), size) for v in rec["views"]])
     student_maps, cosines = None, []
-    if student and weights:
+    if with_student:
         net = create_model(student, store.manifest.num_classes, checkpoint=weights, **(student_kwargs or {}))
         student_maps = _student_maps(net, store.manifest.explainer_name, inputs, rec["target"])
         cosines = explanation_similarity(student_maps.float(), rec["maps"].float(), size).tolist()

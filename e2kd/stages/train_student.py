@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from e2kd.explain import explainer_family
 from e2kd.losses import EXPL_RESOLUTIONS, E2KDObjective
 from e2kd.models import create_model, model_spec
-from e2kd.pipeline.loader import JoinPlan, StreamSpec, build_loader, cache_resample_dtype, plan_join, select_shots
+from e2kd.pipeline.loader import JoinPlan, StreamSpec, build_loader, plan_join, select_shots
 from e2kd.pipeline.sources import list_shards
-from e2kd.storage import CompatibilityError, Manifest, ManifestError, open_store
+from e2kd.pipeline.student_cache import open_student_cache
+from e2kd.storage import CacheStore, CompatibilityError, Manifest
 from e2kd.storage.options import apply_storage_options, describe_storage_options, resolve_storage_options
 from e2kd.training import (
     CachedTargets,
@@ -118,17 +118,14 @@ def _check_ranges(o: TrainOptions) -> None:
 
 
 # ---- set-up and compatibility ----------------------------------------------------------------------
-def resolve_against_cache(opts: TrainOptions, manifest: Manifest) -> TrainOptions:
-    """Fill class count / explainer / input size from the manifest; explicit values must agree with it."""
-    explainer = opts.explainer or manifest.explainer_name
-    manifest.check_student(num_classes=opts.num_classes, explainer=explainer,
-                           explainer_family=explainer_family(explainer), input_size=opts.input_size,
-                           temperature=opts.temperature)
-    cache_resample_dtype(manifest)  # its views can be rendered as its teacher saw them
-    opts.num_classes, opts.explainer = manifest.num_classes, explainer
-    opts.input_size = opts.input_size or manifest.input_size[0]
-    _warn_ignored_augmentation(opts, manifest)
-    return opts
+def resolve_against_cache(opts: TrainOptions, uri: str) -> tuple[TrainOptions, CacheStore]:
+    """Open the cache for this run (:func:`open_student_cache`): class count / explainer / input size default to
+    the cache's, explicit values must agree with it."""
+    opened = open_student_cache(uri, expect_id=opts.expect_cache_id, num_classes=opts.num_classes,
+                                explainer=opts.explainer, input_size=opts.input_size, temperature=opts.temperature)
+    opts.num_classes, opts.explainer, opts.input_size = opened.num_classes, opened.explainer, opened.input_size
+    _warn_ignored_augmentation(opts, opened.store.manifest)
+    return opts, opened.store
 
 
 def _warn_ignored_augmentation(opts: TrainOptions, manifest: Manifest) -> None:
@@ -149,17 +146,6 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _open_cache(uri: str, expect_id: str | None = None) -> Any:
-    try:
-        store = open_store(uri)
-    except (ManifestError, FileNotFoundError) as exc:
-        raise CompatibilityError(f"cache: {exc}") from None
-    if expect_id is not None and store.cache_id != expect_id.strip().lower():
-        raise CompatibilityError(f"cache {uri} has id {store.cache_id}, not the expected {expect_id} "
-                                 f"(--expect-cache-id): a different or changed cache")
-    return store
-
-
 def recorded_options(opts: Any) -> dict[str, Any]:
     """The options as a run records them (summary, checkpoint): storage options by key name only (secrets)."""
     out = json.loads(json.dumps(asdict(opts), default=str))
@@ -172,7 +158,7 @@ def _check_validation_inputs(opts: TrainOptions) -> None:
     """``--val-data`` / ``--val-cache`` fail here, before the first step, not after an epoch."""
     if not opts.val_data:
         return
-    val_store = _open_cache(opts.val_cache) if opts.val_cache else None
+    val_store = open_student_cache(opts.val_cache, what="--val-cache").store if opts.val_cache else None
     if val_store is not None and val_store.manifest.num_classes != opts.num_classes:
         raise CompatibilityError(f"--val-cache: its teacher has {val_store.manifest.num_classes} "
                                  f"classes, the student {opts.num_classes}")
@@ -217,8 +203,7 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
                                                                          opts.val_cache]))
     store = None
     if opts.cache is not None:
-        store = _open_cache(opts.cache, opts.expect_cache_id)
-        opts = resolve_against_cache(opts, store.manifest)
+        opts, store = resolve_against_cache(opts, opts.cache)
     elif opts.num_classes is None or opts.explainer is None or opts.input_size is None:
         raise ValueError("--online-teacher needs --num-classes, --explainer and --input-size")
     shards = list_shards(opts.data)

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from e2kd import __version__
-from e2kd.explain import build_explainer, explainer_family
-from e2kd.models import InputTransform, is_bcos_name
+from e2kd.explain import build_explainer
+from e2kd.explain.registry import check_supports
+from e2kd.models import InputTransform
 from e2kd.pipeline.sources import (
     FolderShard,
     InputShard,
@@ -26,6 +27,7 @@ from e2kd.pipeline.sources import (
 )
 from e2kd.pipeline.views import RENDER_SPEC, ViewPolicy
 from e2kd.stages.cache_teacher.ray_session import check_ray_address, ensure_ray
+from e2kd.stages.cache_teacher.teacher import TeacherSpec
 from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
 from e2kd.storage import PRECISIONS, CacheWriter, Encoding, Manifest, ManifestError, create_store, list_formats
 from e2kd.storage.encoding import parse_logits
@@ -93,10 +95,7 @@ class CacheTeacherOptions:
         check_range("--gpus-per-actor", self.gpus_per_actor, 0)
         self.encoding  # noqa: B018 - top-k, map dtype and map size are checked here, before any work
         self.view_policy  # noqa: B018
-        if is_bcos_name(self.teacher) != (self.explainer == "bcos") and self.explainer != "input_x_gradient":
-            raise ValueError(f"explainer {self.explainer!r} does not fit teacher {self.teacher!r}: use bcos for "
-                             f"bcos:<name> teachers and gradcam/input_x_gradient for timm teachers")
-        explainer_family(self.explainer)  # unknown names fail here, before any work
+        check_supports(self.explainer, self.teacher)  # the explainer's answer, before any work (unknown: refused)
         if self.teacher_checkpoint is not None and self.random_teacher:
             raise ValueError("--teacher-checkpoint and --random-teacher exclude each other")
 
@@ -132,26 +131,27 @@ def _header(opts: CacheTeacherOptions, transform: InputTransform, checkpoint_sha
                     class_names=names)
 
 
+def _teacher_spec(opts: CacheTeacherOptions) -> TeacherSpec:
+    suffix = Path(opts.teacher_checkpoint).suffix if opts.teacher_checkpoint else ".safetensors"
+    return TeacherSpec(opts.teacher, opts.num_classes, dict(opts.teacher_kwargs), suffix or ".safetensors")
+
+
 def _build_teacher(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes, dict[str, Any]]:
-    """Build the teacher once in the driver (a bad name, kwargs or checkpoint fails here, before Ray starts).
+    """Build the teacher once in the driver (a bad name, kwargs or checkpoint fails here, before Ray starts),
+    with the :class:`TeacherSpec` and weight bytes every actor builds it from.
 
     Returns its input transform, the weights every actor loads — the checkpoint file's bytes, or for
     ``--random-teacher`` the state of a teacher initialised from ``--seed`` (identical in every actor and on
     resume, recorded by its sha256 like a checkpoint) — and the explainer's config for the manifest.
     """
-    import torch
-    from safetensors.torch import save
+    from e2kd.models import input_transform
 
-    from e2kd.models import create_model, input_transform
-
-    if opts.random_teacher:
-        with torch.random.fork_rng():
-            torch.manual_seed(opts.seed)
-            model = create_model(opts.teacher, opts.num_classes, **opts.teacher_kwargs)
-        weights = save({k: v.detach().contiguous() for k, v in model.state_dict().items()})
-    else:
-        weights = Path(opts.teacher_checkpoint).read_bytes()
-        model = create_model(opts.teacher, opts.num_classes, checkpoint=opts.teacher_checkpoint, **opts.teacher_kwargs)
+    spec = _teacher_spec(opts)
+    path = None if opts.random_teacher else Path(opts.teacher_checkpoint)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    weights = spec.random_weights(opts.seed) if path is None else path.read_bytes()
+    model = spec.build(weights, checkpoint=path)
     transform = input_transform(model)
     explainer = build_explainer(opts.explainer, model.eval(), **opts.explainer_kwargs)
     _check_maps(opts, explainer, transform)

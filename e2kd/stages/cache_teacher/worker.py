@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from e2kd.explain import build_explainer
-from e2kd.models import create_model, input_transform
+from e2kd.models import input_transform
 from e2kd.pipeline.parallel import ordered_map
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_sha256
 from e2kd.pipeline.views import ViewPolicy, render_view_uint8
+from e2kd.stages.cache_teacher.teacher import TeacherSpec
 from e2kd.storage import PRECISIONS, Encoding, ShardWriter
 from e2kd.storage.options import StorageOptions, apply_storage_options
 
@@ -83,13 +82,8 @@ class TeacherWorker:
 
     @staticmethod
     def _load_teacher(spec: WorkerSpec, checkpoint: bytes | None) -> torch.nn.Module:
-        if checkpoint is None:
-            return create_model(spec.teacher["name"], spec.teacher["num_classes"], **spec.teacher["kwargs"])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"teacher{spec.checkpoint_suffix}"
-            path.write_bytes(checkpoint)
-            return create_model(spec.teacher["name"], spec.teacher["num_classes"], checkpoint=path,
-                                **spec.teacher["kwargs"])
+        """The driver's :class:`TeacherSpec` build, from the weights' bytes (no temporary file)."""
+        return TeacherSpec.from_dict(spec.teacher, spec.checkpoint_suffix).build(checkpoint)
 
     def ready(self, checkpoint: bytes | list | None = None) -> str:
         """Load the teacher now (start-up errors surface here, before any shard); the device it runs on."""
