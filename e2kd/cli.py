@@ -241,6 +241,9 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
               help="Text file of class names, line i = class i (default for an image folder: its directories).")
 @click.option("--teacher-kwargs", help='JSON kwargs for the model constructor, e.g. \'{"output_stride": 16}\'.')
 @click.option("--explainer", help="gradcam | bcos | input_x_gradient (`e2kd explainers`)  [default: gradcam]")
+@click.option("--explainers", help="Several explanation fields from one teacher, e.g. gradcam,input_x_gradient (bcos,"
+                                   "gradcam for a B-cos teacher); each field is what a single-explainer cache would "
+                                   "hold; the first is the default (students choose with --expl-field).")
 @click.option("--explainer-kwargs", help="JSON kwargs of the explainer (recorded in the manifest).")
 @click.option("--views", help="'full' (one whole-image view; ❄ frozen e²KD) or K random-resized-crop views.")
 @click.option("--crop-scale", nargs=2, type=float, help="Area range of random crops  [default: 0.08 1.0]")
@@ -343,6 +346,9 @@ def inspect_cmd(store: str, as_json: bool, list_keys: bool, list_errors: bool, s
     size = "×".join(map(str, info["preprocessing"]["input_size"]))
     click.echo(f"explainer   {info['explainer']['name']}  map {info['map_shape']} {info['encoding']['map_dtype']}  "
                f"input {size} px  views {info['views']['policy']} ×{info['num_views']}")
+    click.echo("fields      " + "  ".join(f"{f['name']} ({f['kind']}, {f['codec']['name']}"
+                                          + (f", {'×'.join(map(str, f['map_shape']))}" if f.get("map_shape") else "")
+                                          + ")" for f in info["fields"]))
     click.echo("codecs      " + "  ".join(f"{part}: " + " ".join([codec["name"], *(f"{k}={v}" for k, v in codec.items()
                                                                           if k not in ("name", "num_classes"))])
                                           for part, codec in info["codecs"].items()))
@@ -409,7 +415,9 @@ def copy_cmd(src: str, dst: str, overwrite: bool, create_bucket: bool, storage_o
               help="Initial student weights: a weights file, or a run directory (its summary.json supplies --student "
                    "and --student-kwargs too; given flags must agree).")
 @click.option("--num-classes", type=int, help="Default: the cache's; must agree with it.")
-@click.option("--explainer", help="Student explainer. Default: the cache's; must be of the same family.")
+@click.option("--explainer", help="Student explainer. Default: the cache field's; must be of the same family.")
+@click.option("--expl-field", help="The cache's explanation field to match (`e2kd inspect` lists them; needed where "
+                                   "a cache holds several, e.g. cached with --explainers gradcam,input_x_gradient).")
 @click.option("--input-size", type=int, help="Default: the cache's; must agree with a K-view cache.")
 @_optimisation_options("train_student")
 @click.option("--steps-per-epoch", type=int, help="Default: usable samples // (batch × ranks).")
@@ -475,6 +483,7 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
                              "against each sample's first cached view, on that view's crop).")
 @click.option("--num-classes", type=int, help="Needed without --cache.")
 @click.option("--input-size", type=int, help="Needed without --cache.")
+@click.option("--expl-field", help="The cache's explanation field expl_sim compares with (where it holds several).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--expl-resolution", type=click.Choice(["input", "native"]), default="input", show_default=True,
               help="Where expl_sim's cosine is taken (as train-student's --expl-resolution).")
@@ -486,7 +495,7 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
                  student_kwargs: str | None, cache: str | None,
                  num_classes: int | None, input_size: int | None, batch_size: int, expl_resolution: str, workers: int,
                  as_json: bool, former__weights: str | None, expect_cache_id: str | None,
-                 storage_options: str | None) -> None:
+                 storage_options: str | None, expl_field: str | None) -> None:
     """Top-1, agreement with the teacher and explanation similarity of a trained student."""
     weights = _take_former({"weights": weights, "former__weights": former__weights})["weights"]
     from e2kd.stages.evaluate import evaluate_weights
@@ -499,7 +508,7 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
         metrics: dict[str, Any] = evaluate_weights(data, student, weights, model["student_kwargs"], cache, num_classes,
                                                    input_size=input_size, batch_size=batch_size, workers=workers,
                                                    expl_resolution=expl_resolution, progress=True,
-                                                   expect_cache_id=expect_cache_id)
+                                                   expect_cache_id=expect_cache_id, expl_field=expl_field)
         opened = open_store(cache) if cache else None
         views = opened.manifest.num_views if opened else 1
     except (ValueError, FileNotFoundError, KeyError) as exc:

@@ -220,6 +220,7 @@ class StreamSpec:
     world_size: int = 1
     trusted: frozenset[str] = frozenset()  # shards planned from the cache's key index: keys checked while read
     allow_missing: bool = False  # a trusted shard's key on one side only: skipped and counted, not an error
+    expl_field: str | None = None  # the cache's explanation field the student matches (None: its default, first)
 
 
 def _key_int(*parts: object) -> int:
@@ -420,7 +421,7 @@ class StudentStream(IterableDataset):
             return pending.result()  # an error in the prefetch (a damaged shard) is raised here, as a read would
         if self.store is None or shard.name not in self.store.shard_names:
             return None
-        return dict(self.store.iter_shard(shard.name))
+        return dict(self.store.iter_shard(shard.name, self.spec.expl_field))
 
     def _prefetch(self, shard: InputShard) -> None:
         """Start reading a shard's cached records in a background thread (one shard ahead; object storage)."""
@@ -430,7 +431,8 @@ class StudentStream(IterableDataset):
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool, self._pool_pid = ThreadPoolExecutor(1, thread_name_prefix="e2kd-prefetch"), os.getpid()
         # only this one is pending: the current shard's was taken, and a pass that stopped early leaves no other use
-        self._pending = {shard.name: self._pool.submit(lambda: dict(self.store.iter_shard(shard.name)))}
+        self._pending = {shard.name: self._pool.submit(lambda: dict(self.store.iter_shard(shard.name,
+                                                                                         self.spec.expl_field)))}
 
     def _decode_and_keep(self, shard: InputShard, records: dict[str, Any] | None) -> Iterator[Sample | BadSample]:
         kept: list[Sample | BadSample] = []

@@ -15,7 +15,7 @@ def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict
                      cache: str | None = None, num_classes: int | None = None, explainer: str | None = None,
                      input_size: int | None = None, batch_size: int = 64, workers: int = 0,
                      expl_resolution: str = "input", progress: bool = False,
-                     expect_cache_id: str | None = None) -> dict[str, float]:
+                     expect_cache_id: str | None = None, expl_field: str | None = None) -> dict[str, float]:
     """Load ``student.safetensors`` and evaluate it (class count, explainer, size default to the cache's).
 
     Raises:
@@ -24,9 +24,10 @@ def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict
     """
     if cache:
         opened = open_student_cache(cache, expect_id=expect_cache_id, num_classes=num_classes, explainer=explainer,
-                                    input_size=input_size)
+                                    input_size=input_size, expl_field=expl_field)
         explainer, num_classes, input_size = opened.explainer, opened.num_classes, opened.input_size
     if num_classes is None or input_size is None:
         raise ValueError("without --cache, give --num-classes and --input-size")
     model = create_model(student, num_classes, checkpoint=weights, **(student_kwargs or {}))
-    return evaluate_model(model, data, cache, explainer, input_size, batch_size, workers, expl_resolution, progress)
+    return evaluate_model(model, data, cache, explainer, input_size, batch_size, workers, expl_resolution, progress,
+                          expl_field=expl_field)

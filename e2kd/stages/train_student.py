@@ -82,6 +82,7 @@ class TrainOptions:
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     expect_cache_id: str | None = None  # refuse any cache but this one (``e2kd inspect`` prints the id)
+    expl_field: str | None = None  # the cache's explanation field to match (needed where it holds several)
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec arguments; never recorded
 
     def __post_init__(self) -> None:
@@ -122,7 +123,8 @@ def resolve_against_cache(opts: TrainOptions, uri: str) -> tuple[TrainOptions, C
     """Open the cache for this run (:func:`open_student_cache`): class count / explainer / input size default to
     the cache's, explicit values must agree with it."""
     opened = open_student_cache(uri, expect_id=opts.expect_cache_id, num_classes=opts.num_classes,
-                                explainer=opts.explainer, input_size=opts.input_size, temperature=opts.temperature)
+                                explainer=opts.explainer, input_size=opts.input_size, temperature=opts.temperature,
+                                expl_field=opts.expl_field)
     opts.num_classes, opts.explainer, opts.input_size = opened.num_classes, opened.explainer, opened.input_size
     _warn_ignored_augmentation(opts, opened.store.manifest)
     return opts, opened.store
@@ -158,7 +160,8 @@ def _check_validation_inputs(opts: TrainOptions) -> None:
     """``--val-data`` / ``--val-cache`` fail here, before the first step, not after an epoch."""
     if not opts.val_data:
         return
-    val_store = open_student_cache(opts.val_cache, what="--val-cache").store if opts.val_cache else None
+    val_store = open_student_cache(opts.val_cache, expl_field=opts.expl_field, what="--val-cache").store \
+        if opts.val_cache else None
     if val_store is not None and val_store.manifest.num_classes != opts.num_classes:
         raise CompatibilityError(f"--val-cache: its teacher has {val_store.manifest.num_classes} "
                                  f"classes, the student {opts.num_classes}")
@@ -239,6 +242,7 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
     spec = StreamSpec(shards=shards, keys=set(keys), input_size=(opts.input_size, opts.input_size),
                       cache_uri=opts.cache, crop_scale=tuple(opts.crop_scale), flip_p=opts.flip_p, seed=opts.seed,
                       rank=rank, world_size=world, trusted=frozenset(plan.trusted), allow_missing=opts.allow_missing,
+                      expl_field=opts.expl_field,
                       map_size=(opts.input_size, opts.input_size) if opts.expl_resolution == "input" else None)
     stream, loader = build_loader(spec, opts.batch_size, opts.workers)
     objective = StudentObjective(E2KDObjective(model, opts.explainer, temperature=opts.temperature, lam=opts.lam,
@@ -254,7 +258,8 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
 
 def _validate(model: torch.nn.Module, opts: TrainOptions) -> dict[str, float]:
     return evaluate_model(model, opts.val_data, opts.val_cache, opts.explainer, opts.input_size,
-                          batch_size=opts.batch_size, workers=opts.workers, expl_resolution=opts.expl_resolution)
+                          batch_size=opts.batch_size, workers=opts.workers, expl_resolution=opts.expl_resolution,
+                          expl_field=opts.expl_field)
 
 
 def train_student(opts: TrainOptions) -> dict[str, Any]:

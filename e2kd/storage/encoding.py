@@ -14,13 +14,15 @@ The logits and maps columns are those of the registered codecs (:mod:`e2kd.stora
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from dataclasses import field as dataclass_field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from e2kd.storage.codecs import AffineUint8Maps, Codec, Float16Logits, Float16Maps, SampledLogits, TopkLogits
+from e2kd.storage.fields import Field
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +46,8 @@ class Encoding:
     chunk_samples: int = 64
     sampled: int | None = None  # draws per view of the ``logits-sampled`` codec (None: full or top-k logits)
     sample_temperature: float | None = None  # the temperature those draws were taken at (default 1)
+    #: the manifest's fields (schema 2), or derived from ``topk``/``map_dtype`` (schema 1); never in ``to_dict``
+    fields: tuple[Field, ...] = dataclass_field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("num_classes", "clevel", "chunk_samples") + (("topk",) if self.topk is not None else ()):
@@ -71,10 +75,11 @@ class Encoding:
             raise ValueError("a cache stores top-k or sampled logits, not both")
         if self.sample_temperature is not None and self.sampled is None:
             raise ValueError("sample_temperature needs sampled logits")
-        self.logits_codec  # noqa: B018 - the codec checks its own parameters (draws, temperature)
+        self._legacy_logits_codec()  # the codec checks its own parameters (draws, temperature)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["fields"]
         d["map_size"] = list(self.map_size) if self.map_size else None
         for key in ("sampled", "sample_temperature"):  # absent unless used: other caches' manifests are unchanged
             if d[key] is None:
@@ -86,7 +91,7 @@ class Encoding:
         """Rebuild from :meth:`to_dict`; unknown keys or wrongly typed values raise ``ValueError``."""
         if not isinstance(d, dict):
             raise ValueError(f"encoding must be an object, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f for f in cls.__dataclass_fields__})
+        unknown = sorted(set(d) - {f for f in cls.__dataclass_fields__ if f != "fields"})
         if unknown:
             raise ValueError(f"unknown encoding key(s) {unknown}")
         d = dict(d)
@@ -97,29 +102,70 @@ class Encoding:
             raise ValueError("encoding has no num_classes")
         return cls(**d)
 
-    # ---- the codecs of its two outputs (registered values, ``storage.codecs``) -----------------
+    # ---- its fields (``storage.fields``): the teacher's logits and one or more explanations --------
+    def with_fields(self, fields: tuple[Field, ...]) -> Encoding:
+        """This encoding with the fields a manifest records (schema 2) or derives (schema 1)."""
+        return replace(self, fields=tuple(fields))
+
     @cached_property
+    def logits_field(self) -> Field:
+        """The teacher's logits."""
+        found = [f for f in self.fields if f.kind == "logits"]
+        return found[0] if found else Field("logits", "logits", self._legacy_logits_codec(), {"name": "teacher"})
+
+    @cached_property
+    def explanation_fields(self) -> tuple[Field, ...]:
+        """The explanation fields, the default (first) one with the unprefixed ``maps`` columns."""
+        found = tuple(f for f in self.fields if f.kind == "explanation")
+        return found or (Field("maps", "explanation", self._legacy_map_codec()),)
+
+    def explanation_field(self, name: str | None = None) -> Field:
+        """The explanation field ``name`` (None: the first).
+
+        Raises:
+            ValueError: no such field (naming the ones there are).
+        """
+        fields = self.explanation_fields
+        if name is None:
+            return fields[0]
+        for f in fields:
+            if f.name == name:
+                return f
+        raise ValueError(f"the cache has no explanation field {name!r} (it has {', '.join(f.name for f in fields)})")
+
+    @property
     def logits_codec(self) -> Codec:
-        """The codec of the teacher's logits: ``logits-topk`` with ``topk``, ``logits-sampled`` with ``sampled``, else
-        ``logits-float16``."""
+        """The codec of the teacher's logits."""
+        return self.logits_field.codec
+
+    @property
+    def map_codec(self) -> Codec:
+        """The codec of the default explanation field."""
+        return self.explanation_fields[0].codec
+
+    def _legacy_logits_codec(self) -> Codec:
+        """``logits-topk`` with ``topk``, ``logits-sampled`` with ``sampled``, else ``logits-float16``."""
         if self.sampled is not None:
             return SampledLogits(samples=self.sampled, num_classes=self.num_classes,
                                  temperature=1.0 if self.sample_temperature is None else self.sample_temperature)
         return TopkLogits(k=self.topk, num_classes=self.num_classes) if self.topk is not None else Float16Logits()
 
-    @cached_property
-    def map_codec(self) -> Codec:
-        """The codec of the explanation maps: ``map-uint8-affine`` or ``map-float16`` (``map_dtype``)."""
+    def _legacy_map_codec(self) -> Codec:
+        """``map-uint8-affine`` or ``map-float16`` (``map_dtype``)."""
         return AffineUint8Maps() if self.map_dtype == "uint8" else Float16Maps()
 
     # ---- what a shard must hold (checked before any data is read) -------------------------------
-    def column_specs(self, num_views: int, map_shape: tuple[int, ...] | None) -> dict[str, tuple[str, tuple]]:
-        """``column → (dtype, shape of one row)`` for a shard of ``num_views`` views and maps of ``map_shape``."""
+    def column_specs(self, num_views: int, map_shape: tuple[int, ...] | dict[str, tuple[int, ...] | None] | None
+                     ) -> dict[str, tuple[str, tuple]]:
+        """``column → (dtype, shape of one row)`` for a shard of ``num_views`` views; ``map_shape``: the default
+        field's map shape, or ``field → shape`` (None: not known from the manifest, any 3-d map)."""
         v = num_views
+        shapes = map_shape if isinstance(map_shape, dict) else {self.explanation_fields[0].name: map_shape}
         specs: dict[str, tuple[str, tuple]] = {"labels": ("int32", ()), "views": ("float32", (v, 5)),
                                                "target": ("int32", (v,))}
-        specs.update(self.logits_codec.columns(v, (self.num_classes,)))
-        specs.update(self.map_codec.columns(v, map_shape))  # None: shape not known from the manifest (any 3-d map)
+        specs.update(self.logits_field.columns(v, (self.num_classes,)))
+        for f in self.explanation_fields:
+            specs.update(f.columns(v, shapes.get(f.name)))
         return specs
 
     def check_values(self, cols: dict[str, np.ndarray]) -> str | None:
@@ -131,9 +177,9 @@ class Encoding:
         c = self.num_classes
         if "target" in cols and cols["target"].size and not (0 <= cols["target"].min() and cols["target"].max() < c):
             return f"column 'target' holds classes outside [0, {c})"
-        for codec in (self.logits_codec, self.map_codec):
-            if all(name in cols for name in codec.columns(1, None)):
-                problem = codec.check(cols, c)
+        for f in (self.logits_field, *self.explanation_fields):
+            if f.present(cols):
+                problem = f.check(cols, c)
                 if problem:
                     return problem
         if "labels" in cols and cols["labels"].size and not (-1 <= cols["labels"].min() and cols["labels"].max() < c):
@@ -145,12 +191,11 @@ class Encoding:
     def _check_target(self, cols: dict[str, np.ndarray]) -> str | None:
         """The cached target is the teacher's top-1 wherever the logits codec can tell (see its
         ``top1_consistent``)."""
-        codec = self.logits_codec
-        consistent = getattr(codec, "top1_consistent", None)
-        if consistent is None or "target" not in cols or not cols["target"].size or \
-                not all(name in cols for name in codec.columns(1, None)):
+        field = self.logits_field
+        consistent = getattr(field.codec, "top1_consistent", None)
+        if consistent is None or "target" not in cols or not cols["target"].size or not field.present(cols):
             return None
-        wrong = ~consistent(cols, cols["target"].astype(np.int64))
+        wrong = ~consistent(field.own(cols), cols["target"].astype(np.int64))
         if wrong.any():
             return f"column 'target' disagrees with the cached logits' top-1 in {int(wrong.sum())} view(s)"
         return None
@@ -166,24 +211,31 @@ class Encoding:
             raise ValueError(f"--map-size {self.map_size} is larger than the explainer's map {tuple(maps.shape[-2:])}")
         return F.adaptive_avg_pool2d(maps, self.map_size)
 
-    def encode(self, logits: np.ndarray, maps: np.ndarray) -> dict[str, np.ndarray]:
-        """Encode float32 logits ``[N, V, C]`` and maps ``[N, V, C_e, h, w]`` into columns."""
+    def encode(self, logits: np.ndarray, maps: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Encode float32 logits ``[N, V, C]`` and maps ``[N, V, C_e, h, w]`` (the default field's, or
+        ``field → maps`` for every explanation field) into columns."""
+        by_field = maps if isinstance(maps, dict) else {self.explanation_fields[0].name: maps}
+        missing = [f.name for f in self.explanation_fields if f.name not in by_field]
+        if missing:
+            raise ValueError(f"no maps for explanation field(s) {missing}")
         cols: dict[str, np.ndarray] = {"target": logits.argmax(-1).astype(np.int32)}
-        cols.update(self.logits_codec.encode(logits))
-        cols.update(self.map_codec.encode(maps))
+        cols.update(self.logits_field.encode(logits))
+        for f in self.explanation_fields:
+            cols.update(f.encode(by_field[f.name]))
         return cols
 
     # ---- decode (reader side) -------------------------------------------------------------------
     def decode_logits(self, cols: dict[str, np.ndarray]) -> torch.Tensor:
         """Full float32 logits ``[..., V, C]`` (rebuilt from the top-k cache when ``topk`` is set)."""
-        return self.logits_codec.decode(cols)
+        return self.logits_field.decode(cols)
 
-    def decode_maps(self, cols: dict[str, np.ndarray]) -> torch.Tensor:
-        """Float32 maps ``[..., V, C_e, h, w]``."""
-        return self.map_codec.decode(cols)
+    def decode_maps(self, cols: dict[str, np.ndarray], field: str | None = None) -> torch.Tensor:
+        """Float32 maps ``[..., V, C_e, h, w]`` of explanation field ``field`` (None: the first)."""
+        return self.explanation_field(field).decode(cols)
 
     def column_names(self) -> list[str]:
-        return ["labels", "views", "target", *self.logits_codec.columns(1, None), *self.map_codec.columns(1, None)]
+        return ["labels", "views", "target", *self.logits_field.column_names(),
+                *(c for f in self.explanation_fields for c in f.column_names())]
 
 
 def parse_logits(spec: str, topk: int | None = None) -> dict[str, Any]:

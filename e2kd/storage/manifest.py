@@ -14,13 +14,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from e2kd.storage.encoding import Encoding
+from e2kd.storage.fields import FIELD_NAME, Field, explanation_prefix
 from e2kd.storage.names import is_valid_shard_name
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "IDENTITY_FIELDS", "PRECISIONS", "Manifest", "ShardRecord", "ManifestError",
-           "CompatibilityError", "input_fingerprint", "cache_id_of"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "SCHEMA_VERSIONS", "derived_fields", "IDENTITY_FIELDS", "PRECISIONS",
+           "Manifest", "ShardRecord", "ManifestError", "CompatibilityError", "input_fingerprint", "cache_id_of"]
 
 SCHEMA = "e2kd.teacher-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions this e2kd reads: 1 (one explanation, codecs named by ``encoding``), 2 (``fields``: several explanations,
+#: every codec recorded by name and parameters).
+SCHEMA_VERSIONS = (1, 2)
 #: Fields that define what a cache holds: a run whose values differ must not write into the store.
 IDENTITY_FIELDS = ("format", "teacher", "explainer", "preprocessing", "views", "encoding", "precision")
 #: Teacher autocast precisions a cache may record.
@@ -47,6 +51,14 @@ def _is_int(value: Any, lo: int | None = None, hi: int | None = None) -> bool:
         (hi is None or value <= hi)
 
 
+def _shapes(value: Any, what: str) -> dict[str, tuple[int, ...]] | None:
+    """``field → map shape`` (the explanation fields after the first), or None."""
+    if value is None:
+        return None
+    _require(isinstance(value, dict) and all(isinstance(k, str) for k in value), f"{what} is not an object")
+    return {k: _shape(v, f"{what}[{k!r}]") for k, v in value.items()}  # type: ignore[misc]
+
+
 def _shape(value: Any, what: str) -> tuple[int, ...] | None:
     _require(value is None or (isinstance(value, (list, tuple)) and len(value) == 3 and
                                all(_is_int(v, 1, 1 << 16) for v in value)),
@@ -68,6 +80,8 @@ class ShardRecord:
     num_bad_labels: int = 0
     source_bytes: int | None = None
     source_sha256: str | None = None
+    #: map shapes of the explanation fields after the first (schema 2, several explainers); ``map_shape`` is the first's
+    extra_map_shapes: dict[str, tuple[int, ...]] | None = None
 
     @classmethod
     def from_json(cls, name: str, d: Any) -> ShardRecord:
@@ -84,14 +98,17 @@ class ShardRecord:
                    sha256=d["sha256"], nbytes=d.get("bytes", 0), map_shape=_shape(d.get("map_shape"),
                                                                                   f"shard {name!r}: map_shape"),
                    complete=d["complete"], num_bad_labels=d.get("num_bad_labels", 0),
-                   source_bytes=d.get("source_bytes"), source_sha256=d.get("source_sha256"))
+                   source_bytes=d.get("source_bytes"), source_sha256=d.get("source_sha256"),
+                   extra_map_shapes=_shapes(d.get("map_shapes"), f"shard {name!r}: map_shapes"))
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "num_samples": self.num_samples, "num_errors": self.num_errors,
                 "sha256": self.sha256, "bytes": self.nbytes, "complete": self.complete,
                 "map_shape": list(self.map_shape) if self.map_shape is not None else None,
                 "num_bad_labels": self.num_bad_labels, "source_bytes": self.source_bytes,
-                "source_sha256": self.source_sha256}
+                "source_sha256": self.source_sha256,
+                **({"map_shapes": {k: list(v) for k, v in sorted(self.extra_map_shapes.items())}}
+                   if self.extra_map_shapes else {})}
 
 
 def cache_id_of(document: Any) -> str:
@@ -131,6 +148,29 @@ class Manifest:
     shards: dict[str, ShardRecord] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     class_names: tuple[str, ...] | None = None  # index → name, when known (image folders, --class-names)
+    #: map shapes of the explanation fields after the first (``map_shape`` is the first's)
+    extra_map_shapes: dict[str, tuple[int, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.encoding.fields:  # schema 1, or built without fields: derived from encoding and explainer
+            object.__setattr__(self, "encoding", self.encoding.with_fields(derived_fields(self.encoding,
+                                                                                          self.explainer)))
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        """What the cache holds: the teacher's logits, then its explanation fields (the first is the default)."""
+        return (self.encoding.logits_field, *self.encoding.explanation_fields)
+
+    @property
+    def map_shapes(self) -> dict[str, tuple[int, ...] | None]:
+        """``explanation field → map shape`` (None: no shard recorded yet)."""
+        first = self.encoding.explanation_fields[0].name
+        return {first: self.map_shape, **(self.extra_map_shapes or {})}
+
+    def field_family(self, name: str | None = None) -> str:
+        """The explainer family of explanation field ``name`` (None: the default field)."""
+        f = self.encoding.explanation_field(name)
+        return str(f.producer.get("family") or self.explainer_family)
 
     def class_name(self, index: int) -> str:
         """``"3 (cat)"`` when names are known, else ``"3"``."""
@@ -190,7 +230,8 @@ class Manifest:
         _require(isinstance(version, int), "manifest has no integer schema_version")
         _require(version <= SCHEMA_VERSION, f"manifest schema_version {version} is newer than this e2kd understands "
                                             f"({SCHEMA_VERSION}); upgrade e2kd")
-        _require(version == SCHEMA_VERSION, f"unknown manifest schema_version {version} (supported: {SCHEMA_VERSION})")
+        _require(version in SCHEMA_VERSIONS, f"unknown manifest schema_version {version} (supported: "
+                                             f"{', '.join(map(str, SCHEMA_VERSIONS))})")
         _require(m.get("format") in list_formats(), f"unknown store format {m.get('format')!r}")
         for name in ("teacher", "explainer", "preprocessing", "views", "encoding", "inputs", "shards"):
             _require(isinstance(m.get(name), dict), f"manifest field {name!r} is missing or not an object")
@@ -199,10 +240,16 @@ class Manifest:
             encoding = Encoding.from_dict(m["encoding"])
         except (TypeError, ValueError) as exc:
             raise ManifestError(f"manifest encoding: {exc}") from None
+        if version >= 2:
+            encoding = encoding.with_fields(_parse_fields(m))
         _require(encoding.num_classes == m["teacher"]["num_classes"],
                  f"manifest encoding.num_classes {encoding.num_classes} differs from teacher.num_classes "
                  f"{m['teacher']['num_classes']}")
         shards = {name: ShardRecord.from_json(name, rec) for name, rec in m["shards"].items()}
+        extra = _shapes(m.get("map_shapes"), "manifest map_shapes") if version >= 2 else None
+        later = {f.name for f in encoding.explanation_fields[1:]}
+        _require(set(extra or {}) <= later and all(set(r.extra_map_shapes or {}) <= later for r in shards.values()),
+                 f"manifest map_shapes name fields that are not later explanation fields (those are {sorted(later)})")
         names = m.get("class_names")
         _require(names is None or (isinstance(names, list) and all(isinstance(n, str) for n in names) and
                                    len(names) == m["teacher"]["num_classes"]),
@@ -212,7 +259,8 @@ class Manifest:
                    precision=str(m.get("precision", "fp32")), map_shape=_shape(m.get("map_shape"),
                                                                                "manifest map_shape"),
                    inputs=m["inputs"], shards=shards, schema_version=version,
-                   class_names=tuple(names) if names is not None else None)
+                   class_names=tuple(names) if names is not None else None,
+                   extra_map_shapes=extra)
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "schema_version": self.schema_version, "e2kd_version": self.e2kd_version,
@@ -220,26 +268,36 @@ class Manifest:
                 "preprocessing": self.preprocessing, "views": self.views, "encoding": self.encoding.to_dict(),
                 "precision": self.precision, "map_shape": list(self.map_shape) if self.map_shape else None,
                 "inputs": self.inputs, "shards": {n: r.to_json() for n, r in sorted(self.shards.items())},
-                "class_names": list(self.class_names) if self.class_names is not None else None}
+                "class_names": list(self.class_names) if self.class_names is not None else None,
+                **({"fields": [f.to_json() for f in self.fields]} if self.schema_version >= 2 else {}),
+                **({"map_shapes": {k: list(v) for k, v in sorted(self.extra_map_shapes.items())}}
+                   if self.extra_map_shapes else {})}
 
     # ---- changes (new values) ------------------------------------------------------------------
     def with_shard(self, name: str, record: ShardRecord) -> Manifest:
-        """This manifest with ``record`` for shard ``name`` (map shape and input fingerprint updated)."""
+        """This manifest with ``record`` for shard ``name`` (map shapes and input fingerprint updated)."""
         shape = self.map_shape
         if record.map_shape is not None:
             if shape not in (None, record.map_shape):
                 raise ManifestError(f"shard {name} has map shape {list(record.map_shape)}, others {list(shape)}")
             shape = record.map_shape
+        extra = dict(self.extra_map_shapes or {})
+        for field_name, field_shape in (record.extra_map_shapes or {}).items():
+            if extra.get(field_name, field_shape) != field_shape:
+                raise ManifestError(f"shard {name} has {field_name} map shape {list(field_shape)}, others "
+                                    f"{list(extra[field_name])}")
+            extra[field_name] = field_shape
         shards = {**self.shards, name: record}
         sources = {n: (r.source, r.source_bytes, r.source_sha256) for n, r in shards.items()}
         inputs = {"urls": sorted({r.source for r in shards.values()}), "fingerprint": input_fingerprint(sources)}
-        return replace(self, shards=shards, map_shape=shape, inputs=inputs)
+        return replace(self, shards=shards, map_shape=shape, inputs=inputs, extra_map_shapes=extra or None)
 
     # ---- compatibility -------------------------------------------------------------------------
     def check_same_run(self, wanted: Manifest) -> None:
         """Refuse to mix runs in one store: raise naming the first identity field whose value differs."""
         mine, theirs = json.loads(json.dumps(self.to_json())), json.loads(json.dumps(wanted.to_json()))
-        for name in IDENTITY_FIELDS:
+        names = (*IDENTITY_FIELDS, "fields") if "fields" in mine and "fields" in theirs else IDENTITY_FIELDS
+        for name in names:
             if mine.get(name) != theirs.get(name):
                 raise ManifestError(f"the store was written with a different {name}: "
                                     f"{_diff(mine.get(name), theirs.get(name))}; use --overwrite to start over "
@@ -247,7 +305,8 @@ class Manifest:
 
     def check_student(self, *, num_classes: int | None = None, explainer: str | None = None,
                       explainer_family: str | None = None, input_size: int | None = None,
-                      temperature: float | None = None, what: str = "cache") -> None:
+                      temperature: float | None = None, expl_field: str | None = None,
+                      what: str = "cache") -> None:
         """Can a student with these values train or be evaluated on this cache? ``CompatibilityError`` if not.
 
         ``explainer_family`` is the family of the student's ``explainer`` (the caller resolves names); an
@@ -257,8 +316,12 @@ class Manifest:
         if num_classes is not None and num_classes != self.num_classes:
             raise CompatibilityError(f"num_classes: the student has {num_classes} classes, the {what}'s teacher "
                                      f"{self.num_classes}")
-        if explainer_family is not None and explainer_family != self.explainer_family:
-            raise CompatibilityError(f"explainer: the {what} holds {self.explainer_family} maps, which cannot "
+        try:
+            family = self.field_family(expl_field)
+        except ValueError as exc:
+            raise CompatibilityError(f"--expl-field: {exc}") from None
+        if explainer_family is not None and explainer_family != family:
+            raise CompatibilityError(f"explainer: the {what} holds {family} maps, which cannot "
                                      f"supervise a {explainer or explainer_family} student explanation")
         size = self.input_size[0]
         if input_size is not None and input_size != size and self.replays_views:
@@ -272,6 +335,40 @@ class Manifest:
         if incomplete or self.map_shape is None:
             raise CompatibilityError(f"{what}: incomplete store (shards {incomplete[:3]}); finish it with the same "
                                      f"cache-teacher command")
+
+
+def derived_fields(encoding: Encoding, explainer: dict[str, Any]) -> tuple[Field, ...]:
+    """The fields of a schema-1 cache: its logits, and one explanation named after its explainer."""
+    name = str(explainer.get("name", ""))
+    return (Field("logits", "logits", encoding.logits_codec, {"name": "teacher"}),
+            Field(name if FIELD_NAME.match(name) else "maps", "explanation", encoding.map_codec, dict(explainer)))
+
+
+def _parse_fields(m: dict[str, Any]) -> tuple[Field, ...]:
+    """A schema-2 manifest's ``fields``: one logits field, then explanation fields (the first is ``explainer``);
+    their codecs must be the ones ``encoding`` names for the first two (readers of either see the same cache)."""
+    raw = m.get("fields")
+    _require(isinstance(raw, list) and 2 <= len(raw) <= 64, "manifest fields is not a list of 2 to 64 fields")
+    fields, seen = [], 0
+    for d in raw:
+        kind = d.get("kind") if isinstance(d, dict) else None
+        prefix = explanation_prefix(seen, str(d.get("name"))) if kind == "explanation" else ""
+        seen += kind == "explanation"
+        try:
+            fields.append(Field.from_json(d, prefix))
+        except ValueError as exc:
+            raise ManifestError(f"manifest fields: {exc}") from None
+    kinds = [f.kind for f in fields]
+    names = [f.name for f in fields]
+    _require(kinds[0] == "logits" and kinds.count("logits") == 1, "manifest fields: the first and only logits "
+                                                                  "field must come first")
+    _require(len(set(names)) == len(names), f"manifest fields: duplicate field names {names}")
+    legacy = Encoding.from_dict(m["encoding"])
+    _require(fields[0].codec == legacy.logits_codec and fields[1].codec == legacy.map_codec,
+             "manifest fields: their codecs differ from the ones encoding names")
+    _require(fields[1].producer.get("name") == m["explainer"].get("name"),
+             "manifest fields: the first explanation field is not the manifest's explainer")
+    return tuple(fields)
 
 
 def _check_sections(m: dict[str, Any]) -> None:

@@ -191,7 +191,7 @@ class CacheStore:
         _parse_errors(blobs.get(ERRORS_NAME), where)
         if not keys:
             return keys, {}
-        specs = self.encoding.column_specs(self.manifest.num_views, self.map_shape)
+        specs = self.encoding.column_specs(self.manifest.num_views, self.manifest.map_shapes)
         try:
             cols = self._format.read(blobs, self.encoding.column_names(), where, specs, keys)
         except (KeyError, ValueError) as exc:
@@ -228,7 +228,7 @@ class CacheStore:
         """Which array a shard's damage is in, from the per-chunk (zarr) or per-member (wds) checksums."""
         try:
             keys = json.loads(blobs[KEYS_NAME])
-            specs = self.encoding.column_specs(self.manifest.num_views, self.map_shape)
+            specs = self.encoding.column_specs(self.manifest.num_views, self.manifest.map_shapes)
             self._format.read(blobs, self.encoding.column_names(), f"shard {name}", specs, keys)
         except (KeyError, ValueError, TypeError) as exc:
             return str(exc).removeprefix(f"shard {name}: ").removeprefix(f"shard {name} ")
@@ -238,27 +238,28 @@ class CacheStore:
     def _read_shard(self, name: str) -> dict[str, np.ndarray]:
         return self.shard_columns(name)[1]
 
-    def _decode(self, cols: dict[str, np.ndarray], row: int) -> dict[str, Any]:
+    def _decode(self, cols: dict[str, np.ndarray], row: int, field: str | None = None) -> dict[str, Any]:
         import torch
 
         one = {k: v[row] for k, v in cols.items()}
         return {"logits": self.encoding.decode_logits(one), "target": torch.from_numpy(one["target"].astype(np.int64)),
-                "maps": self.encoding.decode_maps(one), "views": torch.from_numpy(one["views"].astype(np.float32)),
-                "label": int(one["labels"])}
+                "maps": self.encoding.decode_maps(one, field),
+                "views": torch.from_numpy(one["views"].astype(np.float32)), "label": int(one["labels"])}
 
-    def read(self, key: str) -> dict[str, Any]:
-        """``{"logits": [V, C], "target": [V], "maps": [V, C_e, h, w], "views": [V, 5], "label": int}``."""
+    def read(self, key: str, field: str | None = None) -> dict[str, Any]:
+        """``{"logits": [V, C], "target": [V], "maps": [V, C_e, h, w], "views": [V, 5], "label": int}``; ``maps`` of
+        explanation field ``field`` (None: the cache's default, its first)."""
         try:
             name, row = self.index[key]
         except KeyError:
             raise KeyError(f"key {key!r} is not in the cache {self.uri}") from None
-        return self._decode(self._load_columns(name), row)
+        return self._decode(self._load_columns(name), row, field)
 
-    def iter_shard(self, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    def iter_shard(self, name: str, field: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """Sequentially yield ``(key, record)`` for one shard (one verified read of its data)."""
         keys, cols = self.shard_columns(name)
         for row, key in enumerate(keys):
-            yield key, self._decode(cols, row)
+            yield key, self._decode(cols, row, field)
 
     # ---- integrity -----------------------------------------------------------------------------
     def verify(self) -> list[str]:

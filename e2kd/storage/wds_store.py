@@ -34,7 +34,7 @@ __all__ = ["WdsFormat", "read_columns", "member_key", "DATA_NAME", "MEMBERS_NAME
 
 DATA_NAME = "data.tar"
 MEMBERS_NAME = "members.json"
-_COLUMN = re.compile(r"^[a-z_]+$")
+_COLUMN = re.compile(r"^[a-z0-9_]+$")  # column names (field prefixes may hold digits)
 _USTAR_NAME_MAX = 100
 
 

@@ -88,9 +88,12 @@ class ShardWriter:
             if not is_local(fs):
                 shutil.rmtree(staging_root, ignore_errors=True)
         relabelled = sum(1 for e in errors if "kept" in e)
-        map_shape = tuple(int(v) for v in columns["maps"].shape[2:]) if keys else None
+        first, *more = self.encoding.explanation_fields
+        map_shape = first.value_shape(columns) if keys else None
+        extra = {f.name: f.value_shape(columns) for f in more} if keys and more else None
         return ShardRecord(source=source, num_samples=len(keys), num_errors=len(errors) - relabelled, sha256=sha,
-                           nbytes=nbytes, map_shape=map_shape, num_bad_labels=relabelled, source_sha256=source_sha256)
+                           nbytes=nbytes, map_shape=map_shape, num_bad_labels=relabelled, source_sha256=source_sha256,
+                           extra_map_shapes=extra)
 
 
 class CacheWriter:

@@ -15,19 +15,21 @@ __all__ = ["evaluate_model"]
 
 def evaluate_model(model: torch.nn.Module, data: str, cache: str | None, explainer: str | None, input_size: int,
                    batch_size: int = 64, workers: int = 0, expl_resolution: str = "input",
-                   progress: bool = False) -> dict[str, float]:
+                   progress: bool = False, expl_field: str | None = None) -> dict[str, float]:
     """Metrics of a student on ``data`` (whole images, or the cache's first view for a K-view cache).
 
     Returns ``top1`` when samples carry labels, and with a cache ``agreement`` (student top-1 = teacher top-1)
     and ``expl_sim`` (mean cosine of the student's map to the cached teacher map, for the teacher's class,
-    taken as :class:`~e2kd.losses.E2KDObjective` takes it at ``expl_resolution``).
+    taken as :class:`~e2kd.losses.E2KDObjective` takes it at ``expl_resolution``; the cache's explanation field
+    ``expl_field``, None: its default).
     ``eval_samples`` is the number of samples evaluated. Metrics that cannot be computed are absent, never NaN.
     """
     store = open_store(cache) if cache else None
     shards = list_shards(data)
     plan = plan_join(shards, store, labels=False)
     spec = StreamSpec(shards=shards, keys=set(plan.keys), input_size=(input_size, input_size),
-                      cache_uri=cache, random_crop=False, shuffle_buffer=1, trusted=frozenset(plan.trusted))
+                      cache_uri=cache, random_crop=False, shuffle_buffer=1, trusted=frozenset(plan.trusted),
+                      expl_field=expl_field)
     _, loader = build_loader(spec, batch_size, workers)
     device = next(model.parameters()).device
     was_training = model.training

@@ -31,6 +31,7 @@ from e2kd.stages.cache_teacher.teacher import TeacherSpec
 from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
 from e2kd.storage import PRECISIONS, CacheWriter, Encoding, Manifest, ManifestError, create_store, list_formats
 from e2kd.storage.encoding import parse_logits
+from e2kd.storage.fields import Field, check_field_name, explanation_prefix
 from e2kd.storage.options import apply_storage_options, resolve_storage_options
 from e2kd.storage.ownership import check_writable
 
@@ -53,7 +54,8 @@ class CacheTeacherOptions:
     random_teacher: bool = False
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     explainer: str = "gradcam"
-    explainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    explainers: str | None = None  # several explanation fields from one teacher: "gradcam,input_x_gradient"
+    explainer_kwargs: dict[str, Any] = field(default_factory=dict)  # of the (first) explainer
     class_names: str | None = None  # a file, one name per line (image folders: the class directories' names)
     views: str = "full"
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -95,9 +97,24 @@ class CacheTeacherOptions:
         check_range("--gpus-per-actor", self.gpus_per_actor, 0)
         self.encoding  # noqa: B018 - top-k, map dtype and map size are checked here, before any work
         self.view_policy  # noqa: B018
-        check_supports(self.explainer, self.teacher)  # the explainer's answer, before any work (unknown: refused)
+        if self.explainers:
+            self.explainer = self.explainer_names[0]
+        for name in self.explainer_names:
+            check_supports(name, self.teacher)  # the explainer's answer, before any work (unknown: refused)
         if self.teacher_checkpoint is not None and self.random_teacher:
             raise ValueError("--teacher-checkpoint and --random-teacher exclude each other")
+
+    @property
+    def explainer_names(self) -> list[str]:
+        """The explainers, one explanation field each (the first is the cache's default field)."""
+        if not self.explainers:
+            return [self.explainer]
+        names = [n.strip() for n in str(self.explainers).split(",") if n.strip()]
+        if not names or len(set(names)) != len(names) or len(names) > 8:
+            raise ValueError(f"--explainers must name 1 to 8 different explainers, got {self.explainers!r}")
+        for name in names:
+            check_field_name(name)
+        return names
 
     @property
     def view_policy(self) -> ViewPolicy:
@@ -119,15 +136,20 @@ def _class_names(opts: CacheTeacherOptions, shards: list[InputShard]) -> tuple[s
 
 
 def _header(opts: CacheTeacherOptions, transform: InputTransform, checkpoint_sha: str | None,
-            explainer: dict[str, Any], names: tuple[str, ...] | None) -> Manifest:
+            explainers: list[dict[str, Any]], names: tuple[str, ...] | None) -> Manifest:
+    """The manifest of a new cache (schema 2): its fields are the logits and one explanation per explainer."""
     size = [opts.input_size, opts.input_size]
     teacher = {"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs,
                "checkpoint_sha256": checkpoint_sha}
     if opts.random_teacher:
         teacher["random_init_seed"] = opts.seed
-    return Manifest(e2kd_version=__version__, format=opts.format, teacher=teacher, explainer=explainer,
+    encoding = opts.encoding
+    fields = (Field("logits", "logits", encoding.logits_codec, {"name": "teacher"}),
+              *(Field(config["name"], "explanation", encoding.map_codec, config, explanation_prefix(i, config["name"]))
+                for i, config in enumerate(explainers)))
+    return Manifest(e2kd_version=__version__, format=opts.format, teacher=teacher, explainer=explainers[0],
                     preprocessing={"input_size": size, "transform": transform.to_dict(), "render": RENDER_SPEC},
-                    views=opts.view_policy.to_dict(), encoding=opts.encoding, precision=opts.precision,
+                    views=opts.view_policy.to_dict(), encoding=encoding.with_fields(fields), precision=opts.precision,
                     class_names=names)
 
 
@@ -137,12 +159,18 @@ def _teacher_spec(opts: CacheTeacherOptions) -> TeacherSpec:
 
 
 def _build_teacher(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes, dict[str, Any]]:
+    """:func:`_build_teacher_and_explainers` with the first (default) explainer's config only."""
+    transform, weights, configs = _build_teacher_and_explainers(opts)
+    return transform, weights, configs[0]
+
+
+def _build_teacher_and_explainers(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes, list[dict[str, Any]]]:
     """Build the teacher once in the driver (a bad name, kwargs or checkpoint fails here, before Ray starts),
     with the :class:`TeacherSpec` and weight bytes every actor builds it from.
 
     Returns its input transform, the weights every actor loads — the checkpoint file's bytes, or for
     ``--random-teacher`` the state of a teacher initialised from ``--seed`` (identical in every actor and on
-    resume, recorded by its sha256 like a checkpoint) — and the explainer's config for the manifest.
+    resume, recorded by its sha256 like a checkpoint) — and each explainer's config for the manifest.
     """
     from e2kd.models import input_transform
 
@@ -153,9 +181,12 @@ def _build_teacher(opts: CacheTeacherOptions) -> tuple[InputTransform, bytes, di
     weights = spec.random_weights(opts.seed) if path is None else path.read_bytes()
     model = spec.build(weights, checkpoint=path)
     transform = input_transform(model)
-    explainer = build_explainer(opts.explainer, model.eval(), **opts.explainer_kwargs)
-    _check_maps(opts, explainer, transform)
-    return transform, weights, explainer.config()
+    configs = []
+    for i, name in enumerate(opts.explainer_names):
+        explainer = build_explainer(name, model.eval(), **(opts.explainer_kwargs if i == 0 else {}))
+        _check_maps(opts, explainer, transform)
+        configs.append(explainer.config())
+    return transform, weights, configs
 
 
 def _check_maps(opts: CacheTeacherOptions, explainer: Any, transform: InputTransform) -> None:
@@ -168,7 +199,7 @@ def _check_maps(opts: CacheTeacherOptions, explainer: Any, transform: InputTrans
     maps, _ = explainer(transform(torch.zeros(1, 3, opts.input_size, opts.input_size)))
     h, w = maps.shape[-2:]
     if h * w <= 4:
-        warnings.warn(f"the {opts.explainer} maps of {opts.teacher} are {h}×{w} at --input-size {opts.input_size} "
+        warnings.warn(f"the {explainer.name} maps of {opts.teacher} are {h}×{w} at --input-size {opts.input_size} "
                       f"(the model's stride is {opts.input_size // max(h, 1)}): too coarse for an explanation loss. "
                       f"Use a larger --input-size, or a smaller stride (timm: --teacher-kwargs "
                       f"'{{\"output_stride\": 16}}')", UserWarning, stacklevel=2)
@@ -266,8 +297,8 @@ def run_cache_teacher(opts: CacheTeacherOptions) -> dict[str, Any]:
     names = _class_names(opts, shards)
     sizes = {s.name: input_size_bytes(s) for s in shards}  # every input is reachable before the store is touched
     _check_not_empty(shards, sizes)
-    transform, checkpoint, explainer = _build_teacher(opts)
-    header = _header(opts, transform, hashlib.sha256(checkpoint).hexdigest(), explainer, names)
+    transform, checkpoint, explainers = _build_teacher_and_explainers(opts)
+    header = _header(opts, transform, hashlib.sha256(checkpoint).hexdigest(), explainers, names)
     with create_store(opts.out, header, overwrite=opts.overwrite, create_bucket=opts.create_bucket) as writer:
         _check_inputs_unchanged(writer.manifest, shards, sizes)
         todo = [s for s in shards if s.name not in writer.complete]
@@ -281,6 +312,7 @@ def _worker_spec(opts: CacheTeacherOptions, writer: CacheWriter) -> WorkerSpec:
     m = writer.manifest
     return WorkerSpec(teacher={"name": opts.teacher, "num_classes": opts.num_classes, "kwargs": opts.teacher_kwargs},
                       explainer=m.explainer, views=m.views, input_size=m.input_size, encoding=m.encoding,
+                      extra_explainers=tuple(f.producer for f in m.encoding.explanation_fields[1:]),
                       writer=writer.shard_writer(), batch_size=opts.batch_size, precision=opts.precision,
                       threads=opts.threads_per_actor, decode_workers=opts.decode_workers,
                       checkpoint_suffix=Path(opts.teacher_checkpoint or "w.safetensors").suffix,

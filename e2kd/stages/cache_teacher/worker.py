@@ -40,6 +40,7 @@ class WorkerSpec:
     threads: int = 1
     checkpoint_suffix: str = ".safetensors"
     decode_workers: int = 0  # threads decoding and rendering ahead of the teacher (0: inline)
+    extra_explainers: tuple[dict[str, Any], ...] = ()  # further explanation fields' explainers (``--explainers``)
     storage_options: StorageOptions | None = None  # protocol → fsspec arguments (secrets: never logged)
 
     def __repr__(self) -> str:  # Ray may print a failed actor's arguments: never the storage options
@@ -77,8 +78,11 @@ class TeacherWorker:
             checkpoint = ray.get(checkpoint[0])
         self.model = self._load_teacher(self.spec, checkpoint).to(self.device).eval().requires_grad_(False)
         self.transform = input_transform(self.model)
-        kwargs = {k: v for k, v in self.spec.explainer.items() if k not in ("name", "family")}
-        self.explainer = build_explainer(self.spec.explainer["name"], self.model, **kwargs)
+        self.explainers = {}  # explanation field → explainer (the field is named after its explainer)
+        for config in (self.spec.explainer, *self.spec.extra_explainers):
+            kwargs = {k: v for k, v in config.items() if k not in ("name", "family")}
+            self.explainers[config["name"]] = build_explainer(config["name"], self.model, **kwargs)
+        self.explainer = next(iter(self.explainers.values()))
 
     @staticmethod
     def _load_teacher(spec: WorkerSpec, checkpoint: bytes | None) -> torch.nn.Module:
@@ -102,16 +106,20 @@ class TeacherWorker:
         (elementwise: the same values as normalising the batch)."""
         return view if self.device.type == "cuda" else self.transform(view[None])[0]
 
-    def _explain(self, inputs: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher outputs of a batch of :meth:`_input` views."""
+    def _explain(self, inputs: list[torch.Tensor]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Teacher outputs of a batch of :meth:`_input` views: logits, and maps per explanation field (the logits
+        are the first explainer's; each further explainer explains the same inputs)."""
         if self.device.type == "cuda":  # pinned: the copy runs asynchronously, overlapped with the decode threads
             x = self.transform(torch.stack(inputs).pin_memory().to(self.device, non_blocking=True))
         else:
             x = self._stacked(inputs)
-        with self._autocast():
-            maps, logits = self.explainer(x)
-        maps = self.encoding.pool_maps(maps.float())
-        return logits.float().cpu().numpy(), maps.cpu().numpy()
+        maps, logits = {}, None
+        for name, explainer in self.explainers.items():
+            with self._autocast():
+                field_maps, field_logits = explainer(x)
+            logits = field_logits if logits is None else logits
+            maps[name] = self.encoding.pool_maps(field_maps.float()).cpu().numpy()
+        return logits.float().cpu().numpy(), maps
 
     def _stacked(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """``inputs`` stacked into a buffer kept across batches (a fresh 38 MB batch each time costs more in page
@@ -182,17 +190,24 @@ class TeacherWorker:
     def _columns(self, keys: list[str], labels: list[int], views: list, logits: list, maps: list
                  ) -> dict[str, np.ndarray]:
         n, v = len(keys), self.policy.num_views
+        all_maps = {}
         if n == 0:
             all_logits = np.zeros((0, v, self.spec.teacher["num_classes"]), np.float32)
-            all_maps = np.zeros((0, v, 1, 1, 1), np.float32)
+            all_maps = {name: np.zeros((0, v, 1, 1, 1), np.float32) for name in self.explainers}
         else:
             all_logits = np.concatenate(logits).reshape(n, v, -1)
-            stacked = np.concatenate(maps)
-            all_maps = stacked.reshape(n, v, *stacked.shape[1:])
-        cols = self.encoding.encode(all_logits, all_maps)
+            for name in self.explainers:
+                stacked = np.concatenate([batch[name] for batch in maps])
+                all_maps[name] = stacked.reshape(n, v, *stacked.shape[1:])
+        cols = self.encoding.encode(all_logits, self._by_field(all_maps))
         cols["labels"] = np.asarray(labels, dtype=np.int32).reshape(n)
         cols["views"] = np.asarray(views, dtype=np.float32).reshape(n, v, 5)
         return cols
+
+    def _by_field(self, maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Maps by explanation field name (the encoding's fields, in explainer order; a bare encoding has one)."""
+        fields = self.encoding.explanation_fields
+        return {f.name: m for f, m in zip(fields, maps.values(), strict=True)}
 
     def cache_shard(self, shard: InputShard, checkpoint: bytes | list | None = None,
                     progress: Any = None) -> dict[str, Any]:
