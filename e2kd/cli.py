@@ -77,6 +77,12 @@ def main() -> None:
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     warnings.showwarning = _show_warning
+    from e2kd.plugins import load_plugins
+
+    try:
+        load_plugins()  # E2KD_PLUGINS: codecs, explainers, formats from other packages
+    except ImportError as exc:
+        raise _fail(exc) from None
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
@@ -193,6 +199,16 @@ def config_show_cmd(name: str) -> None:
         raise _fail(exc) from None
 
 
+@main.command("codecs")
+def codecs_cmd() -> None:
+    """List the registered codecs (how logits and maps become a cache's columns) and their kinds."""
+    from e2kd.storage import list_codecs
+    from e2kd.storage.codecs import codec_class
+
+    for name in list_codecs():
+        click.echo(f"{name}\t(kind: {codec_class(name).kind})")
+
+
 @main.command("explainers")
 def explainers_cmd() -> None:
     """List the registered explanation methods and their families."""
@@ -257,6 +273,8 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 @click.option("--topk", type=int, hidden=True, help="Former spelling of --logits topk:K.")
 @click.option("--map-dtype", type=click.Choice(MAP_DTYPES), help="[default: float16]")
 @click.option("--map-size", help="Area-pool maps to H or HxW before storing.")
+@click.option("--map-codec", help="Codec of the explanation fields: a registered name (`e2kd codecs`) or JSON with its "
+                                  "parameters (default: the one --map-dtype names).")
 @click.option("--format", "fmt", type=click.Choice(list_formats()),
               help="zarr (random access) or wds (a WebDataset tar per shard, joinable by __key__)  [default: zarr]")
 @click.option("--actors", type=int, help="Ray actors, one teacher each  [default: one per CPU/GPU slot]")

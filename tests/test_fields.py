@@ -95,3 +95,18 @@ def test_a_schema_2_manifest_is_validated(caches: dict[str, Path], tmp_path: Pat
         (store / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(ManifestError, match=words):
             open_store(str(store))
+
+
+def test_bad_field_names_and_codecs_are_one_line_errors_before_any_work(tmp_path: Path) -> None:
+    base = ["cache-teacher", "--data", "x.tar", "--out", str(tmp_path / "o"), "--teacher", "resnet18",
+            "--num-classes", "3", "--random-teacher"]
+    for extra, words in ((["--explainers", "gradcam,Grad-CAM"], "field name 'Grad-CAM' must be lower-case"),
+                         (["--explainers", "gradcam,gradcam"], "1 to 8 different explainers"),
+                         (["--explainers", "gradcam,nope"], "unknown explainer 'nope'"),
+                         (["--map-codec", "map-zip"], "unknown codec 'map-zip'"),
+                         (["--map-codec", "logits-float16"], "is a logits codec, not an explanation codec"),
+                         (["--map-codec", '{"name": "logits-topk", "kk": 1}'], "unexpected keyword argument 'kk'")):
+        result = CliRunner().invoke(main, [*base, *extra])
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 1 and len(lines) == 1 and words in lines[0], (extra, result.output)
+    assert not (tmp_path / "o").exists()

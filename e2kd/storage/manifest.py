@@ -337,6 +337,10 @@ class Manifest:
                                      f"cache-teacher command")
 
 
+#: Codecs a schema-1 ``encoding`` can name (``topk``, ``sampled``, ``map_dtype``).
+LEGACY_CODECS = ("logits-float16", "logits-topk", "logits-sampled", "map-float16", "map-uint8-affine")
+
+
 def derived_fields(encoding: Encoding, explainer: dict[str, Any]) -> tuple[Field, ...]:
     """The fields of a schema-1 cache: its logits, and one explanation named after its explainer."""
     name = str(explainer.get("name", ""))
@@ -363,9 +367,10 @@ def _parse_fields(m: dict[str, Any]) -> tuple[Field, ...]:
     _require(kinds[0] == "logits" and kinds.count("logits") == 1, "manifest fields: the first and only logits "
                                                                   "field must come first")
     _require(len(set(names)) == len(names), f"manifest fields: duplicate field names {names}")
-    legacy = Encoding.from_dict(m["encoding"])
-    _require(fields[0].codec == legacy.logits_codec and fields[1].codec == legacy.map_codec,
-             "manifest fields: their codecs differ from the ones encoding names")
+    legacy = Encoding.from_dict(m["encoding"])  # where encoding can name a codec (built-ins), it must agree
+    for f, named in ((fields[0], legacy.logits_codec), (fields[1], legacy.map_codec)):
+        _require(f.codec.name not in LEGACY_CODECS or f.codec == named,
+                 f"manifest fields: field {f.name!r} has codec {f.codec.name!r}, encoding names {named.name!r}")
     _require(fields[1].producer.get("name") == m["explainer"].get("name"),
              "manifest fields: the first explanation field is not the manifest's explainer")
     return tuple(fields)

@@ -8,6 +8,7 @@ replace), so the store is consistent at every instant and a killed run resumes w
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from e2kd.stages.cache_teacher.ray_session import check_ray_address, ensure_ray
 from e2kd.stages.cache_teacher.teacher import TeacherSpec
 from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
 from e2kd.storage import PRECISIONS, CacheWriter, Encoding, Manifest, ManifestError, create_store, list_formats
+from e2kd.storage.codecs import Codec, get_codec
 from e2kd.storage.encoding import parse_logits
 from e2kd.storage.fields import Field, check_field_name, explanation_prefix
 from e2kd.storage.options import apply_storage_options, resolve_storage_options
@@ -65,6 +67,7 @@ class CacheTeacherOptions:
     logits: str = "full"  # full | topk:K | sampled:S[@T]
     topk: int | None = None  # former spelling of logits="topk:K"
     map_dtype: str = "float16"
+    map_codec: str | None = None  # a registered explanation codec by name or as JSON (default: from map_dtype)
     map_size: tuple[int, int] | None = None
     format: str = "zarr"
     actors: int | None = None
@@ -96,6 +99,7 @@ class CacheTeacherOptions:
         check_range("--decode-workers", self.decode_workers, 0)
         check_range("--gpus-per-actor", self.gpus_per_actor, 0)
         self.encoding  # noqa: B018 - top-k, map dtype and map size are checked here, before any work
+        self.explanation_codec  # noqa: B018 - an unknown --map-codec is refused here
         self.view_policy  # noqa: B018
         if self.explainers:
             self.explainer = self.explainer_names[0]
@@ -103,6 +107,19 @@ class CacheTeacherOptions:
             check_supports(name, self.teacher)  # the explainer's answer, before any work (unknown: refused)
         if self.teacher_checkpoint is not None and self.random_teacher:
             raise ValueError("--teacher-checkpoint and --random-teacher exclude each other")
+
+    @property
+    def explanation_codec(self) -> Codec:
+        """The codec of every explanation field: ``--map-codec`` (a registered name, or JSON with parameters), else
+        the one ``--map-dtype`` names."""
+        if not self.map_codec:
+            return self.encoding.map_codec
+        text = str(self.map_codec).strip()
+        spec = json.loads(text) if text.startswith("{") else {"name": text}
+        codec = get_codec(spec)
+        if codec.kind != "explanation":
+            raise ValueError(f"--map-codec {codec.name!r} is a {codec.kind} codec, not an explanation codec")
+        return codec
 
     @property
     def explainer_names(self) -> list[str]:
@@ -143,9 +160,9 @@ def _header(opts: CacheTeacherOptions, transform: InputTransform, checkpoint_sha
                "checkpoint_sha256": checkpoint_sha}
     if opts.random_teacher:
         teacher["random_init_seed"] = opts.seed
-    encoding = opts.encoding
+    encoding, map_codec = opts.encoding, opts.explanation_codec
     fields = (Field("logits", "logits", encoding.logits_codec, {"name": "teacher"}),
-              *(Field(config["name"], "explanation", encoding.map_codec, config, explanation_prefix(i, config["name"]))
+              *(Field(config["name"], "explanation", map_codec, config, explanation_prefix(i, config["name"]))
                 for i, config in enumerate(explainers)))
     return Manifest(e2kd_version=__version__, format=opts.format, teacher=teacher, explainer=explainers[0],
                     preprocessing={"input_size": size, "transform": transform.to_dict(), "render": RENDER_SPEC},

@@ -15,6 +15,7 @@ from e2kd.models import input_transform
 from e2kd.pipeline.parallel import ordered_map
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_sha256
 from e2kd.pipeline.views import ViewPolicy, render_view_uint8
+from e2kd.plugins import load_plugins
 from e2kd.stages.cache_teacher.teacher import TeacherSpec
 from e2kd.storage import PRECISIONS, Encoding, ShardWriter
 from e2kd.storage.options import StorageOptions, apply_storage_options
@@ -56,6 +57,7 @@ class TeacherWorker:
     """
 
     def __init__(self, spec: WorkerSpec, checkpoint: bytes | None = None, lazy: bool = False) -> None:
+        load_plugins()  # explainers and codecs of E2KD_PLUGINS, as in the driver
         torch.set_num_threads(spec.threads)  # fixed threads: byte-identical output whatever the worker count
         apply_storage_options(spec.storage_options)  # before any input or store URL is opened here
         self.spec = spec
