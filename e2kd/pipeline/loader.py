@@ -421,7 +421,12 @@ class StudentStream(IterableDataset):
             return pending.result()  # an error in the prefetch (a damaged shard) is raised here, as a read would
         if self.store is None or shard.name not in self.store.shard_names:
             return None
-        return dict(self.store.iter_shard(shard.name, self.spec.expl_field))
+        return self._read_records(shard.name)
+
+    def _read_records(self, name: str) -> dict[str, Any]:
+        """``key → record`` of one cached shard, the maps of the chosen explanation field."""
+        field = self.spec.expl_field
+        return dict(self.store.iter_shard(name) if field is None else self.store.iter_shard(name, field))
 
     def _prefetch(self, shard: InputShard) -> None:
         """Start reading a shard's cached records in a background thread (one shard ahead; object storage)."""
@@ -431,8 +436,7 @@ class StudentStream(IterableDataset):
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool, self._pool_pid = ThreadPoolExecutor(1, thread_name_prefix="e2kd-prefetch"), os.getpid()
         # only this one is pending: the current shard's was taken, and a pass that stopped early leaves no other use
-        self._pending = {shard.name: self._pool.submit(lambda: dict(self.store.iter_shard(shard.name,
-                                                                                         self.spec.expl_field)))}
+        self._pending = {shard.name: self._pool.submit(self._read_records, shard.name)}
 
     def _decode_and_keep(self, shard: InputShard, records: dict[str, Any] | None) -> Iterator[Sample | BadSample]:
         kept: list[Sample | BadSample] = []

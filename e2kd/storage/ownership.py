@@ -83,7 +83,7 @@ def is_store(fs: fsspec.AbstractFileSystem, root: str) -> bool:
         return True
     if MANIFEST in entries:
         return _is_e2kd_manifest(fs, f"{root}/{MANIFEST}")
-    return set(entries) <= _OWN_LEFTOVERS | {f for f in entries if f.startswith(f"{MANIFEST}.tmp-")}
+    return all(e in _OWN_LEFTOVERS or e.startswith((f"{MANIFEST}.tmp-", f"{LOCK}.tmp-")) for e in entries)
 
 
 def check_store_target(uri: str, *, what: str = "--out") -> None:
