@@ -164,3 +164,25 @@ def test_whether_an_explainer_suits_a_teacher_is_the_explainers_answer() -> None
         check_supports("only_vits_test", "vit_tiny_patch16_224")
     finally:
         del _REGISTRY["only_vits_test"]
+
+
+def test_several_explainers_share_one_teacher_forward_and_give_their_own_maps() -> None:
+    from e2kd.explain import build_explainer
+    from e2kd.explain.registry import explain_together
+    from e2kd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", 5, channels=(8, 16, 32, 64), stem_width=8).eval().requires_grad_(False)
+    x = torch.rand(3, 3, 64, 64)
+    explainers = [build_explainer(n, model) for n in ("gradcam", "input_x_gradient")]
+    forwards = []
+    handle = model.conv1.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        maps, logits = explain_together(explainers, x)
+        assert len(forwards) == 1  # one teacher forward for both explanations
+        alone = [e(x) for e in explainers]
+    finally:
+        handle.remove()
+    for shared, (own, own_logits) in zip(maps, alone, strict=True):
+        assert torch.equal(shared, own)  # bit-identical to each explainer's own pass
+        assert torch.equal(logits, own_logits)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from e2kd.explain.registry import Explainer, is_bcos, register_explainer
+from e2kd.explain.registry import Explainer, SharedPass, is_bcos, register_explainer
 
 __all__ = ["GradCAM", "gradcam_from"]
 
@@ -45,6 +45,13 @@ class GradCAM(Explainer):
         if not self._is_vit and not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
             raise ValueError(f"gradcam needs a timm model with forward_features/forward_head, got "
                              f"{type(model).__name__}")
+
+    def shared_needs(self) -> frozenset[str] | None:
+        """A CNN's last feature map and its gradient can come from a pass shared with other explainers."""
+        return None if self._is_vit else frozenset({"features"})
+
+    def maps_from(self, shared: SharedPass) -> Tensor:
+        return gradcam_from(shared.features, shared.grads["features"])
 
     def explain(self, inputs: Tensor, targets: Tensor | None, create_graph: bool) -> tuple[Tensor, Tensor]:
         if self._is_vit:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from e2kd.explain.dynamic import install_backward_fixing
-from e2kd.explain.registry import Explainer, is_bcos, register_explainer
+from e2kd.explain.registry import Explainer, SharedPass, is_bcos, register_explainer
 
 __all__ = ["BcosExplainer", "InputXGradient"]
 
@@ -71,6 +71,15 @@ class InputXGradient(Explainer):
 
     name = "input_x_gradient"
     family = "input_x_gradient"
+
+    def shared_needs(self) -> frozenset[str] | None:
+        """On a timm model (``model(x)`` is ``forward_head(forward_features(x))``) the input gradient can come from
+        a pass shared with other explainers."""
+        timm_like = hasattr(self.model, "forward_features") and hasattr(self.model, "forward_head")
+        return frozenset({"input"}) if timm_like and not is_bcos(self.model) else None
+
+    def maps_from(self, shared: SharedPass) -> Tensor:
+        return shared.inputs * shared.grads["input"]
 
     def explain(self, inputs: Tensor, targets: Tensor | None, create_graph: bool) -> tuple[Tensor, Tensor]:
         logits, grad, x = _input_gradient(self.model, inputs, targets, create_graph)

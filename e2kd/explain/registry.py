@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["Explainer", "register_explainer", "build_explainer", "list_explainers", "explainer_family",
-           "check_supports", "is_bcos"]
+           "check_supports", "is_bcos", "explain_together", "SharedPass"]
 
 _REGISTRY: dict[str, type[Explainer]] = {}
 
@@ -32,6 +33,16 @@ class Explainer(ABC):
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._prepared_for_double_backward = False
+
+    def shared_needs(self) -> frozenset[str] | None:
+        """What this explainer needs from a forward pass shared with other explainers (:func:`explain_together`):
+        gradients of the explained scores w.r.t. ``"input"`` and/or ``"features"`` (timm's ``forward_features``
+        output); None where it needs a pass of its own (the default)."""
+        return None
+
+    def maps_from(self, shared: SharedPass) -> Tensor:
+        """The maps from a shared pass (only called when :meth:`shared_needs` is not None)."""
+        raise TypeError(f"{self.name} takes no shared pass")
 
     @classmethod
     def supports(cls, model: nn.Module | str) -> str | None:
@@ -84,6 +95,41 @@ class Explainer(ABC):
         if targets.shape[0] != logits.shape[0]:
             raise ValueError(f"got {targets.shape[0]} targets for a batch of {logits.shape[0]}")
         return logits.gather(1, targets).sum()
+
+
+@dataclass(frozen=True)
+class SharedPass:
+    """One forward pass shared by several explainers of one model: its inputs, features and logits, and the
+    gradients of the explained scores that the explainers asked for, from one backward pass."""
+
+    inputs: Tensor
+    features: Tensor
+    logits: Tensor
+    grads: dict[str, Tensor]
+
+
+def explain_together(explainers: list[Explainer], inputs: Tensor,
+                     targets: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+    """Maps of several explainers of one model and the logits, from **one** forward and one backward pass where
+    every explainer can share them (GradCAM on a CNN, input × gradient on a timm model); otherwise each explainer
+    runs its own pass. The maps equal each explainer's own (the same operations on the same values)."""
+    model = explainers[0].model
+    needs = [e.shared_needs() for e in explainers]
+    if len(explainers) == 1 or any(n is None for n in needs) or any(e.model is not model for e in explainers):
+        outputs = [e(inputs, targets) for e in explainers]
+        return [maps for maps, _ in outputs], outputs[0][1]
+    wanted = sorted(frozenset().union(*needs))  # type: ignore[arg-type]
+    with torch.enable_grad():
+        x = inputs.detach().requires_grad_("input" in wanted)
+        features = model.forward_features(x)
+        if not features.requires_grad:
+            features = features.detach().requires_grad_(True)
+        logits = model.forward_head(features)
+        tensors = {"input": x, "features": features}
+        grads = torch.autograd.grad(Explainer.target_scores(logits, targets), [tensors[n] for n in wanted])
+    shared = SharedPass(x.detach(), features.detach(), logits.detach(), dict(zip(wanted, grads, strict=True)))
+    maps = [e.maps_from(shared).detach() for e in explainers]
+    return [m if m.dtype == torch.float64 else m.float() for m in maps], shared.logits
 
 
 def register_explainer(cls: type[Explainer]) -> type[Explainer]:

@@ -169,3 +169,17 @@ def test_make_dataset_and_demo_refuse_a_directory_they_do_not_own(tmp_path: Path
     _one_error_line(code, text, str(out), "did not write")
     assert [p.name for p in out.iterdir()] == ["holiday.jpg"] and (out / "holiday.jpg").read_bytes() == b"precious"
     fault_log.record("clear error")
+
+
+def test_a_store_being_created_by_another_writer_is_locked_not_foreign(tmp_path: Path) -> None:
+    """Two writers racing into an empty directory: the second sees only the first one's lock (or its temp file)
+    and is told the store is locked, never that it is not a store."""
+    from e2kd.storage.files import resolve
+    from e2kd.storage.ownership import check_store_target, is_store
+
+    for leftover in (".lock", ".lock.tmp-0123abcd", "manifest.json.tmp-77", ".staging"):
+        root = tmp_path / leftover.strip(".")
+        root.mkdir()
+        (root / leftover).write_bytes(b"{}")
+        assert is_store(*resolve(str(root))), leftover
+        check_store_target(str(root))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from e2kd.explain import build_explainer
+from e2kd.explain.registry import explain_together
 from e2kd.models import input_transform
 from e2kd.pipeline.parallel import ordered_map
 from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_sha256
@@ -115,12 +116,10 @@ class TeacherWorker:
             x = self.transform(torch.stack(inputs).pin_memory().to(self.device, non_blocking=True))
         else:
             x = self._stacked(inputs)
-        maps, logits = {}, None
-        for name, explainer in self.explainers.items():
-            with self._autocast():
-                field_maps, field_logits = explainer(x)
-            logits = field_logits if logits is None else logits
-            maps[name] = self.encoding.pool_maps(field_maps.float()).cpu().numpy()
+        with self._autocast():  # one teacher forward for every explainer that can share it
+            all_maps, logits = explain_together(list(self.explainers.values()), x)
+        maps = {name: self.encoding.pool_maps(m.float()).cpu().numpy()
+                for name, m in zip(self.explainers, all_maps, strict=True)}
         return logits.float().cpu().numpy(), maps
 
     def _stacked(self, inputs: list[torch.Tensor]) -> torch.Tensor:
