@@ -186,3 +186,30 @@ def test_several_explainers_share_one_teacher_forward_and_give_their_own_maps() 
     for shared, (own, own_logits) in zip(maps, alone, strict=True):
         assert torch.equal(shared, own)  # bit-identical to each explainer's own pass
         assert torch.equal(logits, own_logits)
+
+
+def test_gradcam_of_a_bcos_resnet_equals_a_hook_computation_and_its_forward() -> None:
+    """GradCAM as a further field of a B-cos teacher: its last feature map (before fc, pooling and logit layer),
+    checked against activations and gradients taken with a hook on ``layer4`` of the unmodified forward."""
+    from e2kd.explain import build_explainer
+    from e2kd.explain.gradcam import gradcam_from
+    from e2kd.explain.registry import check_supports
+    from e2kd.models import create_model, input_transform
+
+    torch.manual_seed(0)
+    model = create_model("bcos:resnet18", 4, inplanes=8).eval().requires_grad_(False)
+    x = input_transform(model)(torch.rand(2, 3, 64, 64))
+    maps, logits = build_explainer("gradcam", model)(x)
+    captured = []
+    handle = model.layer4.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.enable_grad():
+            reference = model(x.requires_grad_(True))
+            (grad,) = torch.autograd.grad(reference.gather(1, reference.argmax(1, keepdim=True)).sum(), captured[0])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, reference.detach())
+    torch.testing.assert_close(maps, gradcam_from(captured[0].detach(), grad))
+    check_supports("gradcam", "bcos:resnet18", default=False)
+    with pytest.raises(ValueError, match="--explainers bcos,gradcam"):
+        check_supports("gradcam", "bcos:resnet18")

@@ -110,3 +110,18 @@ def test_bad_field_names_and_codecs_are_one_line_errors_before_any_work(tmp_path
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
         assert result.exit_code == 1 and len(lines) == 1 and words in lines[0], (extra, result.output)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_bcos_teacher_caches_its_own_maps_and_gradcam(digits: Path, tmp_path: Path) -> None:
+    from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
+
+    opts = dict(data=str(digits / "train-000000.tar"), out=str(tmp_path / "bcos"), teacher="bcos:resnet18",
+                num_classes=10, random_teacher=True, teacher_kwargs={"inplanes": 8}, explainers="bcos,gradcam",
+                input_size=64, map_size=(2, 2), actors=1, progress=False)  # 2x2: a stride-32 net at 64 px
+    run_cache_teacher(CacheTeacherOptions(**opts))
+    store = open_store(opts["out"])
+    assert [f.name for f in store.manifest.fields] == ["logits", "bcos", "gradcam"] and store.verify() == []
+    assert store.manifest.map_shapes == {"bcos": (6, 2, 2), "gradcam": (1, 2, 2)}
+    assert store.manifest.field_family("gradcam") == "gradcam" and store.manifest.explainer_name == "bcos"
+    with pytest.raises(ValueError, match="a B-cos model explains itself"):
+        CacheTeacherOptions(**{**opts, "explainers": "gradcam,bcos"})

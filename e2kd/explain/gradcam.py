@@ -17,6 +17,25 @@ def gradcam_from(activations: Tensor, grads: Tensor) -> Tensor:
     return F.relu((weights * activations).sum(dim=1, keepdim=True))
 
 
+def _is_vit(model: nn.Module) -> bool:
+    return hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
+
+
+def _bcos_head(model: object) -> object | None:
+    """A B-cos ResNet's head after ``forward_features`` (``fc`` → ``avgpool`` → ``logit_layer``), as its forward."""
+    if isinstance(model, nn.Module) and all(hasattr(model, a) for a in ("forward_features", "fc", "avgpool",
+                                                                         "logit_layer")):
+        return lambda feats: model.logit_layer(model.avgpool(model.fc(feats)).flatten(1))
+    return None
+
+
+def _head(model: nn.Module) -> object | None:
+    """What turns ``forward_features``' output into logits: timm's ``forward_head``, or a B-cos ResNet's head."""
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        return model.forward_head
+    return _bcos_head(model)
+
+
 @register_explainer
 class GradCAM(Explainer):
     """GradCAM at native feature resolution (7×7 for a 224 px ResNet); resizing is the loss's job.
@@ -31,24 +50,27 @@ class GradCAM(Explainer):
     family = "gradcam"
 
     @classmethod
-    def supports(cls, model: nn.Module | str) -> str | None:
-        if is_bcos(model):
-            return "a B-cos model explains itself: use bcos (or input_x_gradient) for bcos:<name> teachers"
-        if not isinstance(model, str) and not (hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")) \
-                and not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+    def supports(cls, model: nn.Module | str, default: bool = True) -> str | None:
+        if is_bcos(model) and default:
+            return ("a B-cos model explains itself: use bcos (or input_x_gradient) for bcos:<name> teachers, and add "
+                    "gradcam as a further field with --explainers bcos,gradcam")
+        if is_bcos(model) and not (str(model).startswith("bcos:resnet") or _bcos_head(model) is not None):
+            return "gradcam explains B-cos ResNets only (their last feature map before fc, pooling and logit layer)"
+        if not isinstance(model, str) and _head(model) is None and not _is_vit(model):
             return "gradcam needs a timm model with forward_features/forward_head (or a ViT)"
         return None
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self._is_vit = hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
-        if not self._is_vit and not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        self._is_vit = _is_vit(model)
+        self._head = _head(model)
+        if not self._is_vit and self._head is None:
             raise ValueError(f"gradcam needs a timm model with forward_features/forward_head, got "
                              f"{type(model).__name__}")
 
     def shared_needs(self) -> frozenset[str] | None:
-        """A CNN's last feature map and its gradient can come from a pass shared with other explainers."""
-        return None if self._is_vit else frozenset({"features"})
+        """A timm CNN's last feature map and its gradient can come from a pass shared with other explainers."""
+        return None if self._is_vit or not hasattr(self.model, "forward_head") else frozenset({"features"})
 
     def maps_from(self, shared: SharedPass) -> Tensor:
         return gradcam_from(shared.features, shared.grads["features"])
@@ -62,7 +84,7 @@ class GradCAM(Explainer):
                              f"got shape {tuple(feats.shape)}")
         if not feats.requires_grad:  # frozen teacher: the map needs gradients w.r.t. the features only
             feats = feats.detach().requires_grad_(True)
-        logits = self.model.forward_head(feats)
+        logits = self._head(feats)
         (grads,) = torch.autograd.grad(self.target_scores(logits, targets), feats, create_graph=create_graph)
         return logits, gradcam_from(feats, grads)
 

@@ -37,7 +37,7 @@ class BcosExplainer(Explainer):
     family = "bcos"
 
     @classmethod
-    def supports(cls, model: nn.Module | str) -> str | None:
+    def supports(cls, model: nn.Module | str, default: bool = True) -> str | None:
         if not is_bcos(model) or (not isinstance(model, str) and not hasattr(model, "explanation_mode")):
             return "the bcos explainer needs a B-cos model (bcos:<name>) with explanation_mode()"
         return None

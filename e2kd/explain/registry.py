@@ -45,9 +45,10 @@ class Explainer(ABC):
         raise TypeError(f"{self.name} takes no shared pass")
 
     @classmethod
-    def supports(cls, model: nn.Module | str) -> str | None:
+    def supports(cls, model: nn.Module | str, default: bool = True) -> str | None:
         """Why this explainer should not explain teacher ``model`` for a cache (a built model, or a model name such
-        as ``bcos:resnet18``, asked before anything is built), or None where it can. cache-teacher asks it; every
+        as ``bcos:resnet18``, asked before anything is built), or None where it can; ``default``: as the cache's
+        default (first) explanation field, else as a further one (``--explainers``). cache-teacher asks it; every
         model is supported unless a subclass says otherwise."""
         return None
 
@@ -168,9 +169,14 @@ def is_bcos(model: nn.Module | str) -> bool:
     return is_bcos_model(model)
 
 
-def check_supports(name: str, model: nn.Module | str) -> None:
-    """Raise ``ValueError`` (the explainer's reason) unless explainer ``name`` can explain ``model``."""
-    reason = _lookup(name).supports(model)
+def check_supports(name: str, model: nn.Module | str, default: bool = True) -> None:
+    """Raise ``ValueError`` (the explainer's reason) unless explainer ``name`` can explain ``model`` (as the
+    default explanation field, or as a further one)."""
+    import inspect
+
+    supports = _lookup(name).supports
+    takes_default = len(inspect.signature(supports).parameters) >= 2  # a plug-in's supports(model) is enough
+    reason = supports(model, default) if takes_default else supports(model)
     if reason:
         what = model if isinstance(model, str) else type(model).__name__
         raise ValueError(f"explainer {name!r} does not fit teacher {what!r}: {reason}")

@@ -103,8 +103,8 @@ class CacheTeacherOptions:
         self.view_policy  # noqa: B018
         if self.explainers:
             self.explainer = self.explainer_names[0]
-        for name in self.explainer_names:
-            check_supports(name, self.teacher)  # the explainer's answer, before any work (unknown: refused)
+        for i, name in enumerate(self.explainer_names):  # the explainer's answer, before any work (unknown: refused)
+            check_supports(name, self.teacher, default=i == 0)
         if self.teacher_checkpoint is not None and self.random_teacher:
             raise ValueError("--teacher-checkpoint and --random-teacher exclude each other")
 
