@@ -425,7 +425,10 @@ def copy_cmd(src: str, dst: str, overwrite: bool, create_bucket: bool, storage_o
 
 @main.command("train-student")
 @click.option("--data", help="Training images: the shards (or image folder) the cache was built from.")
-@click.option("--cache", help="Teacher cache (from cache-teacher).")
+@click.option("--cache", multiple=True, help="Teacher cache (from cache-teacher); once per teacher to learn from "
+                                             "several (caches of the same inputs, joined by key).")
+@click.option("--cache-weights", help="Several --cache: each teacher's weight, e.g. 0.7,0.3 (KD towards the weighted "
+                                      "mixture; explanation terms weighted alike)  [default: equal]")
 @click.option("--student", help="timm model name or bcos:<name>.")
 @click.option("--out", help="Run directory: metrics.jsonl, checkpoint.pt, student.safetensors, summary.json.")
 @click.option("--student-kwargs", help="JSON kwargs for the student constructor.")
@@ -462,7 +465,8 @@ def copy_cmd(src: str, dst: str, overwrite: bool, create_bucket: bool, storage_o
 @click.option("--online-teacher", help="Live-teacher baseline (no --cache): teacher model name.")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), help="Weights of --online-teacher.")
 @click.option("--teacher-kwargs", help="JSON kwargs of --online-teacher.")
-@click.option("--expect-cache-id", help="Refuse any cache but the one with this id (`e2kd inspect` prints it).")
+@click.option("--expect-cache-id", multiple=True,
+              help="Refuse any cache but the one with this id (`e2kd inspect` prints it); once per --cache, in order.")
 @_storage_option
 @click.option("--config", help="YAML file of these options, or a packaged preset name (demo-digits, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -474,6 +478,9 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     from e2kd.storage.options import parse_storage_options
 
     try:
+        for name in ("cache", "expect_cache_id"):  # given once: a value; several times: a list (one per teacher)
+            given = list(flags[name] or ())
+            flags[name] = None if not given else given[0] if len(given) == 1 else given
         flags["student_kwargs"] = parse_json_kwargs(flags["student_kwargs"])
         flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
         flags["storage_options"] = parse_storage_options(flags["storage_options"])

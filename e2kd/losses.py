@@ -127,13 +127,17 @@ class E2KDLoss(nn.Module):
             if student_maps is None or teacher_maps is None:
                 raise ValueError("lam > 0 needs student_maps and teacher_maps")
             expl = explanation_loss(student_maps, teacher_maps, map_size)
-        ce = zero
+        ce = self.ce(student_logits, labels)
+        total = kd + self.lam * expl + self.ce_weight * ce
+        return total, {"kd": kd, "expl": expl, "ce": ce}
+
+    def ce(self, student_logits: Tensor, labels: Tensor | None) -> Tensor:
+        """Cross-entropy on the labels in ``[0, C)`` (others ignored); zero without ``ce_weight`` or labels."""
         if self.ce_weight > 0 and labels is not None:
             labels = labels.long().masked_fill((labels < 0) | (labels >= student_logits.shape[-1]), -1)
             if bool((labels >= 0).any()):
-                ce = F.cross_entropy(_upcast(student_logits), labels, ignore_index=-1)
-        total = kd + self.lam * expl + self.ce_weight * ce
-        return total, {"kd": kd, "expl": expl, "ce": ce}
+                return F.cross_entropy(_upcast(student_logits), labels, ignore_index=-1)
+        return student_logits.new_zeros(()).float()
 
 
 class E2KDObjective:
@@ -166,7 +170,8 @@ class E2KDObjective:
     """
 
     def __init__(self, student: nn.Module, explainer: Any = "gradcam", temperature: float = 1.0, lam: float = 1.0,
-                 ce_weight: float = 0.0, expl_resolution: str = "input") -> None:
+                 ce_weight: float = 0.0, expl_resolution: str = "input",
+                 teacher_weights: list[float] | None = None) -> None:
         from e2kd.explain import build_explainer
 
         if expl_resolution not in EXPL_RESOLUTIONS:
@@ -175,6 +180,7 @@ class E2KDObjective:
         self.explainer = build_explainer(explainer, student) if isinstance(explainer, str) else explainer
         self.loss = E2KDLoss(temperature, lam, ce_weight)
         self.expl_resolution = expl_resolution
+        self.teacher_weights = teacher_weights  # several teachers: their weights (sum 1), in --cache order
         self.last_logits: Tensor | None = None
         self.last_maps: Tensor | None = None
         self.last_similarity: Tensor | None = None
@@ -183,9 +189,11 @@ class E2KDObjective:
     def lam(self) -> float:
         return self.loss.lam
 
-    def __call__(self, inputs: Tensor, teacher_logits: Tensor, teacher_maps: Tensor | None = None,
+    def __call__(self, inputs: Tensor, teacher_logits: Tensor, teacher_maps: Tensor | list[Tensor] | None = None,
                  labels: Tensor | None = None, targets: Tensor | None = None,
                  create_graph: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        if teacher_logits.ndim == 3:  # several teachers: [B, T, C], maps a list, targets [B, T]
+            return self._several(inputs, teacher_logits.detach(), teacher_maps, labels, targets, create_graph)
         teacher_logits = teacher_logits.detach()
         if targets is None:
             targets = teacher_logits.argmax(dim=-1)
@@ -205,4 +213,46 @@ class E2KDObjective:
         if s_maps is not None and t_maps is not None:
             with torch.no_grad():
                 self.last_similarity = explanation_similarity(s_maps.detach(), t_maps, size)
+        return total, parts
+
+    def _several(self, inputs: Tensor, teacher_logits: Tensor, teacher_maps: list[Tensor] | None,
+                 labels: Tensor | None, targets: Tensor | None, create_graph: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """Several teachers: KD towards the weighted mixture of their distributions at τ, and the weighted sum of
+        each teacher's explanation term, the student explaining that teacher's top-1 class (one student explanation
+        per distinct set of targets: teachers that agree on every sample share it)."""
+        t = teacher_logits.shape[1]
+        weights = torch.tensor(self.teacher_weights or [1.0 / t] * t, dtype=torch.float32, device=inputs.device)
+        if len(weights) != t:
+            raise ValueError(f"{t} teachers but {len(weights)} teacher weights")
+        tau = self.loss.temperature
+        mixture = (torch.softmax(teacher_logits.float() / tau, -1) * weights[None, :, None]).sum(1)
+        mixture_logits = tau * mixture.clamp_min(1e-30).log()  # softmax(·/τ) of it is the mixture
+        targets = teacher_logits.argmax(-1) if targets is None else targets.long()
+        size = tuple(inputs.shape[-2:]) if self.expl_resolution == "input" else None
+        explained: dict[bytes, Tensor] = {}
+        logits, expl = None, None
+        if self.lam > 0 or (not create_graph and teacher_maps is not None):
+            if teacher_maps is None:
+                raise ValueError("lam > 0 needs teacher_maps")
+            expl = inputs.new_zeros(())
+            for i in range(t):
+                key = targets[:, i].cpu().numpy().tobytes()
+                if key not in explained:
+                    s_maps, s_logits = self.explainer(inputs, targets[:, i], create_graph=create_graph)
+                    explained[key] = s_maps
+                    logits = s_logits if logits is None else logits
+                expl = expl + weights[i] * explanation_loss(explained[key], teacher_maps[i].detach(), size)
+            first = explained[targets[:, 0].cpu().numpy().tobytes()]
+            with torch.no_grad():
+                self.last_similarity = explanation_similarity(first.detach(), teacher_maps[0].detach(), size)
+            self.last_maps = first.detach()
+        else:
+            logits = self.student(inputs)
+            self.last_maps = self.last_similarity = None
+        kd, ce = kd_loss(logits, mixture_logits, tau), self.loss.ce(logits, labels)
+        expl = kd.new_zeros(()) if expl is None else expl
+        total = kd + self.lam * expl + self.loss.ce_weight * ce
+        parts = {"kd": kd, "expl": expl, "ce": ce,
+                 "student_explanations": torch.tensor(float(len(explained)))}  # > 1 where teachers disagree
+        self.last_logits = logits
         return total, parts

@@ -160,14 +160,42 @@ def _listed_join(shard: InputShard, store: Any, errors: list[dict[str, str]], pl
     return usable
 
 
-def teacher_maps(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+def teacher_maps(batch: dict[str, Any], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
     """A batch's teacher maps on ``device``, float32: a K-view cache's as cached; a ``full`` cache's whole-image maps
     with their joint crop applied here, on the device (the stream hands the crop over as RoIAlign weights:
-    :func:`~e2kd.pipeline.views.crop_weights`)."""
+    :func:`~e2kd.pipeline.views.crop_weights`). Several teachers' caches: a list, one batch of maps per teacher."""
+    if isinstance(batch["t_map"], list):
+        return [teacher_maps({k: (v[t] if k.startswith("t_map") else v) for k, v in batch.items()
+                              if k.startswith("t_map")}, device) for t in range(len(batch["t_map"]))]
     maps = batch["t_map"].to(device).float()
     if "t_map_rows" in batch:
         return apply_crop(maps, batch["t_map_rows"].to(device), batch["t_map_cols"].to(device))
     return maps
+
+
+def join_records(first: dict[str, Any], others: list[dict[str, Any]], allow_missing: bool = False) -> dict[str, Any]:
+    """Records of one shard from several teachers' caches, joined by key: ``logits [V, T, C]``, ``target [V, T]``,
+    ``maps`` a list of ``[V, …]`` (one per teacher; shapes may differ); views and label from the first cache.
+
+    Raises:
+        ValueError: a key in one cache only (unless ``allow_missing``: dropped).
+    """
+    joined = {}
+    for key, record in first.items():
+        found = [o.get(key) for o in others]
+        if any(r is None for r in found):
+            if allow_missing:
+                continue
+            raise ValueError(f"key {key!r} is in the first --cache but not in every other: the caches are not of "
+                             f"the same inputs (--allow-missing skips such keys)")
+        rows = [record, *found]
+        joined[key] = {**record, "logits": torch.stack([r["logits"] for r in rows], 1),
+                       "target": torch.stack([r["target"] for r in rows], 1), "maps": [r["maps"] for r in rows]}
+    extra = next((k for o in others for k in o if k not in first), None)
+    if extra is not None and not allow_missing:
+        raise ValueError(f"key {extra!r} is in a later --cache but not in the first: the caches are not of the same "
+                         f"inputs (--allow-missing skips such keys)")
+    return joined
 
 
 def cache_resample_dtype(manifest: Any) -> str:
@@ -221,6 +249,7 @@ class StreamSpec:
     trusted: frozenset[str] = frozenset()  # shards planned from the cache's key index: keys checked while read
     allow_missing: bool = False  # a trusted shard's key on one side only: skipped and counted, not an error
     expl_field: str | None = None  # the cache's explanation field the student matches (None: its default, first)
+    extra_cache_uris: tuple[str, ...] = ()  # further teachers' caches of the same inputs, joined by key
 
 
 def _key_int(*parts: object) -> int:
@@ -319,7 +348,7 @@ class StudentStream(IterableDataset):
         # an open store (zarr threads, file handles), the prefetch thread and the RAM cache of decoded images stay
         # in their process
         return {**self.__dict__, "_store": None, "_store_pid": None, "_decoded": {}, "_decoded_bytes": 0,
-                "_pending": {}, "_pool": None, "_pool_pid": None}
+                "_pending": {}, "_pool": None, "_pool_pid": None, "_extra": None}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -333,6 +362,16 @@ class StudentStream(IterableDataset):
             # never used across fork: zarr's threads do not survive it, so a child reopens instead of inheriting
             self._store, self._store_pid = open_store(self.spec.cache_uri), os.getpid()
         return self._store
+
+    @property
+    def extra_stores(self) -> list[Any]:
+        """The further teachers' caches, opened lazily in the process that reads them (as :attr:`store`)."""
+        extra = getattr(self, "_extra", None)
+        if self.spec.extra_cache_uris and (extra is None or extra[0] != os.getpid()):
+            from e2kd.storage import open_store
+
+            self._extra = (os.getpid(), [open_store(uri) for uri in self.spec.extra_cache_uris])
+        return self._extra[1] if self.spec.extra_cache_uris else []
 
     def _replays_views(self) -> bool:
         """The cache holds K views to replay exactly (else ``full``: one whole-image view, cropped jointly)."""
@@ -424,9 +463,15 @@ class StudentStream(IterableDataset):
         return self._read_records(shard.name)
 
     def _read_records(self, name: str) -> dict[str, Any]:
-        """``key → record`` of one cached shard, the maps of the chosen explanation field."""
+        """``key → record`` of one cached shard, the maps of the chosen explanation field; with several teachers'
+        caches their records joined by key (:func:`join_records`)."""
         field = self.spec.expl_field
-        return dict(self.store.iter_shard(name) if field is None else self.store.iter_shard(name, field))
+        records = dict(self.store.iter_shard(name) if field is None else self.store.iter_shard(name, field))
+        if not self.spec.extra_cache_uris:
+            return records
+        others = [dict(store.iter_shard(name) if field is None else store.iter_shard(name, field))
+                  for store in self.extra_stores]
+        return join_records(records, others, self.spec.allow_missing)
 
     def _prefetch(self, shard: InputShard) -> None:
         """Start reading a shard's cached records in a background thread (one shard ahead; object storage)."""
@@ -456,13 +501,19 @@ class StudentStream(IterableDataset):
         if record is not None and replay:  # K-view cache: replay one cached view exactly
             v = (_key_int(spec.seed, sample.key) + index) % record["views"].shape[0] if spec.random_crop else 0
             view = record["views"][v].tolist()
-            item.update(view_index=torch.tensor(v), t_logits=record["logits"][v], t_map=record["maps"][v],
+            t_map = [m[v] for m in record["maps"]] if isinstance(record["maps"], list) else record["maps"][v]
+            item.update(view_index=torch.tensor(v), t_logits=record["logits"][v], t_map=t_map,
                         target=record["target"][v])
         else:
             view = (draw_view(spec.seed, sample.key, index, *hw, spec.crop_scale, spec.crop_ratio, spec.flip_p)
                     if spec.random_crop else FULL_VIEW).as_list()
             item["view_index"] = torch.tensor(0)
-            if record is not None:  # full cache: joint crop of the cached map (applied by teacher_maps), logits reused
+            if record is not None and isinstance(record["maps"], list):  # several teachers: a joint crop each
+                weights = [crop_weights(view, hw, tuple(m.shape[-2:]), spec.map_size) for m in record["maps"]]
+                item.update(t_logits=record["logits"][0], t_map=[m[0] for m in record["maps"]],
+                            t_map_rows=[r.float() for r, _ in weights], t_map_cols=[c.float() for _, c in weights],
+                            target=record["target"][0])
+            elif record is not None:  # full cache: joint crop of the cached map (by teacher_maps), logits reused
                 rows, cols = crop_weights(view, hw, tuple(record["maps"].shape[-2:]), spec.map_size)
                 item.update(t_logits=record["logits"][0], t_map=record["maps"][0], t_map_rows=rows.float(),
                             t_map_cols=cols.float(), target=record["target"][0])

@@ -21,7 +21,7 @@ from e2kd.losses import EXPL_RESOLUTIONS, E2KDObjective
 from e2kd.models import create_model, model_spec
 from e2kd.pipeline.loader import JoinPlan, StreamSpec, build_loader, plan_join, select_shots
 from e2kd.pipeline.sources import list_shards
-from e2kd.pipeline.student_cache import open_student_cache
+from e2kd.pipeline.student_cache import open_student_cache, open_student_caches, parse_cache_weights
 from e2kd.storage import CacheStore, CompatibilityError, Manifest
 from e2kd.storage.options import apply_storage_options, describe_storage_options, resolve_storage_options
 from e2kd.training import (
@@ -46,7 +46,8 @@ class TrainOptions:
     data: str
     student: str
     out: str
-    cache: str | None = None
+    cache: str | list[str] | None = None  # several: one cache per teacher, of the same inputs (joined by key)
+    cache_weights: str | None = None  # "0.7,0.3": each teacher's weight (default: equal)
     student_kwargs: dict[str, Any] = field(default_factory=dict)
     student_init: str | None = None
     num_classes: int | None = None
@@ -81,13 +82,15 @@ class TrainOptions:
     teacher_checkpoint: str | None = None
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
-    expect_cache_id: str | None = None  # refuse any cache but this one (``e2kd inspect`` prints the id)
+    expect_cache_id: str | list[str] | None = None  # refuse any cache but this one (once per --cache, in order)
     expl_field: str | None = None  # the cache's explanation field to match (needed where it holds several)
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec arguments; never recorded
 
     def __post_init__(self) -> None:
-        if (self.cache is None) == (self.online_teacher is None):
+        if (not self.cache) == (self.online_teacher is None):
             raise ValueError("give exactly one of --cache (train from a cache) or --online-teacher (live baseline)")
+        if self.cache_weights and len(cache_list(self.cache)) < 2:
+            raise ValueError("--cache-weights weighs several teachers: give one --cache per teacher")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("--epochs and --batch-size must be >= 1")
         if self.lam < 0 or self.temperature <= 0:
@@ -119,10 +122,55 @@ def _check_ranges(o: TrainOptions) -> None:
 
 
 # ---- set-up and compatibility ----------------------------------------------------------------------
+def cache_list(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """``--cache`` (or ``--expect-cache-id``) as a list: one entry per teacher."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def resolve_against_caches(opts: TrainOptions, uris: list[str]) -> tuple[TrainOptions, list[CacheStore]]:
+    """Open the run's caches (one per teacher) and check that they fit the student and join
+    (:func:`open_student_caches`); class count / explainer / input size default to theirs."""
+    if len(uris) == 1:
+        opts, store = resolve_against_cache(opts, uris[0])
+        return opts, [store]
+    opened = open_student_caches(uris, expect_ids=cache_list(opts.expect_cache_id), num_classes=opts.num_classes,
+                                 explainer=opts.explainer, input_size=opts.input_size, temperature=opts.temperature,
+                                 expl_field=opts.expl_field)
+    parse_cache_weights(opts.cache_weights, len(uris))  # checked before any work
+    first = opened[0]
+    opts.num_classes, opts.explainer, opts.input_size = first.num_classes, first.explainer, first.input_size
+    _warn_ignored_augmentation(opts, first.store.manifest)
+    return opts, [o.store for o in opened]
+
+
+def _join_plan(plan: JoinPlan, stores: list[CacheStore], uris: list[str], allow_missing: bool) -> None:
+    """Several teachers' caches must hold the same keys per shard (the same inputs); with ``allow_missing`` keys
+    not in every cache are dropped from the plan."""
+    first = stores[0]
+    for other, uri in zip(stores[1:], uris[1:], strict=True):
+        for name in plan.shard_counts:
+            mine = set(first.shard_keys(name)) if name in first.shard_names else set()
+            theirs = set(other.shard_keys(name)) if name in other.shard_names else set()
+            if mine == theirs:
+                continue
+            if not allow_missing:
+                example = sorted(mine ^ theirs)[0]
+                raise ValueError(f"--cache {uri}: shard {name} holds other keys than --cache {uris[0]} (e.g. "
+                                 f"{example!r}): the caches are not of the same inputs (--allow-missing skips such "
+                                 f"keys)")
+            for key in mine - theirs:
+                plan.keys.pop(key, None)
+
+
 def resolve_against_cache(opts: TrainOptions, uri: str) -> tuple[TrainOptions, CacheStore]:
     """Open the cache for this run (:func:`open_student_cache`): class count / explainer / input size default to
     the cache's, explicit values must agree with it."""
-    opened = open_student_cache(uri, expect_id=opts.expect_cache_id, num_classes=opts.num_classes,
+    expect = cache_list(opts.expect_cache_id)
+    if len(expect) > 1:
+        raise CompatibilityError(f"--expect-cache-id is given {len(expect)} times for 1 cache")
+    opened = open_student_cache(uri, expect_id=expect[0] if expect else None, num_classes=opts.num_classes,
                                 explainer=opts.explainer, input_size=opts.input_size, temperature=opts.temperature,
                                 expl_field=opts.expl_field)
     opts.num_classes, opts.explainer, opts.input_size = opened.num_classes, opened.explainer, opened.input_size
@@ -190,7 +238,8 @@ class StudentRun:
     trainer: Trainer
     objective: StudentObjective
     plan: JoinPlan
-    cache_identity: dict[str, Any] | None
+    cache_identity: dict[str, Any] | None  # the (first) cache's
+    cache_identities: list[dict[str, Any]] = field(default_factory=list)  # every teacher's cache, in --cache order
 
 
 def prepare_student(opts: TrainOptions) -> StudentRun:
@@ -202,15 +251,19 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
     """
     check_run_dir(Path(opts.out), opts.resume, opts.overwrite)
     rank, world = init_distributed()
-    apply_storage_options(resolve_storage_options(opts.storage_options, [opts.data, opts.cache, opts.val_data,
+    caches = cache_list(opts.cache)
+    apply_storage_options(resolve_storage_options(opts.storage_options, [opts.data, *caches, opts.val_data,
                                                                          opts.val_cache]))
-    store = None
-    if opts.cache is not None:
-        opts, store = resolve_against_cache(opts, opts.cache)
+    store, stores = None, []
+    if caches:
+        opts, stores = resolve_against_caches(opts, caches)
+        store = stores[0]
     elif opts.num_classes is None or opts.explainer is None or opts.input_size is None:
         raise ValueError("--online-teacher needs --num-classes, --explainer and --input-size")
     shards = list_shards(opts.data)
     plan = plan_join(shards, store, opts.allow_missing, labels=bool(opts.shots))
+    if len(stores) > 1:
+        _join_plan(plan, stores, caches, opts.allow_missing)
     if plan.unused_cache_shards:
         import warnings
 
@@ -240,20 +293,22 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
                                            sched=opts.sched, epochs=opts.epochs, warmup_epochs=opts.warmup_epochs,
                                            steps_per_epoch=steps)
     spec = StreamSpec(shards=shards, keys=set(keys), input_size=(opts.input_size, opts.input_size),
-                      cache_uri=opts.cache, crop_scale=tuple(opts.crop_scale), flip_p=opts.flip_p, seed=opts.seed,
+                      cache_uri=caches[0] if caches else None, extra_cache_uris=tuple(caches[1:]),
+                      crop_scale=tuple(opts.crop_scale), flip_p=opts.flip_p, seed=opts.seed,
                       rank=rank, world_size=world, trusted=frozenset(plan.trusted), allow_missing=opts.allow_missing,
                       expl_field=opts.expl_field,
                       map_size=(opts.input_size, opts.input_size) if opts.expl_resolution == "input" else None)
     stream, loader = build_loader(spec, opts.batch_size, opts.workers)
+    weights = parse_cache_weights(opts.cache_weights, len(caches)) if len(caches) > 1 else None
     objective = StudentObjective(E2KDObjective(model, opts.explainer, temperature=opts.temperature, lam=opts.lam,
-                                               ce_weight=opts.ce_weight, expl_resolution=opts.expl_resolution),
-                                 targets)
+                                               ce_weight=opts.ce_weight, expl_resolution=opts.expl_resolution,
+                                               teacher_weights=weights), targets)
     trainer = Trainer(model, objective, optimizer, scheduler, stream, loader, steps, opts.epochs, device, rank, world,
                       clip_grad=opts.clip_grad, amp=opts.amp, progress=opts.progress,
                       validate=(lambda: _validate(model, opts)) if opts.val_data else None,
                       options=recorded_options(opts))
-    identity = _cache_identity(opts.cache, store) if store is not None else None
-    return StudentRun(opts, trainer, objective, plan, identity)
+    identities = [_cache_identity(uri, s) for uri, s in zip(caches, stores, strict=True)]
+    return StudentRun(opts, trainer, objective, plan, identities[0] if identities else None, identities)
 
 
 def _validate(model: torch.nn.Module, opts: TrainOptions) -> dict[str, float]:
@@ -277,6 +332,9 @@ def train_student(opts: TrainOptions) -> dict[str, Any]:
 def _finish(run: StudentRun, out: Path, metrics: dict[str, float], num_updates: int) -> dict[str, Any]:
     trainer = run.trainer
     summary = {"student": model_spec(trainer.model), "cache": run.cache_identity,
+               "cache_ids": [c["cache_id"] for c in run.cache_identities],
+               **({"caches": run.cache_identities, "cache_weights": run.objective.objective.teacher_weights}
+                  if len(run.cache_identities) > 1 else {}),
                "online_teacher": run.opts.online_teacher, "explainer": run.opts.explainer,
                "expl_resolution": run.opts.expl_resolution, "input_size": run.opts.input_size,
                "epochs": run.opts.epochs, "steps": num_updates, "steps_per_epoch": trainer.steps_per_epoch,
