@@ -504,8 +504,9 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
               help="The student's weights, e.g. RUN_DIR/student.safetensors (or --run).")
 @_former("--weights", "weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--student-kwargs", help="JSON kwargs of the student constructor.")
-@click.option("--cache", help="Teacher cache of --data: agreement and explanation similarity (for a K-view cache, "
-                             "against each sample's first cached view, on that view's crop).")
+@click.option("--cache", multiple=True,
+              help="Teacher cache of --data: agreement and explanation similarity (for a K-view cache, against each "
+                   "sample's first cached view, on that view's crop); once per teacher, as train-student's.")
 @click.option("--num-classes", type=int, help="Needed without --cache.")
 @click.option("--input-size", type=int, help="Needed without --cache.")
 @click.option("--expl-field", help="The cache's explanation field expl_sim compares with (where it holds several).")
@@ -514,26 +515,35 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
               help="Where expl_sim's cosine is taken (as train-student's --expl-resolution).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader workers.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line on stdout.")
-@click.option("--expect-cache-id", help="Refuse any cache but the one with this id (`e2kd inspect` prints it).")
+@click.option("--expect-cache-id", multiple=True,
+              help="Refuse any cache but the one with this id (`e2kd inspect` prints it); once per --cache, in order.")
 @_storage_option
 def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: str | None,
-                 student_kwargs: str | None, cache: str | None,
+                 student_kwargs: str | None, cache: tuple[str, ...],
                  num_classes: int | None, input_size: int | None, batch_size: int, expl_resolution: str, workers: int,
-                 as_json: bool, former__weights: str | None, expect_cache_id: str | None,
+                 as_json: bool, former__weights: str | None, expect_cache_id: tuple[str, ...],
                  storage_options: str | None, expl_field: str | None) -> None:
     """Top-1, agreement with the teacher and explanation similarity of a trained student."""
     weights = _take_former({"weights": weights, "former__weights": former__weights})["weights"]
-    from e2kd.stages.evaluate import evaluate_weights
+    from e2kd.stages.evaluate import evaluate_against_caches, evaluate_weights
     from e2kd.storage import open_store
 
+    caches, expect = list(cache), list(expect_cache_id)
     try:
-        _use_storage(storage_options, data, cache)
+        _use_storage(storage_options, data, *caches)
         model = _model_flags(run_dir, student, weights, student_kwargs, num_classes)
         student, weights, num_classes = model["student"], model["weights"], model["num_classes"]
-        metrics: dict[str, Any] = evaluate_weights(data, student, weights, model["student_kwargs"], cache, num_classes,
-                                                   input_size=input_size, batch_size=batch_size, workers=workers,
-                                                   expl_resolution=expl_resolution, progress=True,
-                                                   expect_cache_id=expect_cache_id, expl_field=expl_field)
+        common = {"input_size": input_size, "batch_size": batch_size, "workers": workers,
+                  "expl_resolution": expl_resolution, "progress": True, "expl_field": expl_field}
+        if len(caches) > 1:
+            metrics: dict[str, Any] = evaluate_against_caches(data, student, weights, model["student_kwargs"], caches,
+                                                              expect, num_classes=num_classes, **common)
+        else:
+            if len(expect) > 1:
+                raise ValueError(f"--expect-cache-id is given {len(expect)} times for {len(caches)} cache(s)")
+            metrics = evaluate_weights(data, student, weights, model["student_kwargs"], caches[0] if caches else None,
+                                       num_classes, expect_cache_id=expect[0] if expect else None, **common)
+        cache = caches[0] if caches else None
         opened = open_store(cache) if cache else None
         views = opened.manifest.num_views if opened else 1
     except (ValueError, FileNotFoundError, KeyError) as exc:
@@ -543,6 +553,8 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
                    err=True)
     if opened is not None:
         metrics["cache_id"] = opened.cache_id
+    if len(caches) > 1:
+        metrics["cache_ids"] = [open_store(c).cache_id for c in caches]
     if as_json:
         sys.stdout.write(json.dumps(metrics) + "\n")
     else:
@@ -612,18 +624,22 @@ def demo_cmd(out: str, quick: bool) -> None:
               help="The student's weights (or --run).")
 @_former("--weights", "weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--student-kwargs", help="JSON kwargs of the student constructor.")
+@click.option("--cache", "more_caches", multiple=True,
+              help="A further teacher's cache of the same inputs (once per teacher, as train-student's --cache): "
+                   "its map beside STORE's.")
 @_storage_option
 def show_cmd(store: str, key: str, out: str, data: str | None, run_dir: str | None, student: str | None,
              weights: str | None, student_kwargs: str | None, former__weights: str | None,
-             storage_options: str | None) -> None:
+             storage_options: str | None, more_caches: tuple[str, ...]) -> None:
     """Image, view boxes and the teacher map per view (and the student's), as heat maps."""
     weights = _take_former({"weights": weights, "former__weights": former__weights})["weights"]
     from e2kd.stages.figures import show_key
 
     try:
-        _use_storage(storage_options, store, data)
+        _use_storage(storage_options, store, data, *more_caches)
         model = _model_flags(run_dir, student, weights, student_kwargs, None, required=False)
-        cosines = show_key(store, key, out, data, model["student"], model["weights"], model["student_kwargs"])
+        cosines = show_key(store, key, out, data, model["student"], model["weights"], model["student_kwargs"],
+                           more_caches=list(more_caches))
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(exc) from None
     if cosines:

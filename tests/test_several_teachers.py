@@ -123,3 +123,19 @@ def test_caches_that_do_not_join_are_refused_in_one_line(two: dict[str, Path], d
                                            str(two["b"]), *STUDENT, "--out", str(tmp_path / "run"), *args])
         assert result.exit_code == 1 and words in result.output, result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_and_show_take_the_same_cache_list(two: dict[str, Path], digits: Path, tmp_path: Path) -> None:
+    data = f"{digits}/train-{{000000..000001}}.tar"
+    _train("--data", data, "--cache", str(two["a"]), "--cache", str(two["b"]), "--lambda", "0", "--out",
+           str(tmp_path / "run"))
+    result = CliRunner().invoke(main, ["evaluate", "--data", data, "--run", str(tmp_path / "run"), "--cache",
+                                       str(two["a"]), "--cache", str(two["b"]), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert {"agreement", "agreement_2", "expl_sim", "expl_sim_2"} <= set(metrics)
+    assert metrics["cache_ids"] == [open_store(str(two[k])).cache_id for k in ("a", "b")]
+    key = next(iter(open_store(str(two["a"])).keys()))
+    result = CliRunner().invoke(main, ["show", str(two["a"]), "--cache", str(two["b"]), "--key", key, "--data", data,
+                                       "--run", str(tmp_path / "run"), "--out", str(tmp_path / "k.png")])
+    assert result.exit_code == 0 and (tmp_path / "k.png").stat().st_size > 0, result.output

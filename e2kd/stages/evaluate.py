@@ -8,7 +8,7 @@ from e2kd.models import create_model
 from e2kd.pipeline.student_cache import open_student_cache
 from e2kd.training.evaluation import evaluate_model
 
-__all__ = ["evaluate_weights"]
+__all__ = ["evaluate_weights", "evaluate_against_caches"]
 
 
 def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict[str, Any] | None = None,
@@ -31,3 +31,25 @@ def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict
     model = create_model(student, num_classes, checkpoint=weights, **(student_kwargs or {}))
     return evaluate_model(model, data, cache, explainer, input_size, batch_size, workers, expl_resolution, progress,
                           expl_field=expl_field)
+
+
+def evaluate_against_caches(data: str, student: str, weights: str, student_kwargs: dict[str, Any] | None,
+                            caches: list[str], expect_ids: list[str] | None = None,
+                            **kwargs: Any) -> dict[str, float]:
+    """:func:`evaluate_weights` against several teachers' caches (as train-student's several ``--cache``): the
+    first cache's metrics under their names, each further teacher's agreement and ``expl_sim`` suffixed with its
+    position (``agreement_2``, …).
+
+    Raises:
+        CompatibilityError: a cache does not fit the student, or the caches do not join.
+    """
+    from e2kd.pipeline.student_cache import open_student_caches
+
+    open_student_caches(caches, expect_ids=expect_ids, num_classes=kwargs.get("num_classes"),
+                        explainer=kwargs.get("explainer"), input_size=kwargs.get("input_size"),
+                        expl_field=kwargs.get("expl_field"))
+    metrics = evaluate_weights(data, student, weights, student_kwargs, caches[0], **kwargs)
+    for i, cache in enumerate(caches[1:], start=2):
+        more = evaluate_weights(data, student, weights, student_kwargs, cache, **kwargs)
+        metrics.update({f"{k}_{i}": v for k, v in more.items() if k in ("agreement", "expl_sim")})
+    return metrics

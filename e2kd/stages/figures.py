@@ -105,12 +105,14 @@ def _shards_of(source: str, name: str) -> list[Any]:
 
 
 def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None, student: str | None = None,
-             weights: str | None = None, student_kwargs: dict[str, Any] | None = None) -> list[float]:
+             weights: str | None = None, student_kwargs: dict[str, Any] | None = None,
+             more_caches: list[str] | None = None) -> list[float]:
     """One row per cached view: the image with the view's box, the teacher's map, the student's map (with
     ``student`` and ``weights``) and the teacher's map over the view, each map with a colour bar.
 
     Returns the per-view cosine between the student's and the teacher's map (taken at the input size, as
-    train-student's loss takes it); empty without a student.
+    train-student's loss takes it); empty without a student. ``more_caches``: further teachers' caches of the
+    same inputs (as train-student's several ``--cache``), each teacher's map in a column of its own.
     """
     from e2kd.pipeline.student_cache import open_student_cache
     from e2kd.storage import open_store
@@ -125,8 +127,9 @@ def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None,
         net = create_model(student, store.manifest.num_classes, checkpoint=weights, **(student_kwargs or {}))
         student_maps = _student_maps(net, store.manifest.explainer_name, inputs, rec["target"])
         cosines = explanation_similarity(student_maps.float(), rec["maps"].float(), size).tolist()
+    others = _other_teachers(store, key, more_caches or [])
     plt = _plt()
-    cols = 4 if student_maps is not None else 3
+    cols = (4 if student_maps is not None else 3) + len(others)
     views = len(rec["views"])
     fig, axes = plt.subplots(views, cols, figsize=(2.6 * cols, 2.4 * views), squeeze=False)
     for v in range(views):
@@ -137,6 +140,10 @@ def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None,
                    f"teacher map, class {store.manifest.class_name(int(rec['target'][v]))}")
         if student_maps is not None:
             _map_panel(fig, row[2], student_maps[v], size, f"student map (cos {cosines[v]:.3f})")
+        for j, (_, other) in enumerate(others):
+            col = (3 if student_maps is not None else 2) + j
+            _map_panel(fig, row[col], other["maps"][v], size, f"teacher {j + 2} map, class "
+                       f"{store.manifest.class_name(int(other['target'][v]))}")
         row[-1].imshow(inputs[v].permute(1, 2, 0).numpy())
         row[-1].imshow(_heat(rec["maps"][v], size).numpy(), cmap="jet", alpha=0.5)
         row[-1].set_title("teacher map over the view", fontsize=7)
@@ -147,6 +154,17 @@ def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None,
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return cosines
+
+
+def _other_teachers(store: Any, key: str, uris: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The record of ``key`` in each further teacher's cache, which must join ``store`` (the same checks as
+    train-student's several ``--cache``)."""
+    if not uris:
+        return []
+    from e2kd.pipeline.student_cache import open_student_caches
+
+    opened = open_student_caches([store.uri, *uris])
+    return [(uri, o.store.read(key)) for uri, o in zip(uris, opened[1:], strict=True)]
 
 
 def _image_with_box(ax: Any, image: torch.Tensor, view: list[float], title: str) -> None:
