@@ -123,27 +123,34 @@ class _Base:
 
 
 # ---- logits ----------------------------------------------------------------------------------------------------
-@register_codec
-@dataclass(frozen=True)
-class Float16Logits(_Base):
-    """Every logit, float16: ``logits [N, V, C]``."""
+class _Float16Column(_Base):
+    """Values stored as float16 in one column named ``column`` (``[N, V, *shape]``), decoded as float32."""
 
-    name: ClassVar[str] = "logits-float16"
-    kind: ClassVar[str] = "logits"
+    column: ClassVar[str] = ""
 
     def columns(self, num_views: int, shape: tuple[int, ...] | None) -> ColumnSpecs:
-        return {"logits": ("float16", (num_views, *shape) if shape is not None else None)}
+        return {self.column: ("float16", (num_views, *shape) if shape is not None else None)}
 
     def encode(self, values: np.ndarray) -> dict[str, np.ndarray]:
-        return {"logits": values.astype(np.float16)}
+        return {self.column: values.astype(np.float16)}
 
     def decode(self, cols: dict[str, np.ndarray]) -> torch.Tensor:
         import torch
 
-        return torch.from_numpy(np.asarray(cols["logits"], dtype=np.float32))
+        return torch.from_numpy(np.asarray(cols[self.column], dtype=np.float32))
 
     def check(self, cols: dict[str, np.ndarray], num_classes: int) -> str | None:
         return _finite(cols)
+
+
+@register_codec
+@dataclass(frozen=True)
+class Float16Logits(_Float16Column):
+    """Every logit, float16: ``logits [N, V, C]``."""
+
+    name: ClassVar[str] = "logits-float16"
+    kind: ClassVar[str] = "logits"
+    column: ClassVar[str] = "logits"
 
     def top1_consistent(self, cols: dict[str, np.ndarray], target: np.ndarray) -> np.ndarray:
         """Per view: the cached logit of ``target`` is the largest (float16 rounding keeps the order, ties allowed)."""
@@ -276,25 +283,12 @@ _NEVER_DRAWN = -1e4
 # ---- explanation maps ------------------------------------------------------------------------------------------
 @register_codec
 @dataclass(frozen=True)
-class Float16Maps(_Base):
+class Float16Maps(_Float16Column):
     """Maps as float16: ``maps [N, V, C_e, h, w]``."""
 
     name: ClassVar[str] = "map-float16"
     kind: ClassVar[str] = "explanation"
-
-    def columns(self, num_views: int, shape: tuple[int, ...] | None) -> ColumnSpecs:
-        return {"maps": ("float16", (num_views, *shape) if shape is not None else None)}
-
-    def encode(self, values: np.ndarray) -> dict[str, np.ndarray]:
-        return {"maps": values.astype(np.float16)}
-
-    def decode(self, cols: dict[str, np.ndarray]) -> torch.Tensor:
-        import torch
-
-        return torch.from_numpy(np.asarray(cols["maps"], dtype=np.float32))
-
-    def check(self, cols: dict[str, np.ndarray], num_classes: int) -> str | None:
-        return _finite(cols)
+    column: ClassVar[str] = "maps"
 
 
 @register_codec
