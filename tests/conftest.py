@@ -61,6 +61,17 @@ def cache(tmp_path_factory: pytest.TempPathFactory, train_urls: str, teacher_ckp
     return out
 
 
+def committed_shards(fs, root: str) -> dict[str, dict]:  # noqa: ANN001 - any fsspec filesystem
+    """The shards a reader sees now (the manifest and the commit records), as JSON records; {} before any."""
+    from e2kd.storage.commits import read_view
+
+    try:
+        view, _ = read_view(fs, str(root))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return view.document["shards"]
+
+
 def shard_checksums(store: Path | str) -> dict[str, str]:
     from e2kd.storage import open_store
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TEACHER_KWARGS, cache_options, shard_checksums
+from conftest import TEACHER_KWARGS, cache_options, committed_shards, shard_checksums
+from fsspec.implementations.local import LocalFileSystem
 
 from e2kd.cli import main
 from e2kd.explain import build_explainer
@@ -81,7 +82,7 @@ def _wait_for_complete_shards(manifest: Path, n: int, proc: subprocess.Popen, ti
     while time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
         try:
-            if sum(r["complete"] for r in json.loads(manifest.read_text())["shards"].values()) >= n:
+            if sum(r["complete"] for r in committed_shards(LocalFileSystem(), str(manifest.parent)).values()) >= n:
                 return
         except (FileNotFoundError, json.JSONDecodeError):
             pass

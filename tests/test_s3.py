@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import S3, S3_SECRET, TEACHER_KWARGS, shard_checksums
+from conftest import S3, S3_SECRET, TEACHER_KWARGS, committed_shards, shard_checksums
 
 from e2kd.cli import main
 from e2kd.storage import Encoding, Manifest, create_store, open_store
@@ -126,7 +126,7 @@ def _wait_for_shards(s3: S3, manifest: str, n: int, proc: subprocess.Popen) -> N
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         try:
-            if len(json.loads(s3.fs.cat_file(manifest))["shards"]) >= n:
+            if len(committed_shards(s3.fs, manifest.rsplit("/", 1)[0])) >= n:
                 return
         except (FileNotFoundError, json.JSONDecodeError):
             pass

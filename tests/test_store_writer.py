@@ -176,17 +176,29 @@ def test_format_registry_feeds_the_cli_and_wds_shards_are_webdataset_joinable(tm
     keys = ["cls-a/img1", "img.with.dots", "../escape"]  # the last two cannot be WebDataset keys
     cols = _columns(3, 3)
     get_format("wds").write(tmp_path, cols, keys, Encoding(num_classes=3))
-    with tarfile.open(tmp_path / "data.tar") as tar:
+    with tarfile.open(tmp_path / "data.tar.gz") as tar:  # one member per sample, in a gzip stream
         names = tar.getnames()
-    assert all(not n.startswith(("/", "..")) for n in names)
-    samples = list(wds.WebDataset(str(tmp_path / "data.tar"), shardshuffle=False).decode())
+    assert all(not n.startswith(("/", "..")) for n in names) and len(names) == len(keys)
+    samples = list(wds.WebDataset(str(tmp_path / "data.tar.gz"), shardshuffle=False).decode())
     assert [s["__key__"] for s in samples] == ["cls-a/img1", "00000001", "00000002"]
-    assert np.array_equal(samples[0]["maps.npy"], cols["maps"][0])
-    blob = {"data.tar": (tmp_path / "data.tar").read_bytes()}
+    assert all(np.array_equal(samples[r]["e2kd.npy"][c], cols[c][r]) for r in range(3) for c in cols)
+    blob = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     read = get_format("wds").read(blob, ["labels"], "shard", None, keys)
     assert np.array_equal(read["labels"], cols["labels"])
     with pytest.raises(ValueError, match="refused tar member"):  # rows named by another shard's keys
         get_format("wds").read(blob, ["labels"], "shard", None, ["x", "y", "z"])
+
+
+def test_wds_shards_of_e2kd_0_3_still_read(tmp_path: Path) -> None:
+    """Shards of one member per column (``data.tar``) read unchanged, keys with and without member names."""
+    from legacy_wds import write_column_members
+
+    keys = ["cls-a/img1", "img.with.dots", "../escape"]
+    cols = _columns(3, 3)
+    write_column_members(None, tmp_path, cols, keys)
+    read = get_format("wds").read({p.name: p.read_bytes() for p in tmp_path.iterdir()}, sorted(cols), "shard", None,
+                                  keys)
+    assert all(np.array_equal(read[c], cols[c]) for c in cols)
 
 
 def test_wds_shards_of_e2kd_0_1_still_read(tmp_path: Path) -> None:
@@ -256,9 +268,14 @@ def test_a_zarr_shard_is_a_handful_of_objects_whatever_its_chunk_count(tmp_path:
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])
-def test_a_damaged_chunk_is_named_by_array_when_it_is_read(tmp_path: Path, fmt: str) -> None:
-    from e2kd.storage import StoreIntegrityError
+def test_a_damaged_chunk_is_named_by_array_when_it_is_read(tmp_path: Path, fmt: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from legacy_wds import write_column_members
 
+    from e2kd.storage import StoreIntegrityError
+    from e2kd.storage.wds_store import WdsFormat
+
+    monkeypatch.setattr(WdsFormat, "write", write_column_members)  # wds: the e2kd 0.3 layout, one member per column
     uri, keys = _store_with_one_shard(tmp_path, fmt, n=20)
     shard = tmp_path / f"store-{fmt}" / "shards" / "part-0"
     if fmt == "zarr":
@@ -278,3 +295,26 @@ def test_a_damaged_chunk_is_named_by_array_when_it_is_read(tmp_path: Path, fmt: 
     assert "shard part-0" in message and "array 'maps' is damaged" in message and "\n" not in message, message
     assert fmt == "zarr" or "row 7" in message
     assert [p.split(": ")[0] for p in store.verify()] == ["part-0"]
+
+
+def test_a_damaged_wds_record_is_named_by_row_and_nothing_else_reads(tmp_path: Path) -> None:
+    """A byte changed inside a compressed wds shard: the shard is refused, naming it and the first row it spoils."""
+    import gzip
+
+    from e2kd.storage import StoreIntegrityError
+
+    uri, keys = _store_with_one_shard(tmp_path, "wds", n=20)
+    target = tmp_path / "store-wds" / "shards" / "part-0" / "data.tar.gz"
+    plain = bytearray(gzip.decompress(target.read_bytes()))
+    member = plain.find(b"s/7.e2kd.npy")  # the member header; its record starts 512 bytes later
+    plain[member + 512 + 200] ^= 0x10  # inside the record's data, past its .npy header
+    target.write_bytes(gzip.compress(bytes(plain), mtime=0))  # a consistent gzip stream: only row 7 is wrong
+    store = open_store(uri)
+    with pytest.raises(StoreIntegrityError) as err:
+        store.read(keys[0])
+    message = str(err.value)
+    assert "shard part-0" in message and "row 7 is damaged" in message and "\n" not in message, message
+    assert [p.split(": ")[0] for p in store.verify()] == ["part-0"]
+    target.write_bytes(target.read_bytes()[:-40])  # truncated: the gzip stream ends early
+    with pytest.raises(StoreIntegrityError, match="part-0"):
+        open_store(uri).read(keys[0])

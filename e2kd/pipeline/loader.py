@@ -250,6 +250,9 @@ class StreamSpec:
     allow_missing: bool = False  # a trusted shard's key on one side only: skipped and counted, not an error
     expl_field: str | None = None  # the cache's explanation field the student matches (None: its default, first)
     extra_cache_uris: tuple[str, ...] = ()  # further teachers' caches of the same inputs, joined by key
+    #: the shards of each cache (first, then extras) when the run planned: every process reads that same view,
+    #: even while a writer commits more (None: whatever each process finds)
+    cache_shards: tuple[tuple[str, ...], ...] | None = None
 
 
 def _key_int(*parts: object) -> int:
@@ -360,7 +363,7 @@ class StudentStream(IterableDataset):
             from e2kd.storage import open_store
 
             # never used across fork: zarr's threads do not survive it, so a child reopens instead of inheriting
-            self._store, self._store_pid = open_store(self.spec.cache_uri), os.getpid()
+            self._store, self._store_pid = open_store(self.spec.cache_uri, shards=self._pin(0)), os.getpid()
         return self._store
 
     @property
@@ -370,8 +373,12 @@ class StudentStream(IterableDataset):
         if self.spec.extra_cache_uris and (extra is None or extra[0] != os.getpid()):
             from e2kd.storage import open_store
 
-            self._extra = (os.getpid(), [open_store(uri) for uri in self.spec.extra_cache_uris])
+            self._extra = (os.getpid(), [open_store(uri, shards=self._pin(i + 1))
+                                         for i, uri in enumerate(self.spec.extra_cache_uris)])
         return self._extra[1] if self.spec.extra_cache_uris else []
+
+    def _pin(self, i: int) -> tuple[str, ...] | None:
+        return self.spec.cache_shards[i] if self.spec.cache_shards is not None else None
 
     def _replays_views(self) -> bool:
         """The cache holds K views to replay exactly (else ``full``: one whole-image view, cropped jointly)."""

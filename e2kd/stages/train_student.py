@@ -294,6 +294,7 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
                                            steps_per_epoch=steps)
     spec = StreamSpec(shards=shards, keys=set(keys), input_size=(opts.input_size, opts.input_size),
                       cache_uri=caches[0] if caches else None, extra_cache_uris=tuple(caches[1:]),
+                      cache_shards=tuple(tuple(s.shard_names) for s in stores) if stores else None,
                       crop_scale=tuple(opts.crop_scale), flip_p=opts.flip_p, seed=opts.seed,
                       rank=rank, world_size=world, trusted=frozenset(plan.trusted), allow_missing=opts.allow_missing,
                       expl_field=opts.expl_field,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from e2kd.storage.commits import COMMITS_DIR, pending_commits, read_view
 from e2kd.storage.files import (
     MANIFEST,
     SHARDS_DIR,
@@ -31,7 +32,7 @@ from e2kd.storage.files import (
     resolve,
     write_bytes_atomic,
 )
-from e2kd.storage.manifest import Manifest, ManifestError, cache_id_of
+from e2kd.storage.manifest import ManifestError, cache_id_of
 from e2kd.storage.ownership import check_writable, mark_store, recorded_shards, remove_owned_shards
 
 __all__ = ["copy_store", "CopyReport"]
@@ -66,17 +67,16 @@ def copy_store(src: str, dst: str, *, overwrite: bool = False, create_bucket: bo
     if (type(sfs), sroot) == (type(dfs), droot):
         raise ValueError(f"copy: source and destination are the same store ({src})")
     try:
-        raw = sfs.cat_file(f"{sroot}/{MANIFEST}")
+        view, stored = read_view(sfs, sroot)  # a store still being written: the shards committed now
     except FileNotFoundError:
         raise FileNotFoundError(f"{src} is not an e2kd cache: {MANIFEST} not found") from None
-    document = json.loads(raw)
-    manifest = Manifest.from_json(document)
+    raw, manifest = view.manifest_bytes(stored), view.manifest  # the copy holds the view compacted: same cache id
     check_writable(dst, create_bucket=create_bucket, what="copy destination")  # never into what is not a store
     dfs.makedirs(droot, exist_ok=True)
     with StoreLock(dfs, droot):
         mark_store(dfs, droot)
         _check_destination(dfs, droot, raw, dst, overwrite)
-        report = CopyReport(cache_id_of(document), [], [], 0)
+        report = CopyReport(view.cache_id, [], [], 0)
         for name in manifest.complete_shards:
             sha = manifest.shards[name].sha256
             if _shard_matches(dfs, f"{droot}/{SHARDS_DIR}/{name}", sha):
@@ -96,7 +96,7 @@ def _check_destination(fs: object, root: str, raw: bytes, dst: str, overwrite: b
     """An empty destination, a half-done copy of this store, or this very store; another store only with
     ``overwrite`` (then removed)."""
     path = f"{root}/{MANIFEST}"
-    if not fs.exists(path) or fs.cat_file(path) == raw:
+    if not fs.exists(path) or (fs.cat_file(path) == raw and not pending_commits(fs, root)):
         return
     if not overwrite:
         try:
@@ -105,7 +105,7 @@ def _check_destination(fs: object, root: str, raw: bytes, dst: str, overwrite: b
             other = "unreadable"
         raise ManifestError(f"copy: {dst} already holds another cache (id {other}); --overwrite replaces it")
     remove_owned_shards(fs, root, keep=set(), owned=recorded_shards(fs, root))  # only the other cache's shards
-    for leftover in (path, f"{root}/{STAGING_DIR}"):
+    for leftover in (path, f"{root}/{STAGING_DIR}", f"{root}/{COMMITS_DIR}"):
         if fs.exists(leftover):
             fs.rm(leftover, recursive=True)
 

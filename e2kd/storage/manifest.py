@@ -18,7 +18,8 @@ from e2kd.storage.fields import FIELD_NAME, Field, explanation_prefix
 from e2kd.storage.names import is_valid_shard_name
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "SCHEMA_VERSIONS", "derived_fields", "IDENTITY_FIELDS", "PRECISIONS",
-           "Manifest", "ShardRecord", "ManifestError", "CompatibilityError", "input_fingerprint", "cache_id_of"]
+           "Manifest", "ShardRecord", "ManifestError", "CompatibilityError", "input_fingerprint", "cache_id_of",
+           "check_map_shapes"]
 
 SCHEMA = "e2kd.teacher-cache"
 SCHEMA_VERSION = 2
@@ -109,6 +110,25 @@ class ShardRecord:
                 "source_sha256": self.source_sha256,
                 **({"map_shapes": {k: list(v) for k, v in sorted(self.extra_map_shapes.items())}}
                    if self.extra_map_shapes else {})}
+
+
+def check_map_shapes(name: str, record: ShardRecord, shape: tuple[int, ...] | None,
+                     extra: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The store's map shape once shard ``name`` is in (``extra``, the later fields' shapes, updated in place).
+
+    Raises:
+        ManifestError: the shard's map shapes differ from the other shards'.
+    """
+    if record.map_shape is not None:
+        if shape not in (None, record.map_shape):
+            raise ManifestError(f"shard {name} has map shape {list(record.map_shape)}, others {list(shape)}")
+        shape = record.map_shape
+    for field_name, field_shape in (record.extra_map_shapes or {}).items():
+        if extra.get(field_name, field_shape) != field_shape:
+            raise ManifestError(f"shard {name} has {field_name} map shape {list(field_shape)}, others "
+                                f"{list(extra[field_name])}")
+        extra[field_name] = field_shape
+    return shape
 
 
 def cache_id_of(document: Any) -> str:
@@ -276,18 +296,18 @@ class Manifest:
     # ---- changes (new values) ------------------------------------------------------------------
     def with_shard(self, name: str, record: ShardRecord) -> Manifest:
         """This manifest with ``record`` for shard ``name`` (map shapes and input fingerprint updated)."""
-        shape = self.map_shape
-        if record.map_shape is not None:
-            if shape not in (None, record.map_shape):
-                raise ManifestError(f"shard {name} has map shape {list(record.map_shape)}, others {list(shape)}")
-            shape = record.map_shape
-        extra = dict(self.extra_map_shapes or {})
-        for field_name, field_shape in (record.extra_map_shapes or {}).items():
-            if extra.get(field_name, field_shape) != field_shape:
-                raise ManifestError(f"shard {name} has {field_name} map shape {list(field_shape)}, others "
-                                    f"{list(extra[field_name])}")
-            extra[field_name] = field_shape
-        shards = {**self.shards, name: record}
+        return self.with_shards({name: record})
+
+    def with_shards(self, records: dict[str, ShardRecord]) -> Manifest:
+        """This manifest with ``records`` added or replaced (one pass over the shards, whatever their number).
+
+        Raises:
+            ManifestError: a record's map shape differs from the other shards'.
+        """
+        shape, extra = self.map_shape, dict(self.extra_map_shapes or {})
+        for name, record in sorted(records.items()):
+            shape = check_map_shapes(name, record, shape, extra)
+        shards = {**self.shards, **records}
         sources = {n: (r.source, r.source_bytes, r.source_sha256) for n, r in shards.items()}
         inputs = {"urls": sorted({r.source for r in shards.values()}), "fingerprint": input_fingerprint(sources)}
         return replace(self, shards=shards, map_shape=shape, inputs=inputs, extra_map_shapes=extra or None)

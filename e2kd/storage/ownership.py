@@ -186,10 +186,17 @@ def remove_owned_shards(fs: fsspec.AbstractFileSystem, root: str, keep: set[str]
 
 
 def recorded_shards(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
-    """Shard names the store's current manifest records (empty where it has none or it cannot be read)."""
+    """Shard names the store's current manifest and commit records record (empty where it has no readable
+    manifest)."""
+    from e2kd.storage.commits import pending_commits
+
     try:
         document: Any = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
     except (FileNotFoundError, ValueError):
         return set()
     shards = document.get("shards") if isinstance(document, dict) else None
-    return {str(n) for n in shards} if isinstance(shards, dict) else set()
+    try:
+        pending = set(pending_commits(fs, root))
+    except ValueError:  # a foreign entry in commits/: only what the manifest names
+        pending = set()
+    return ({str(n) for n in shards} if isinstance(shards, dict) else set()) | pending

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
+from e2kd.storage.commits import read_view
 from e2kd.storage.files import (
     MANIFEST,
     SHARDS_DIR,
@@ -17,10 +19,10 @@ from e2kd.storage.files import (
     checksum_blobs,
     read_blobs,
     read_bounded,
-    read_json,
     resolve,
 )
 from e2kd.storage.formats import get_format
+from e2kd.storage.keyindex import KeyIndex
 from e2kd.storage.manifest import Manifest, ManifestError, cache_id_of
 from e2kd.storage.shards import ERRORS_NAME, KEYS_NAME
 
@@ -31,14 +33,17 @@ class StoreIntegrityError(ManifestError):
     """A shard's files are not what the manifest recorded (changed, truncated, added, removed or miscounted)."""
 
 
-def open_store(uri: str) -> CacheStore:
-    """Open a teacher cache (local path or fsspec URL) for reading.
+def open_store(uri: str, *, shards: Iterable[str] | None = None) -> CacheStore:
+    """Open a teacher cache (local path or fsspec URL) for reading: the shards committed at this moment.
+
+    ``shards`` pins the view to those shards (another process reading what one reader planned, while a writer
+    may still be committing more); each must be in the store.
 
     Example:
         >>> store = open_store("cache/")                      # doctest: +SKIP
         >>> store.read(next(iter(store.keys())))["maps"].shape  # doctest: +SKIP
     """
-    return CacheStore(uri)
+    return CacheStore(uri, shards=shards)
 
 
 #: Bytes a shard's key file may spend per sample (JSON-escaped keys, on average) and its error file per record,
@@ -67,6 +72,15 @@ def _parse_errors(raw: bytes | None, where: str) -> list[dict[str, str]]:
     return errors
 
 
+def _pinned(manifest: Manifest, shards: set[str], uri: str) -> Manifest:
+    missing = sorted(shards - set(manifest.complete_shards))
+    if missing:
+        raise ManifestError(f"store {uri} no longer holds shards {missing[:3]} it held when this run planned: it was "
+                            f"overwritten meanwhile")
+    return replace(manifest, shards={}, map_shape=None, extra_map_shapes=None).with_shards(
+        {n: r for n, r in manifest.shards.items() if n in shards})
+
+
 class CacheStore:
     """Read-only view of a complete-shards-only cache; only shards the manifest marks complete are visible.
 
@@ -75,18 +89,18 @@ class CacheStore:
     ``verify`` would reject is never returned.
     """
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, shards: Iterable[str] | None = None) -> None:
         self.uri = str(uri)
         self.fs, self.root = resolve(uri)
-        path = f"{self.root}/{MANIFEST}"
-        if not self.fs.exists(path):
+        if not self.fs.exists(f"{self.root}/{MANIFEST}"):
             raise FileNotFoundError(f"{uri} is not an e2kd cache: {MANIFEST} not found")
-        try:
-            document = read_json(self.fs, path)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path} is not valid JSON: {exc}") from None
-        self.manifest: Manifest = Manifest.from_json(document)
-        self.cache_id = cache_id_of(document)  # sha256 of the canonical manifest: names this exact content
+        view, _ = read_view(self.fs, self.root)  # the manifest and every commit record present now
+        self.manifest: Manifest = view.manifest
+        self.cache_id = view.cache_id  # sha256 of the canonical manifest: names this exact content
+        if shards is not None:
+            self.manifest = _pinned(view.manifest, set(shards), uri)
+            if set(self.manifest.shards) != set(view.manifest.shards):
+                self.cache_id = cache_id_of(self.manifest.to_json())
         self.encoding = self.manifest.encoding
         self._format = get_format(self.manifest.format)
         self._index: dict[str, tuple[str, int]] | None = None
@@ -265,7 +279,7 @@ class CacheStore:
     def verify(self) -> list[str]:
         """Check every shard (checksum, every chunk present, key and row counts against the manifest, targets
         against the cached logits) and that no key is in two shards; one message per problem."""
-        problems, owner = [], {}
+        problems, owners = [], KeyIndex()  # bounded memory: 12 bytes per key
         for name, rec in sorted(self.manifest.shards.items()):
             if not rec.complete:
                 problems.append(f"{name}: incomplete")
@@ -275,10 +289,10 @@ class CacheStore:
             except StoreIntegrityError as exc:
                 problems.append(f"{name}: {str(exc).split(f'shard {name}: ', 1)[-1].removesuffix('; run e2kd verify')}")
                 continue
-            for key in keys:
-                first = owner.setdefault(key, name)
-                if first != name:
-                    problems.append(f"{name}: key {key!r} is also in shard {first} (keys must be unique)")
+            clash = owners.first_clash(keys, name, self.shard_keys)
+            if clash is not None:
+                problems.append(f"{name}: key {clash[0]!r} is also in shard {clash[1]} (keys must be unique)")
+            owners.add(keys, name)
         if not problems and self.manifest.complete_shards and self.manifest.num_samples == 0:
             problems.append("(store) it holds no samples: every input sample was skipped (inspect --errors says why)")
         return problems

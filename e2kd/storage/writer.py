@@ -2,8 +2,9 @@
 
 The writer owns the lock (one writer per store), resume (which shards are complete; leftovers of a killed
 run removed), writing one shard (stage → checksum → commit: a rename locally, an upload remotely) and
-recording it in the manifest (an atomic replace). A shard becomes visible to readers only when the manifest
-records it, so the store is consistent at every instant.
+recording it: one small commit record per shard, written last and atomically (see :mod:`e2kd.storage.commits`),
+folded into the manifest now and then and when the writer closes. A shard becomes visible to readers only when
+its record exists, so the store is consistent at every instant, and a commit costs the same at any store size.
 
 Work can be spread over processes (Ray actors): :meth:`CacheWriter.shard_writer` gives a small picklable
 :class:`ShardWriter` that writes and commits shards; only the process holding the :class:`CacheWriter`
@@ -21,26 +22,29 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from e2kd.storage.commits import COMMITS_DIR, compact, read_view, should_compact, write_commit
 from e2kd.storage.encoding import Encoding
 from e2kd.storage.files import (
     MANIFEST,
     SHARDS_DIR,
     STAGING_DIR,
     StoreLock,
+    StoreLockedError,
     check_lock_token,
     commit_dir,
     is_local,
     read_json,
     remove_tree,
     resolve,
-    write_json_atomic,
 )
-from e2kd.storage.manifest import Manifest, ShardRecord
+from e2kd.storage.keyindex import KeyIndex
+from e2kd.storage.manifest import Manifest, ManifestError, ShardRecord, check_map_shapes
 from e2kd.storage.ownership import check_writable, recorded_shards, remove_owned_shards
 from e2kd.storage.shards import KEYS_NAME, stage_shard
 
@@ -110,48 +114,65 @@ class CacheWriter:
         self._lock = StoreLock(self.fs, self.root)
         self._lock.acquire()
         try:
-            self.manifest = self._prepare(manifest, overwrite)
-            self._owners = self._key_owners()
+            self._base = self._prepare(manifest, overwrite)  # the compacted manifest
+            self._pending: dict[str, ShardRecord] = {}  # committed since (one record object each)
+            self._shape, self._extra_shapes = self._base.map_shape, dict(self._base.extra_map_shapes or {})
+            self._merged: Manifest | None = self._base
+            self._keys = self._key_index()
         except BaseException:
             self._lock.release()
             raise
 
     # ---- resume --------------------------------------------------------------------------------
     def _prepare(self, wanted: Manifest, overwrite: bool) -> Manifest:
-        """Load (resume) or start the manifest; drop leftovers of killed runs."""
+        """Load (resume: manifest and commit records, compacted) or start the manifest; drop leftovers of killed
+        runs."""
         path = f"{self.root}/{MANIFEST}"
         if overwrite:  # only what this store wrote: the shards its manifest records or that carry the marker
             remove_owned_shards(self.fs, self.root, keep=set(), owned=recorded_shards(self.fs, self.root))
-            for leftover in (f"{self.root}/{STAGING_DIR}", path):
+            for leftover in (f"{self.root}/{STAGING_DIR}", f"{self.root}/{COMMITS_DIR}", path):
                 if self.fs.exists(leftover):
                     self.fs.rm(leftover, recursive=True)
-        manifest = wanted
+        manifest, folded = wanted, ()
         if self.fs.exists(path):
-            manifest = Manifest.from_json(read_json(self.fs, path))
+            view, _ = read_view(self.fs, self.root)
+            manifest, folded = view.manifest, view.pending
             manifest.check_same_run(wanted)
         if self.fs.exists(f"{self.root}/{STAGING_DIR}"):
             remove_tree(self.fs, f"{self.root}/{STAGING_DIR}")  # a killed run's worker may still be writing there
         remove_owned_shards(self.fs, self.root, keep=set(manifest.shards))  # written by a killed run, never recorded
-        write_json_atomic(self.fs, path, manifest.to_json())
+        compact(self.fs, self.root, manifest, folded)
+        if self.fs.exists(f"{self.root}/{COMMITS_DIR}"):
+            remove_tree(self.fs, f"{self.root}/{COMMITS_DIR}")  # temporary files of a record write that was killed
         return manifest
 
-    def _key_owners(self) -> dict[str, str]:
-        """``key → shard`` over the complete shards already in the store."""
-        owners: dict[str, str] = {}
-        for name in self.manifest.complete_shards:
-            owners.update(dict.fromkeys(read_json(self.fs, f"{self.root}/{SHARDS_DIR}/{name}/{KEYS_NAME}"), name))
-        return owners
+    def _key_index(self) -> KeyIndex:
+        """Which shard holds each key, over the complete shards already in the store (one key file each)."""
+        index = KeyIndex()
+        for name in self._base.complete_shards:
+            index.add(self._shard_keys(name), name)
+        return index
+
+    def _shard_keys(self, name: str) -> list[str]:
+        return read_json(self.fs, f"{self.root}/{SHARDS_DIR}/{name}/{KEYS_NAME}")
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest with every shard recorded so far (what a reader sees now)."""
+        if self._merged is None:
+            self._merged = self._base.with_shards(self._pending)
+        return self._merged
 
     @property
     def complete(self) -> set[str]:
         """Names of the shards already complete (skip them on resume)."""
-        return set(self.manifest.complete_shards)
+        return set(self._base.complete_shards) | {n for n, r in self._pending.items() if r.complete}
 
     # ---- writing -------------------------------------------------------------------------------
     def shard_writer(self) -> ShardWriter:
         """A picklable writer of shards for other processes (commits only while this writer holds the lock)."""
         uri = str(Path(self.root).resolve()) if is_local(self.fs) else self.uri  # workers may run elsewhere
-        return ShardWriter(uri, self.manifest.format, self.manifest.encoding, self._lock.token)
+        return ShardWriter(uri, self._base.format, self._base.encoding, self._lock.token)
 
     def write_shard(self, name: str, columns: dict[str, np.ndarray], keys: list[str], errors: list[dict[str, str]],
                     *, source: str, source_sha256: str | None = None) -> ShardRecord:
@@ -160,7 +181,10 @@ class CacheWriter:
                                                source_sha256=source_sha256)
 
     def record(self, name: str, record: ShardRecord, keys: list[str], *, source_bytes: int | None = None) -> None:
-        """Record a committed shard in the manifest (atomic replace): from now on readers see it.
+        """Record a committed shard (its commit record, written atomically): from now on readers see it.
+
+        Costs the same whatever the store's size; every :data:`~e2kd.storage.commits.COMPACT_MIN` or more
+        records (a quarter of the manifest's shards) are folded into the manifest.
 
         Raises:
             StoreLockedError: this writer lost the store's lock (its lease expired and another run took over).
@@ -169,20 +193,40 @@ class CacheWriter:
             ManifestError: its map shape differs from the other shards'.
         """
         self._lock.check_held()
-        clash = next((k for k in keys if self._owners.get(k, name) != name), None)
+        clash = self._keys.first_clash(keys, name, self._shard_keys)
         if clash is not None:
-            raise ValueError(f"key {clash!r} is also in input shard {self._owners[clash]}: keys must be unique "
-                                f"across the dataset (the shard is not recorded)")
+            raise ValueError(f"key {clash[0]!r} is also in input shard {clash[1]}: keys must be unique "
+                             f"across the dataset (the shard is not recorded)")
         if source_bytes is not None:
             record = replace(record, source_bytes=source_bytes)
-        manifest = self.manifest.with_shard(name, record)
-        write_json_atomic(self.fs, f"{self.root}/{MANIFEST}", manifest.to_json())
-        self.manifest = manifest
-        self._owners.update(dict.fromkeys(keys, name))
+        extra = dict(self._extra_shapes)
+        shape = check_map_shapes(name, record, self._shape, extra)
+        write_commit(self.fs, self.root, name, record)
+        self._shape, self._extra_shapes = shape, extra
+        self._pending[name] = record
+        self._merged = None
+        self._keys.add(keys, name)
+        if should_compact(len(self._pending), len(self._base.shards)):
+            self.compact()
+
+    def compact(self) -> None:
+        """Fold the commit records into the manifest (one atomic replace), then delete them."""
+        if not self._pending:
+            return
+        self._lock.check_held()
+        merged = self.manifest
+        compact(self.fs, self.root, merged, list(self._pending))
+        self._base, self._pending = merged, {}
 
     # ---- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the lock (the store stays as recorded); an empty staging directory is removed."""
+        """Fold the remaining commit records into the manifest and release the lock (the store stays as recorded);
+        an empty staging directory is removed."""
+        try:
+            self.compact()
+        except (StoreLockedError, ManifestError, OSError) as exc:  # the records stay: readers and the next writer
+            warnings.warn(f"{self.uri}: commit records not folded into the manifest ({exc}); readers see them "
+                          f"all the same, the next writer folds them", UserWarning, stacklevel=2)
         staging = f"{self.root}/{STAGING_DIR}"
         if is_local(self.fs) and os.path.isdir(staging):
             with contextlib.suppress(OSError):  # not empty: a worker still writing (its run was killed)

@@ -29,6 +29,7 @@ def evaluate_model(model: torch.nn.Module, data: str, cache: str | None, explain
     plan = plan_join(shards, store, labels=False)
     spec = StreamSpec(shards=shards, keys=set(plan.keys), input_size=(input_size, input_size),
                       cache_uri=cache, random_crop=False, shuffle_buffer=1, trusted=frozenset(plan.trusted),
+                      cache_shards=(tuple(store.shard_names),) if store is not None else None,
                       expl_field=expl_field)
     _, loader = build_loader(spec, batch_size, workers)
     device = next(model.parameters()).device

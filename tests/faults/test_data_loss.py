@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEACHER_KWARGS, cache_options, shard_checksums
+from conftest import TEACHER_KWARGS, cache_options, committed_shards, shard_checksums
+from fsspec.implementations.local import LocalFileSystem
 
 from e2kd.pipeline.loader import plan_join
 from e2kd.pipeline.sources import list_shards
@@ -112,8 +113,7 @@ def test_a_killed_worker_is_restarted_with_the_checkpoint_and_its_shard_retried(
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and killed is None:
-            manifest = out / "manifest.json"
-            done = json.loads(manifest.read_text())["shards"] if manifest.exists() else {}
+            done = committed_shards(LocalFileSystem(), str(out))
             workers = _teacher_workers(proc.pid)
             if len(done) >= 8 and workers:  # late enough that a checkpoint reference dropped early is freed
                 killed = workers[0]

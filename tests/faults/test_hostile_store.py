@@ -61,17 +61,17 @@ def _huge_chunks(store: Path) -> None:
 
 
 def _rewrite_wds(store: Path, members: Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]]) -> None:
-    path = store / "shards" / SHARD / "data.tar"
-    with tarfile.open(path) as tar:
+    path = store / "shards" / SHARD / "data.tar.gz"
+    with tarfile.open(path, "r:gz") as tar:
         items = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     rewritten = members(items)
-    with tarfile.open(path, "w") as tar:
+    with tarfile.open(path, "w:gz") as tar:
         for name, data in rewritten:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    # a forger recomputes the member CRCs too: the checks behind them must hold on their own
-    (path.parent / "members.json").write_text(json.dumps({"crc32": {n: zlib.crc32(d) for n, d in rewritten}}))
+    # a forger recomputes the row CRCs too: the checks behind them must hold on their own
+    (path.parent / "members.json").write_text(json.dumps({"crc32": [zlib.crc32(d) for _, d in rewritten]}))
     _resign(store)
 
 
@@ -84,7 +84,7 @@ def _member(store: Path, row: int) -> str:
 
 
 def _huge_npy_header(store: Path) -> None:
-    _rewrite_wds(store, lambda items: _with_huge_header(items, _member(store, 3) + "maps.npy"))
+    _rewrite_wds(store, lambda items: _with_huge_header(items, _member(store, 3) + "e2kd.npy"))
 
 
 def _with_huge_header(items: list[tuple[str, bytes]], target: str) -> list[tuple[str, bytes]]:

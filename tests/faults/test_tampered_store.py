@@ -37,7 +37,7 @@ TAMPER = {
     "truncated chunk": ("zarr", lambda s: _largest_chunk(s).write_bytes(_largest_chunk(s).read_bytes()[:-7])),
     "flipped chunk byte": ("zarr", lambda s: _flip(_largest_chunk(s))),
     "extra file": ("zarr", lambda s: (s / "shards" / "train-000001" / "data.zarr" / "extra.bin").write_bytes(b"x")),
-    "flipped wds byte": ("wds", lambda s: _flip(s / "shards" / "train-000001" / "data.tar", 2000)),
+    "flipped wds byte": ("wds", lambda s: _flip(s / "shards" / "train-000001" / "data.tar.gz", 2000)),
 }
 
 
