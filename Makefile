@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_explainers.py --out bench/RESULTS.md
 	$(BIN)/python bench/bench_logits.py --out bench/RESULTS.md
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_teachers.py --out bench/RESULTS.md
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_formats.py --out bench/RESULTS.md
+	$(BIN)/python bench/bench_scale.py --out bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
