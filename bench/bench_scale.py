@@ -6,8 +6,10 @@ Run: ``.venv/bin/python bench/bench_scale.py [--shards 100,1000,10000] [--json] 
 For each size, a synthetic store of that many shards of 16 samples each (one view, 10 classes, 7×7 maps) is written
 through the real writer (``write_shard`` then ``record``, as cache-teacher's driver does). Per size it prints:
 
-- ``commit``: the median time of making one written shard visible to readers (``record``: its commit record), its
-  mean over every commit (compactions included: the amortised cost) and the slowest one;
+- ``commit``: the median time of making one written shard visible to readers (``record``: its commit record), timed
+  side by side: once every store is built, ``--rounds`` more shards are committed into each, round by round, one
+  per store (so the machine's drift — on this VM mostly fsync latency — hits every size alike); its mean over
+  every commit (building included, compactions too: the amortised cost) and the slowest one;
 - ``rewrite``: what one commit cost before commit records — rewriting the whole manifest at this size (median of 5);
 - ``close``: the final compaction; ``resume``: reopening the store for writing (manifest, records, key index);
   ``inspect``, ``verify``, ``plan``: ``summarise_store``, ``open_store(…).verify()`` and ``plan_join`` over inputs
@@ -63,43 +65,66 @@ def _timed(fn: object) -> float:
     return time.perf_counter() - t0
 
 
-def measure(n: int, work: Path, fmt: str) -> dict[str, float]:
-    """Write a store of ``n`` shards and time every operation (milliseconds; ``*_per_shard`` divided by ``n``)."""
-    inputs = work / "inputs"
-    inputs.mkdir()
-    names = [f"in-{i:06d}" for i in range(n)]
-    for name in names:  # tiny stand-ins for input shards: the plan trusts a shard whose size the cache recorded
-        (inputs / f"{name}.tar").write_bytes(name.encode())
-    uri, manifest, cols = str(work / "store"), _manifest(fmt), _columns(0)
-    commits = []
-    writer = create_store(uri, manifest)
-    for i, name in enumerate(names):
+class _Store:
+    """One synthetic store being written: ``n`` input stand-ins, the writer, the commit timings."""
+
+    def __init__(self, n: int, work: Path, fmt: str) -> None:
+        self.n, self.inputs, self.uri = n, work / "inputs", str(work / "store")
+        self.inputs.mkdir(parents=True)
+        self.manifest, self.cols, self.written = _manifest(fmt), _columns(0), 0
+        self.writer = create_store(self.uri, self.manifest)
+
+    def commit_one(self) -> float:
+        """Write the next shard (untimed) and make it visible (timed: ``record``); seconds."""
+        name = f"in-{self.written:06d}"
+        (self.inputs / f"{name}.tar").write_bytes(name.encode())  # the plan trusts a shard whose size it recorded
         keys = [f"{name}/{j}" for j in range(SAMPLES)]
-        record = writer.write_shard(name, cols, keys, [], source=str(inputs / f"{name}.tar"))
-        commits.append(_timed(lambda name=name, record=record, keys=keys: writer.record(
-            name, record, keys, source_bytes=len(name))))
-        if i and i % 2000 == 0:
-            print(f"  {i} shards written", file=sys.stderr)
-    close = _timed(writer.close)
-    resume = _timed(lambda: create_store(uri, manifest).close())
-    inspect = _timed(lambda: summarise_store(uri))
-    verify = _timed(lambda: open_store(uri).verify())
-    plan = _timed(lambda: plan_join(list_shards(f"{inputs}/in-{{000000..{n - 1:06d}}}.tar"), open_store(uri)))
-    fs, root = resolve(uri)
-    full = open_store(uri).manifest
-    rewrite = statistics.median(_timed(lambda: write_json_atomic(fs, f"{root}/{MANIFEST}.bench",
-                                                                  full.with_shard(names[0], full.shards[names[0]])
-                                                                  .to_json())) for _ in range(5))
+        record = self.writer.write_shard(name, self.cols, keys, [], source=str(self.inputs / f"{name}.tar"))
+        self.written += 1
+        return _timed(lambda: self.writer.record(name, record, keys, source_bytes=len(name)))
+
+    def finish(self) -> dict[str, float]:
+        """Close the writer (the final compaction), then time resume, inspect, verify and the plan."""
+        close = _timed(self.writer.close)
+        n, uri = self.written, self.uri
+        resume = _timed(lambda: create_store(uri, self.manifest).close())
+        inspect = _timed(lambda: summarise_store(uri))
+        verify = _timed(lambda: open_store(uri).verify())
+        plan = _timed(lambda: plan_join(list_shards(f"{self.inputs}/in-{{000000..{n - 1:06d}}}.tar"),
+                                        open_store(uri)))
+        fs, root = resolve(uri)
+        full = open_store(uri).manifest
+        name = next(iter(full.shards))
+        rewrite = statistics.median(_timed(lambda: write_json_atomic(
+            fs, f"{root}/{MANIFEST}.bench", full.with_shard(name, full.shards[name]).to_json())) for _ in range(5))
+        ms = 1000.0
+        return {"rewrite_ms": rewrite * ms, "close_ms": close * ms, "resume_ms_per_shard": resume * ms / n,
+                "inspect_ms_per_shard": inspect * ms / n, "verify_ms_per_shard": verify * ms / n,
+                "plan_ms_per_shard": plan * ms / n}
+
+
+def measure(sizes: list[int], work: Path, fmt: str, rounds: int) -> list[dict[str, float]]:
+    """Build a store of each size, then commit ``rounds`` more shards into each, interleaved (round by round, one
+    commit per store: the machine's drift hits every size alike), and time the rest."""
+    stores, building = [], []
+    for n in sizes:
+        store = _Store(n, work / str(n), fmt)
+        building.append([store.commit_one() for _ in range(n)])
+        stores.append(store)
+        print(f"  {n} shards written", file=sys.stderr)
+    side_by_side: list[list[float]] = [[] for _ in sizes]
+    for _ in range(rounds):
+        for i, store in enumerate(stores):
+            side_by_side[i].append(store.commit_one())
     ms = 1000.0
-    return {"shards": n, "commit_ms_median": statistics.median(commits) * ms,
-            "commit_ms_mean": statistics.fmean(commits) * ms, "commit_ms_max": max(commits) * ms,
-            "rewrite_ms": rewrite * ms, "close_ms": close * ms, "resume_ms_per_shard": resume * ms / n,
-            "inspect_ms_per_shard": inspect * ms / n, "verify_ms_per_shard": verify * ms / n,
-            "plan_ms_per_shard": plan * ms / n}
+    return [{"shards": n, "commit_ms_median": statistics.median(timed) * ms,
+             "commit_ms_mean": statistics.fmean(built + timed) * ms, "commit_ms_max": max(built + timed) * ms,
+             "build_commit_ms_median": statistics.median(built) * ms, **store.finish()}
+            for n, store, built, timed in zip(sizes, stores, building, side_by_side, strict=True)]
 
 
 def _table(rows: list[dict[str, float]]) -> str:
-    head = ("| shards | commit median (ms) | commit mean (ms) | commit max (ms) "
+    head = ("| shards | commit median, side by side (ms) | commit mean (ms) | commit max (ms) "
             "| manifest rewrite (ms, the old commit) | close (ms) | resume / shard (ms) | inspect / shard (ms) "
             "| verify / shard (ms) | plan / shard (ms) |\n"
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
@@ -115,17 +140,17 @@ def main() -> None:
     parser.add_argument("--shards", default="100,1000,10000", help="comma-separated store sizes (shards)")
     parser.add_argument("--format", default="wds", choices=["wds", "zarr"], help="shard format (commits do not "
                         "depend on it; wds writes faster)")
+    parser.add_argument("--rounds", type=int, default=300, help="commits timed per store, interleaved across sizes")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     parser.add_argument("--out", help="write the table into this RESULTS.md")
     args = parser.parse_args()
     sizes = [int(s) for s in args.shards.split(",")]
-    rows = []
-    for n in sizes:
-        with tempfile.TemporaryDirectory(prefix="e2kd-scale-") as tmp:
-            t0 = time.time()
-            rows.append(measure(n, Path(tmp), args.format))
-            print(f"{n} shards: {json.dumps({k: round(v, 3) for k, v in rows[-1].items()})} "
-                  f"({time.time() - t0:.0f} s)", file=sys.stderr)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="e2kd-scale-") as tmp:
+        rows = measure(sizes, Path(tmp), args.format, args.rounds)
+    for row in rows:
+        print(f"{row['shards']} shards: {json.dumps({k: round(v, 3) for k, v in row.items()})}", file=sys.stderr)
+    print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
     table = _table(rows)
     print(table)
     first, last = rows[0], rows[-1]

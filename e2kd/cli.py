@@ -120,6 +120,35 @@ def _optimisation_options(stage: str) -> Any:
     return decorate
 
 
+def _run_options(command: Any) -> Any:
+    """Checkpoints within an epoch, the key trace and the order's partitions (train-student and train-teacher)."""
+    options = [
+        click.option("--checkpoint-every", type=click.IntRange(min=0),
+                     help="Also checkpoint every N optimiser steps within an epoch (RUN/checkpoint.pt, replaced "
+                          "atomically); --resume continues from that exact sample. SIGTERM always checkpoints after "
+                          "the current step and stops  [default: 0: at epoch ends only]"),
+        click.option("--trace-keys", type=click.Path(dir_okay=False),
+                     help="Write one JSON line per global step: {epoch, step, keys} (the whole global batch, in "
+                          "order; rank 0). A resumed run appends from where it resumed."),
+        click.option("--partitions", type=click.IntRange(min=1),
+                     help="Partitions of the sample order: must divide the global batch and be a multiple of ranks × "
+                          "workers; runs with equal seed, global batch and partitions see the same batches  "
+                          "[default: the smallest such multiple ≥ 8]")]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _preempted(exc: BaseException) -> None:
+    """SIGTERM stopped the run after a checkpoint: say how to resume, exit 143 (what a scheduler expects)."""
+    click.echo(f"preempted: {exc}", err=True)
+    raise click.exceptions.Exit(143)
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _former(flag: str, dest: str, **kwargs: Any) -> Any:
     """A flag's former name, hidden from --help, still accepted (scripts and configs keep working)."""
     return click.option(flag, f"former__{dest}", hidden=True, **kwargs)
@@ -467,6 +496,7 @@ def copy_cmd(src: str, dst: str, overwrite: bool, create_bucket: bool, storage_o
 @click.option("--teacher-kwargs", help="JSON kwargs of --online-teacher.")
 @click.option("--expect-cache-id", multiple=True,
               help="Refuse any cache but the one with this id (`e2kd inspect` prints it); once per --cache, in order.")
+@_run_options
 @_storage_option
 @click.option("--config", help="YAML file of these options, or a packaged preset name (demo-digits, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -476,6 +506,7 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     from e2kd.runs import fill_from_run
     from e2kd.stages.train_student import TrainOptions, train_student
     from e2kd.storage.options import parse_storage_options
+    from e2kd.training.loop import Preempted
 
     try:
         for name in ("cache", "expect_cache_id"):  # given once: a value; several times: a list (one per teacher)
@@ -489,10 +520,13 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
                                                                  "student_init": "weights"}, "--student-init")
         flags["progress"] = False if quiet else None
         summary = train_student(build_options(TrainOptions, config, flags))
+    except Preempted as exc:
+        _preempted(exc)
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
         raise _fail(exc) from None
     final = ", ".join(f"{k}={v:.4g}" for k, v in summary["final"].items())
-    click.echo(f"trained {summary['steps']} steps on {summary['samples']} samples: {final}")
+    if _is_rank_zero():  # under torchrun: one summary line for the run
+        click.echo(f"trained {summary['steps']} steps on {summary['samples']} samples: {final}")
 
 
 @main.command("evaluate")
@@ -580,6 +614,7 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
 @click.option("--resume/--no-resume", default=None, help="Continue from OUT/checkpoint.pt.")
 @click.option("--overwrite/--no-overwrite", default=None,
               help="Replace an existing run in OUT (refused without it or --resume).")
+@_run_options
 @click.option("--config", help="YAML file of these options, or a packaged preset name.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_teacher_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
@@ -587,12 +622,15 @@ def train_teacher_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     smoothing, checkpoints, --resume)."""
     from e2kd.config import build_options, parse_json_kwargs
     from e2kd.stages.train_teacher import TeacherOptions, train_teacher
+    from e2kd.training.loop import Preempted
 
     try:
         flags = _take_former(flags)
         flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
         flags["progress"] = False if quiet else None
         summary = train_teacher(build_options(TeacherOptions, config, flags))
+    except Preempted as exc:
+        _preempted(exc)
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
         raise _fail(exc) from None
     click.echo(f"teacher: {', '.join(f'{k}={v:.4g}' for k, v in summary['final'].items())}")

@@ -89,7 +89,9 @@ def test_two_teachers_at_lambda_0_equal_one_cache_of_their_mixture(two: dict[str
 
     for name in runs["two"]:  # equal up to the float16 rounding of the mixture cache's logits …
         torch.testing.assert_close(runs["two"][name], runs["one"][name], rtol=1e-2, atol=1e-3)
-    assert gap("two", "a-only") > 20 * gap("two", "one")  # … while one teacher alone ends elsewhere
+    # … while one teacher alone ends elsewhere (20× under the batches of e2kd 0.3's order; ~10× under the global
+    # order of issue 23: the same measure, other batches)
+    assert gap("two", "a-only") > 8 * gap("two", "one"), (gap("two", "a-only"), gap("two", "one"))
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["cache_ids"] == [open_store(str(two[k])).cache_id for k in ("a", "b")]
     assert summary["cache_weights"] == pytest.approx(list(WEIGHTS))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -58,6 +58,15 @@ class JoinPlan:
     @property
     def num_samples(self) -> int:
         return len(self.keys)
+
+    def keys_by_shard(self, keep: Container[str] | None = None) -> dict[str, list[str]]:
+        """The usable keys of each input shard in stored order (``keep``: only those), shards with none left out."""
+        out, keys = {}, iter(self.keys)
+        for name, n in self.shard_counts.items():
+            mine = [k for k in islice(keys, n) if keep is None or k in keep]
+            if mine:
+                out[name] = mine
+        return out
 
 
 def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool = False,

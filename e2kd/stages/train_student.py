@@ -19,9 +19,10 @@ import torch
 
 from e2kd.losses import EXPL_RESOLUTIONS, E2KDObjective
 from e2kd.models import create_model, model_spec
-from e2kd.pipeline.loader import JoinPlan, StreamSpec, build_loader, plan_join, select_shots
+from e2kd.pipeline.loader import JoinPlan, StreamSpec, plan_join, select_shots
 from e2kd.pipeline.sources import list_shards
 from e2kd.pipeline.student_cache import open_student_cache, open_student_caches, parse_cache_weights
+from e2kd.pipeline.train_stream import build_train_loader
 from e2kd.storage import CacheStore, CompatibilityError, Manifest
 from e2kd.storage.options import apply_storage_options, describe_storage_options, resolve_storage_options
 from e2kd.training import (
@@ -34,7 +35,7 @@ from e2kd.training import (
     evaluate_model,
     init_distributed,
 )
-from e2kd.training.loop import seed_everything
+from e2kd.training.loop import order_record, seed_everything, training_order
 
 __all__ = ["TrainOptions", "StudentRun", "prepare_student", "train_student", "CompatibilityError"]
 
@@ -85,6 +86,9 @@ class TrainOptions:
     expect_cache_id: str | list[str] | None = None  # refuse any cache but this one (once per --cache, in order)
     expl_field: str | None = None  # the cache's explanation field to match (needed where it holds several)
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec arguments; never recorded
+    checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: every epoch only)
+    trace_keys: str | None = None  # JSON lines of every global batch's keys (rank 0)
+    partitions: int | None = None  # of the training order (default: see e2kd.pipeline.order.default_partitions)
 
     def __post_init__(self) -> None:
         if (not self.cache) == (self.online_teacher is None):
@@ -112,8 +116,10 @@ def _check_ranges(o: TrainOptions) -> None:
                         ("--num-classes", o.num_classes)):
         check_range(flag, value, 1)
     check_range("--lr", o.lr, 0, exclusive_lo=True)
+    check_range("--partitions", o.partitions, 1)
     for flag, value in (("--weight-decay", o.weight_decay), ("--warmup-epochs", o.warmup_epochs),
-                        ("--clip-grad", o.clip_grad), ("--ce-weight", o.ce_weight), ("--workers", o.workers)):
+                        ("--clip-grad", o.clip_grad), ("--ce-weight", o.ce_weight), ("--workers", o.workers),
+                        ("--checkpoint-every", o.checkpoint_every)):
         check_range(flag, value, 0)
     if o.warmup_epochs >= o.epochs and o.warmup_epochs > 0:
         raise ValueError(f"--warmup-epochs {o.warmup_epochs} must be fewer than --epochs {o.epochs}")
@@ -273,12 +279,13 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
     _check_validation_inputs(opts)
     keys = select_shots(plan.keys, opts.shots, opts.shot_seed) if opts.shots else plan.keys
     per_step = opts.batch_size * world
-    steps = opts.steps_per_epoch or len(keys) // per_step
-    if steps < 1:
+    if not keys or (len(keys) < per_step and not opts.steps_per_epoch):
         raise ValueError(f"{len(keys)} usable samples are fewer than one step of {per_step} "
-                         f"(batch {opts.batch_size} × {world} rank(s)); lower --batch-size")
-    if len(shards) < world:
-        raise ValueError(f"{len(shards)} input shard(s) for {world} ranks: every rank needs at least one shard")
+                         f"(batch {opts.batch_size} × {world} rank(s)); lower --batch-size" if keys else
+                         "no usable samples: every input sample was skipped or is missing from the cache")
+    order = training_order(plan.keys_by_shard(keys if opts.shots else None), opts.seed, opts.batch_size, world,
+                           opts.workers, opts.partitions, Path(opts.out) if opts.resume else None)
+    steps = opts.steps_per_epoch or order.steps_per_pass
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     seed_everything(opts.seed)
     model = create_model(opts.student, opts.num_classes, checkpoint=opts.student_init, **opts.student_kwargs)
@@ -299,7 +306,7 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
                       rank=rank, world_size=world, trusted=frozenset(plan.trusted), allow_missing=opts.allow_missing,
                       expl_field=opts.expl_field,
                       map_size=(opts.input_size, opts.input_size) if opts.expl_resolution == "input" else None)
-    stream, loader = build_loader(spec, opts.batch_size, opts.workers)
+    stream, loader = build_train_loader(spec, order, steps, opts.workers)
     weights = parse_cache_weights(opts.cache_weights, len(caches)) if len(caches) > 1 else None
     objective = StudentObjective(E2KDObjective(model, opts.explainer, temperature=opts.temperature, lam=opts.lam,
                                                ce_weight=opts.ce_weight, expl_resolution=opts.expl_resolution,
@@ -307,7 +314,9 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
     trainer = Trainer(model, objective, optimizer, scheduler, stream, loader, steps, opts.epochs, device, rank, world,
                       clip_grad=opts.clip_grad, amp=opts.amp, progress=opts.progress,
                       validate=(lambda: _validate(model, opts)) if opts.val_data else None,
-                      options=recorded_options(opts))
+                      options=recorded_options(opts), order=order_record(order),
+                      checkpoint_every=opts.checkpoint_every,
+                      trace_keys=Path(opts.trace_keys) if opts.trace_keys else None)
     identities = [_cache_identity(uri, s) for uri, s in zip(caches, stores, strict=True)]
     return StudentRun(opts, trainer, objective, plan, identities[0] if identities else None, identities)
 

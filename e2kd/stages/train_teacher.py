@@ -10,10 +10,11 @@ from typing import Any, ClassVar
 import torch
 
 from e2kd.models import create_model, model_spec
-from e2kd.pipeline.loader import StreamSpec, build_loader, plan_join
+from e2kd.pipeline.loader import StreamSpec, plan_join
 from e2kd.pipeline.sources import class_names, list_shards
+from e2kd.pipeline.train_stream import build_train_loader
 from e2kd.training import SupervisedObjective, Trainer, build_optimizer, check_run_dir, evaluate_model
-from e2kd.training.loop import seed_everything
+from e2kd.training.loop import order_record, seed_everything, training_order
 
 __all__ = ["TeacherOptions", "train_teacher"]
 
@@ -46,6 +47,9 @@ class TeacherOptions:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: every epoch only)
+    trace_keys: str | None = None  # JSON lines of every step's keys
+    partitions: int | None = None  # of the training order (default: see e2kd.pipeline.order.default_partitions)
 
     def __post_init__(self) -> None:
         from e2kd.config import check_crop_scale, check_range
@@ -54,7 +58,8 @@ class TeacherOptions:
         for flag, value, lo in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                 ("--input-size", self.input_size, 8), ("--num-classes", self.num_classes, 1),
                                 ("--workers", self.workers, 0), ("--warmup-epochs", self.warmup_epochs, 0),
-                                ("--weight-decay", self.weight_decay, 0)):
+                                ("--weight-decay", self.weight_decay, 0),
+                                ("--checkpoint-every", self.checkpoint_every, 0)):
             check_range(flag, value, lo)
         check_range("--lr", self.lr, 0, exclusive_lo=True)
         check_range("--flip-p", self.flip_p, 0, 1)
@@ -68,24 +73,29 @@ def train_teacher(opts: TeacherOptions) -> dict[str, Any]:
     """
     check_run_dir(Path(opts.out), opts.resume, opts.overwrite)
     shards = list_shards(opts.data)
-    keys = {k: v for k, v in plan_join(shards, None).keys.items() if v >= 0}
-    steps = len(keys) // opts.batch_size
-    if steps < 1:
+    plan = plan_join(shards, None)
+    keys = {k: v for k, v in plan.keys.items() if v >= 0}
+    if len(keys) < opts.batch_size:
         raise ValueError(f"{len(keys)} labelled samples are fewer than one batch of {opts.batch_size}")
+    order = training_order(plan.keys_by_shard(keys), opts.seed, opts.batch_size, 1, opts.workers, opts.partitions,
+                           Path(opts.out) if opts.resume else None)
+    steps = order.steps_per_pass
     seed_everything(opts.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = create_model(opts.teacher, opts.num_classes, **opts.teacher_kwargs).to(device).train()
     optimizer, scheduler = build_optimizer(model, opt=opts.opt, lr=opts.lr, weight_decay=opts.weight_decay,
                                            sched=opts.sched, epochs=opts.epochs, warmup_epochs=opts.warmup_epochs,
                                            steps_per_epoch=steps)
-    stream, loader = build_loader(StreamSpec(shards=shards, keys=set(keys), input_size=(opts.input_size,) * 2,
-                                             crop_scale=tuple(opts.crop_scale), flip_p=opts.flip_p, seed=opts.seed),
-                                  opts.batch_size, opts.workers)
+    spec = StreamSpec(shards=shards, keys=set(keys), input_size=(opts.input_size,) * 2,
+                      crop_scale=tuple(opts.crop_scale), flip_p=opts.flip_p, seed=opts.seed)
+    stream, loader = build_train_loader(spec, order, steps, opts.workers)
     validate = (lambda: evaluate_model(model, opts.val_data, None, None, opts.input_size, opts.batch_size)) \
         if opts.val_data else None
     trainer = Trainer(model, SupervisedObjective(model, opts.label_smoothing), optimizer, scheduler, stream, loader,
                       steps, opts.epochs, device, progress=opts.progress, desc="teacher epoch", validate=validate,
-                      options=json.loads(json.dumps(asdict(opts))))
+                      options=json.loads(json.dumps(asdict(opts))), order=order_record(order),
+                      checkpoint_every=opts.checkpoint_every,
+                      trace_keys=Path(opts.trace_keys) if opts.trace_keys else None)
     out = Path(opts.out)
     metrics, _ = trainer.fit(out, resume=opts.resume)
     trainer.save_weights(out / "teacher.safetensors")

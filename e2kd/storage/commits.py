@@ -14,14 +14,17 @@ reader that races a compaction (a record deleted between listing and reading) re
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
-from e2kd.storage.files import MANIFEST, is_local, read_bounded, write_bytes_atomic, write_json_atomic
+from e2kd.storage.files import MANIFEST, STAGING_DIR, is_local, read_bounded, write_bytes_atomic, write_json_atomic
 from e2kd.storage.manifest import Manifest, ManifestError, ShardRecord, cache_id_of
 from e2kd.storage.names import is_valid_shard_name
 
@@ -141,12 +144,31 @@ def read_view(fs: fsspec.AbstractFileSystem, root: str) -> tuple[StoreView, byte
     raise ManifestError(f"{root}: the store changed under {_READ_ATTEMPTS} consecutive reads; try again")
 
 
-def write_commit(fs: fsspec.AbstractFileSystem, root: str, name: str, record: ShardRecord) -> None:
-    """Make shard ``name`` visible: its record, written atomically (the shard's files are already in place)."""
-    if is_local(fs):
-        fs.makedirs(_dir(root), exist_ok=True)
+def write_commit(fs: fsspec.AbstractFileSystem, root: str, name: str, record: ShardRecord, *,
+                 reuse: str | None = None) -> None:
+    """Make shard ``name`` visible: its record, written atomically (the shard's files are already in place).
+
+    Locally the record is written to a temporary file and fsynced, then renamed into ``commits/``; ``reuse`` names
+    a file of an earlier, compacted record to write it into (a new file costs an inode, whose allocation on ext4
+    grows slower as the store's files grow in number; see :func:`compact`)."""
     text = json.dumps({"shard": name, "record": record.to_json()}, sort_keys=True).encode()
-    write_bytes_atomic(fs, f"{_dir(root)}/{name}{_SUFFIX}", text)
+    final = f"{_dir(root)}/{name}{_SUFFIX}"
+    if not is_local(fs):
+        write_bytes_atomic(fs, final, text)  # one PUT: the object appears whole or not at all
+        return
+    os.makedirs(_dir(root), exist_ok=True)
+    tmp = reuse or f"{root}/{STAGING_DIR}/{name}{_SUFFIX}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def should_compact(pending: int, compacted: int) -> bool:
@@ -154,11 +176,22 @@ def should_compact(pending: int, compacted: int) -> bool:
     return pending >= max(COMPACT_MIN, compacted // 4)
 
 
-def compact(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, folded: Iterable[str]) -> None:
-    """Write ``manifest`` (which holds the records of ``folded``) as ``manifest.json``, then delete those records."""
+def compact(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, folded: Iterable[str], *,
+            recycle: str | None = None) -> list[str]:
+    """Write ``manifest`` (which holds the records of ``folded``) as ``manifest.json``, then take those records out
+    of ``commits/``: deleted, or locally with ``recycle`` moved into that directory for :func:`write_commit` to
+    reuse (returned)."""
     write_json_atomic(fs, f"{root}/{MANIFEST}", manifest.to_json())
     paths = [f"{_dir(root)}/{name}{_SUFFIX}" for name in folded]
-    if paths:
+    kept: list[str] = []
+    if recycle is not None and is_local(fs):
+        os.makedirs(recycle, exist_ok=True)
+        for path in paths:
+            spare = f"{recycle}/{uuid.uuid4().hex}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, spare)
+                kept.append(spare)
+    elif paths:
         try:
             fs.rm(paths)
         except FileNotFoundError:
@@ -167,3 +200,4 @@ def compact(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, folded
                     fs.rm(path)
     if is_local(fs) and fs.exists(_dir(root)) and not fs.ls(_dir(root)):
         fs.rmdir(_dir(root))
+    return kept

@@ -72,6 +72,17 @@ def _parse_errors(raw: bytes | None, where: str) -> list[dict[str, str]]:
     return errors
 
 
+class _Names(list):
+    """A sorted list of shard names whose membership test is a set lookup (planning asks once per input shard)."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self._set = frozenset(names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._set
+
+
 def _pinned(manifest: Manifest, shards: set[str], uri: str) -> Manifest:
     missing = sorted(shards - set(manifest.complete_shards))
     if missing:
@@ -102,6 +113,7 @@ class CacheStore:
             if set(self.manifest.shards) != set(view.manifest.shards):
                 self.cache_id = cache_id_of(self.manifest.to_json())
         self.encoding = self.manifest.encoding
+        self._shard_names = _Names(self.manifest.complete_shards)  # the manifest never changes: sorted once
         self._format = get_format(self.manifest.format)
         self._index: dict[str, tuple[str, int]] | None = None
         self._errors: dict[str, list[dict[str, str]]] = {}
@@ -110,7 +122,8 @@ class CacheStore:
     # ---- index ---------------------------------------------------------------------------------
     @property
     def shard_names(self) -> list[str]:
-        return self.manifest.complete_shards
+        """The complete shards, sorted (``name in store.shard_names`` is a set lookup)."""
+        return self._shard_names
 
     def shard_path(self, name: str) -> str:
         return f"{self.root}/{SHARDS_DIR}/{name}"

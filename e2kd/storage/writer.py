@@ -119,6 +119,7 @@ class CacheWriter:
             self._shape, self._extra_shapes = self._base.map_shape, dict(self._base.extra_map_shapes or {})
             self._merged: Manifest | None = self._base
             self._keys = self._key_index()
+            self._spares: list[str] = []  # files of compacted records, written into again (no new inode per commit)
         except BaseException:
             self._lock.release()
             raise
@@ -201,7 +202,7 @@ class CacheWriter:
             record = replace(record, source_bytes=source_bytes)
         extra = dict(self._extra_shapes)
         shape = check_map_shapes(name, record, self._shape, extra)
-        write_commit(self.fs, self.root, name, record)
+        write_commit(self.fs, self.root, name, record, reuse=self._spares.pop() if self._spares else None)
         self._shape, self._extra_shapes = shape, extra
         self._pending[name] = record
         self._merged = None
@@ -215,8 +216,12 @@ class CacheWriter:
             return
         self._lock.check_held()
         merged = self.manifest
-        compact(self.fs, self.root, merged, list(self._pending))
+        self._spares += compact(self.fs, self.root, merged, list(self._pending), recycle=self._spare_dir)
         self._base, self._pending = merged, {}
+
+    @property
+    def _spare_dir(self) -> str:
+        return f"{self.root}/{STAGING_DIR}/spare-records"
 
     # ---- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -228,6 +233,8 @@ class CacheWriter:
             warnings.warn(f"{self.uri}: commit records not folded into the manifest ({exc}); readers see them "
                           f"all the same, the next writer folds them", UserWarning, stacklevel=2)
         staging = f"{self.root}/{STAGING_DIR}"
+        if is_local(self.fs):
+            shutil.rmtree(self._spare_dir, ignore_errors=True)
         if is_local(self.fs) and os.path.isdir(staging):
             with contextlib.suppress(OSError):  # not empty: a worker still writing (its run was killed)
                 os.rmdir(staging)
