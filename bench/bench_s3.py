@@ -157,11 +157,12 @@ def _plan_time(data: str, cache: str, listing: bool = False) -> float:
 
 def _step_time(data: str, cache: str, out: Path, steps: int) -> float:
     """s/step over ``steps`` loader steps (first pass over the data: every shard read from its store)."""
+    from e2kd.pipeline.train_stream import endless_batches
     from e2kd.stages.train_student import prepare_student
 
     run = prepare_student(_options(data, cache, out, workers=0))
     run.trainer.stream.set_epoch(0)
-    it = iter(run.trainer.loader)
+    it = endless_batches(run.trainer.stream, run.trainer.loader)  # more steps than an epoch may have
     run.trainer.step(next(it))  # warm-up
     t0 = time.perf_counter()
     for _ in range(steps):

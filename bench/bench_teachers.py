@@ -23,6 +23,7 @@ from report import write_section  # noqa: E402
 
 from e2kd.models import create_model  # noqa: E402
 from e2kd.pipeline.datasets import make_digits_shift  # noqa: E402
+from e2kd.pipeline.train_stream import endless_batches  # noqa: E402
 from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher  # noqa: E402
 from e2kd.stages.train_student import TrainOptions, prepare_student  # noqa: E402
 
@@ -54,7 +55,7 @@ def _seconds_per_step(data: str, caches: list[str], work: Path) -> tuple[float, 
                         progress=False, overwrite=True)
     run = prepare_student(opts)
     run.trainer.stream.set_epoch(0)
-    it = iter(run.trainer.loader)
+    it = endless_batches(run.trainer.stream, run.trainer.loader)  # more steps than an epoch may have
     batches = [next(it) for _ in range(4)]
     run.trainer.step(batches[0])  # warm-up
     t0, explanations = time.perf_counter(), 0.0

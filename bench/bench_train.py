@@ -30,6 +30,7 @@ from report import write_section  # noqa: E402
 
 from e2kd.models import create_model  # noqa: E402
 from e2kd.pipeline.datasets import make_digits_shift  # noqa: E402
+from e2kd.pipeline.train_stream import endless_batches  # noqa: E402
 from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher  # noqa: E402
 from e2kd.stages.train_student import TrainOptions, prepare_student  # noqa: E402
 from e2kd.training import OnlineTeacherTargets  # noqa: E402
@@ -71,7 +72,7 @@ def bench_pair(name: str, teacher: tuple, student: tuple, data: str, work: Path,
                         crop_scale=(0.7, 1.0), progress=False, workers=1)
     run = prepare_student(opts)
     trainer = run.trainer
-    it = iter(trainer.loader)
+    it = endless_batches(trainer.stream, trainer.loader)  # more steps than an epoch may have
     batches = [next(it) for _ in range(steps)]
     _time_steps(trainer, batches, 3)  # warm-up: allocator, oneDNN primitives, loader worker start
     floor = _time_steps(trainer, batches, steps)

@@ -24,7 +24,6 @@ Prints one JSON document; exits 1 if a correctness check fails (performance goal
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import subprocess
@@ -128,7 +127,10 @@ def cached_vs_online(cfg: dict[str, Any], urls: str, work: Path) -> dict[str, An
                         out=str(work / "run"), batch_size=cfg["batch"], lr=1e-3, temperature=4.0, lam=1.0,
                         amp=torch.cuda.is_available(), workers=_decode_workers(), progress=False, overwrite=True)
     run = prepare_student(opts)
-    trainer, batches = run.trainer, _endless(run.trainer)
+    from e2kd.pipeline.train_stream import endless_batches
+
+    trainer = run.trainer
+    batches = endless_batches(trainer.stream, trainer.loader)
     cached = _loader_steps(trainer, batches, cfg["steps"])
     t_name, t_kwargs = cfg["teacher"]
     teacher = create_model(t_name, 1000, **t_kwargs).to(trainer.device)
@@ -137,13 +139,6 @@ def cached_vs_online(cfg: dict[str, Any], urls: str, work: Path) -> dict[str, An
     return {"batch": cfg["batch"], "steps": cfg["steps"], "workers": _decode_workers(), "amp": opts.amp,
             "cached_s_per_step": cached, "online_s_per_step": online, "speedup": online / cached, "goal": 2.5,
             "met": online / cached >= 2.5}
-
-
-def _endless(trainer: Any) -> Any:
-    """The trainer's batches, epoch after epoch (its loader yields one epoch per pass)."""
-    for epoch in itertools.count():
-        trainer.stream.set_epoch(epoch)
-        yield from trainer.loader
 
 
 def _loader_steps(trainer: Any, batches: Any, steps: int) -> float:

@@ -21,7 +21,7 @@ from e2kd.pipeline.loader import StreamSpec, StudentStream, key_mismatch_message
 from e2kd.pipeline.order import Item, Order
 from e2kd.pipeline.sources import BadSample, InputShard, Sample
 
-__all__ = ["TrainStream", "RankLoader", "PartitionReader", "build_train_loader", "concat_batches"]
+__all__ = ["TrainStream", "RankLoader", "PartitionReader", "build_train_loader", "concat_batches", "endless_batches"]
 
 
 class PartitionReader:
@@ -184,3 +184,11 @@ def build_train_loader(spec: StreamSpec, order: Order, steps: int, workers: int)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                         multiprocessing_context="fork" if workers else None)
     return stream, RankLoader(loader, max(1, workers))
+
+
+def endless_batches(stream: TrainStream, loader: RankLoader, epoch: int = 0) -> Iterator[dict[str, Any]]:
+    """The rank's batches epoch after epoch from ``epoch`` on (benchmarks that time more steps than an epoch has)."""
+    while True:
+        stream.set_epoch(epoch)
+        yield from loader
+        epoch += 1
