@@ -33,6 +33,7 @@ bench: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_formats.py --out bench/RESULTS.md
 	$(BIN)/python bench/bench_scale.py --out bench/RESULTS.md
 	$(BIN)/python bench/bench_order.py --out bench/RESULTS.md
+	$(BIN)/python bench/bench_sync.py --out bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

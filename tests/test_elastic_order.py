@@ -208,3 +208,24 @@ def test_one_input_shard_on_two_ranks(cache: Path, digits: Path, tmp_path: Path)
     assert len(trace) == 2 * (50 // 16) and all(len(t["keys"]) == 16 for t in trace)
     first = [k for t in trace if t["epoch"] == 0 for k in t["keys"]]
     assert len(set(first)) == len(first) == 48  # every sample of the one shard once, on two ranks
+
+
+def test_workers_live_across_epochs_and_each_epoch_reaches_them(cache: Path, train_urls: str) -> None:
+    from e2kd.pipeline.loader import StreamSpec, plan_join
+    from e2kd.pipeline.sources import list_shards
+    from e2kd.pipeline.train_stream import build_train_loader
+    from e2kd.storage import open_store
+
+    store, shards = open_store(str(cache)), list_shards(train_urls)
+    plan = plan_join(shards, store)
+    order = Order(plan.keys_by_shard(), seed=0, global_batch=16, partitions=8)
+    spec = StreamSpec(shards=shards, keys=set(plan.keys), input_size=(64, 64), cache_uri=str(cache),
+                      trusted=frozenset(plan.trusted), cache_shards=(tuple(store.shard_names),))
+    stream, loader = build_train_loader(spec, order, 3, workers=2)
+    pids = []
+    for epoch, start in ((0, 0), (1, 0), (2, 1)):
+        stream.set_epoch(epoch, start)
+        keys = [list(batch["key"]) for batch in loader]
+        assert keys == [_keys(order.global_batch_items(epoch, s)) for s in range(start, 3)], epoch
+        pids.append(sorted(w.pid for w in loader.loader._iterator._workers))
+    assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 2  # the same two worker processes every epoch

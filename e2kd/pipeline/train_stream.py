@@ -9,6 +9,7 @@ pass start at global batch ``start`` of ``epoch`` (a resumed run).
 
 from __future__ import annotations
 
+import multiprocessing
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -113,7 +114,8 @@ class TrainStream(IterableDataset):
         super().__init__()
         self.base = StudentStream(spec)
         self.order, self.steps, self.workers = order, steps, workers
-        self.epoch, self.start = 0, 0
+        # (epoch, start) in shared memory: persistent DataLoader workers, forked once, read each epoch's from it
+        self._position = multiprocessing.get_context("fork").Array("q", [0, 0], lock=False)
         order.reader_partitions(spec.rank, spec.world_size, 0, workers)  # the layout fits, or a clear error now
 
     @property
@@ -121,8 +123,17 @@ class TrainStream(IterableDataset):
         return self.base.spec
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """The next pass yields global batches ``start … steps−1`` of ``epoch``."""
-        self.epoch, self.start = epoch, start
+        """The next pass yields global batches ``start … steps−1`` of ``epoch`` (in every worker, also the
+        persistent ones)."""
+        self._position[0], self._position[1] = epoch, start
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @property
+    def start(self) -> int:
+        return int(self._position[1])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -131,14 +142,15 @@ class TrainStream(IterableDataset):
         shards = {s.name: s for s in self.spec.shards}
         readers = {p: PartitionReader(self.base, self.order, shards) for p in partitions}
         replay: bool | None = None
-        for step in range(self.start, self.steps):
+        epoch, start = self.epoch, self.start  # read once: this pass's position
+        for step in range(start, self.steps):
             items = []
             for p in partitions:
-                for item in self.order.partition_items(self.epoch, step, p):
+                for item in self.order.partition_items(epoch, step, p):
                     sample, record = readers[p].get(item)
                     if record is not None and replay is None:
                         replay = self.base._replays_views()
-                    items.append(self.base._item(sample, record, pass_index(self.epoch, item.cycle), bool(replay)))
+                    items.append(self.base._item(sample, record, pass_index(epoch, item.cycle), bool(replay)))
             yield {**default_collate(items), "step": step}
 
 
@@ -178,10 +190,12 @@ class RankLoader:
             yield concat_batches(parts)
 
 
-def build_train_loader(spec: StreamSpec, order: Order, steps: int, workers: int) -> tuple[TrainStream, RankLoader]:
-    """The training stream and the loader of its batches (workers fork before any store is opened)."""
+def build_train_loader(spec: StreamSpec, order: Order, steps: int, workers: int,
+                       persistent: bool = True) -> tuple[TrainStream, RankLoader]:
+    """The training stream and the loader of its batches. Workers fork once (before any store is opened) and, unless
+    ``persistent`` is off, live across epochs: each epoch reaches them through the stream's shared position."""
     stream = TrainStream(spec, order, steps, workers)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0,
                         multiprocessing_context="fork" if workers else None)
     return stream, RankLoader(loader, max(1, workers))
 

@@ -1,7 +1,8 @@
 """The training loop shared by teachers and students: steps, epochs, checkpoints, resume, metrics.
 
-Under ``torchrun`` every rank runs the same number of steps per epoch; gradients are averaged by hand
-(see :meth:`Trainer.step`), the reported losses are averaged over ranks, and only rank 0 writes files.
+Under ``torchrun`` every rank runs the same number of steps per epoch; gradients are averaged by DDP around the
+whole step objective (:mod:`e2kd.training.sync`), the reported losses are averaged over ranks, and only rank 0
+writes files.
 
 A checkpoint holds the stream's position (epoch, global batch within it, the order's seed, global batch and
 partitions — see :mod:`e2kd.pipeline.order`): ``--checkpoint-every N`` writes one every N optimiser steps, SIGTERM
@@ -28,6 +29,7 @@ from timm.utils import dispatch_clip_grad, random_seed
 
 from e2kd.pipeline.order import Order
 from e2kd.training.objectives import StepObjective
+from e2kd.training.sync import StepForward, average_gradients, step_forward
 
 __all__ = ["Trainer", "Preempted", "build_optimizer", "init_distributed", "seed_everything", "check_run_dir",
            "RUN_FILES", "SCHEDULE_OPTIONS", "recorded_order", "training_order", "order_record"]
@@ -163,7 +165,12 @@ class Trainer:
     order: dict[str, int] = field(default_factory=dict)  # the stream's seed, global batch, partitions (checkpoints)
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: at epoch ends only)
     trace_keys: Path | None = None  # one JSON line per global step (rank 0): its keys in order
+    grad_sync: str = "ddp"  # several ranks: "ddp" (bucketed, overlapped) or "allreduce" (per tensor, after backward)
     _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _forward: StepForward = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._forward = step_forward(self.model, self.objective, self.world, self.grad_sync)
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -175,29 +182,18 @@ class Trainer:
         autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                   enabled=self.amp and self.device.type == "cuda")
         with autocast:
-            total, parts = self.objective(batch, self.device)
+            total, parts = self._forward(batch, self.device)
         floats = {k: float(v.detach()) for k, v in parts.items()}
         if not torch.isfinite(total):
             raise FloatingPointError(f"non-finite loss {float(total.detach())} (parts {floats})")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        if self.world > 1:
-            self._average_gradients()
+        if self.world > 1 and self.grad_sync == "allreduce":
+            average_gradients(self.model, self.world)
         if self.clip_grad:
             dispatch_clip_grad(self.model.parameters(), self.clip_grad, mode="norm")
         self.optimizer.step()
         return {"loss": float(total.detach()), **floats}
-
-    def _average_gradients(self) -> None:
-        """All-reduce every gradient by hand instead of wrapping the model in DDP: the explanation loss
-        differentiates through a gradient (double backward), which DDP's reducer hooks do not support.
-        A parameter without a gradient on this rank (unused this step) gets zeros: every rank must call
-        ``all_reduce`` for the same tensors in the same order, or the collective deadlocks."""
-        for p in self.model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= self.world
 
     # ---- epochs --------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, num_updates: int, out: Path | None = None, start: int = 0,
