@@ -142,7 +142,7 @@ def cached_vs_online(cfg: dict[str, Any], urls: str, work: Path) -> dict[str, An
     teacher = create_model(t_name, 1000, **t_kwargs).to(trainer.device)
     run.objective.targets = OnlineTeacherTargets(teacher, "gradcam")
     online = _loader_steps(trainer, batches, cfg["steps"])
-    return {"batch": cfg["batch"], "steps": cfg["steps"], "workers": _decode_workers(), "amp": opts.amp,
+    return {"batch": cfg["batch"], "steps": cfg["steps"], "workers": trainer.loader.loader.num_workers, "amp": opts.amp,
             "cached_s_per_step": cached, "floor_s_per_step": floor, "cache_over_floor": cached / floor,
             "floor_goal": 1.05, "online_s_per_step": online, "speedup": online / cached, "goal": 2.5,
             "met": online / cached >= 2.5}
@@ -332,6 +332,8 @@ def main() -> None:
                         "bench/ on a GPU; with --smoke a new temporary directory)")
     parser.add_argument("--budget", type=float, default=0.0, help="seconds after which no further check starts "
                         "(0: no limit)")
+    parser.add_argument("--checks", default="", help="comma-separated subset of stage,train,timing,bcos,vit,demo "
+                        "(train needs stage; default: all)")
     args = parser.parse_args()
     bench_dir = Path(__file__).resolve().parent
     if not args.smoke and not torch.cuda.is_available():
@@ -350,6 +352,8 @@ def main() -> None:
 
     def record(name: str, check: Any) -> None:
         """Run one check (unless the budget is spent), keep its result or its error, write what is known."""
+        if args.checks and name not in args.checks.split(","):
+            return
         if args.budget and time.perf_counter() - t0 > args.budget:
             out[name] = {"skipped": f"not started: past --budget {args.budget:g} s"}
         else:
@@ -366,7 +370,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="e2kd-gpu-check-work-") as tmp:
         work = Path(tmp)
         record("stage", lambda: stage_vs_bare(cfg, work))
-        if "urls" in out["stage"]:
+        if "urls" in out.get("stage", {}):
             record("train", lambda: cached_vs_online(cfg, out["stage"]["urls"], work))
         if torch.cuda.is_available():
             record("timing", lambda: time_steps(64, 20))

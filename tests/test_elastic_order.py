@@ -229,3 +229,25 @@ def test_workers_live_across_epochs_and_each_epoch_reaches_them(cache: Path, tra
         assert keys == [_keys(order.global_batch_items(epoch, s)) for s in range(start, 3)], epoch
         pids.append(sorted(w.pid for w in loader.loader._iterator._workers))
     assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 2  # the same two worker processes every epoch
+
+
+def test_workers_that_cannot_split_the_partitions_evenly_are_reduced_with_a_warning(cache: Path,
+                                                                                     train_urls: str) -> None:
+    from e2kd.pipeline.loader import StreamSpec, plan_join
+    from e2kd.pipeline.order import usable_workers
+    from e2kd.pipeline.sources import list_shards
+    from e2kd.pipeline.train_stream import build_train_loader
+    from e2kd.storage import open_store
+    from e2kd.training.loop import training_order
+
+    assert [usable_workers(w, 1, 8) for w in (0, 1, 2, 3, 5, 8, 14)] == [0, 1, 2, 2, 4, 8, 8]
+    assert usable_workers(14, 2, 8) == 4  # each of 2 ranks reads 4 of the 8 partitions
+    store, shards = open_store(str(cache)), list_shards(train_urls)
+    plan = plan_join(shards, store)
+    order = training_order(plan.keys_by_shard(), seed=0, batch_size=16, world=1, workers=3)  # 3 ∤ 16: no error
+    spec = StreamSpec(shards=shards, keys=set(plan.keys), input_size=(64, 64), cache_uri=str(cache),
+                      trusted=frozenset(plan.trusted), cache_shards=(tuple(store.shard_names),))
+    with pytest.warns(UserWarning, match=r"--workers 3: 2 DataLoader workers used"):
+        stream, loader = build_train_loader(spec, order, 2, workers=3)
+    stream.set_epoch(0)
+    assert [list(b["key"]) for b in loader] == [_keys(order.global_batch_items(0, s)) for s in range(2)]

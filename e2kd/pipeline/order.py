@@ -57,6 +57,15 @@ def default_partitions(global_batch: int, readers: int) -> int:
     return next(p for p in range(readers, global_batch + 1, readers) if global_batch % p == 0 and p >= want)
 
 
+def usable_workers(workers: int, world: int, partitions: int) -> int:
+    """The most DataLoader workers, at most ``workers``, among which each rank's ``partitions // world`` partitions
+    split evenly (a worker reads whole partitions); 0 stays 0."""
+    if workers <= 0:
+        return workers
+    per_rank = partitions // world
+    return max(w for w in range(1, workers + 1) if per_rank % w == 0)
+
+
 def check_layout(global_batch: int, partitions: int, readers: int) -> None:
     """``readers | partitions | global_batch``, else a one-line ``ValueError`` saying what would fit."""
     if global_batch % readers:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from e2kd.pipeline.loader import StreamSpec, StudentStream, key_mismatch_message, pass_index
-from e2kd.pipeline.order import Item, Order
+from e2kd.pipeline.order import Item, Order, usable_workers
 from e2kd.pipeline.sources import BadSample, InputShard, Sample
 
 __all__ = ["TrainStream", "RankLoader", "PartitionReader", "build_train_loader", "concat_batches", "endless_batches"]
@@ -193,7 +193,16 @@ class RankLoader:
 def build_train_loader(spec: StreamSpec, order: Order, steps: int, workers: int,
                        persistent: bool = True) -> tuple[TrainStream, RankLoader]:
     """The training stream and the loader of its batches. Workers fork once (before any store is opened) and, unless
-    ``persistent`` is off, live across epochs: each epoch reaches them through the stream's shared position."""
+    ``persistent`` is off, live across epochs: each epoch reaches them through the stream's shared position.
+    A worker reads whole partitions: with more ``workers`` than split each rank's partitions evenly, fewer are
+    started (and a warning says how many)."""
+    usable = usable_workers(workers, spec.world_size, order.partitions)
+    if usable != workers and spec.rank == 0:
+        warnings.warn(f"--workers {workers}: {usable} DataLoader workers used — each rank's "
+                      f"{order.partitions // spec.world_size} partitions of the global batch ({order.global_batch}) "
+                      f"split evenly among them (each reads whole partitions); a --batch-size that {workers} divide "
+                      f"would use all", UserWarning, stacklevel=2)
+    workers = usable
     stream = TrainStream(spec, order, steps, workers)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0,
                         multiprocessing_context="fork" if workers else None)

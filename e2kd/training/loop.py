@@ -57,13 +57,17 @@ def training_order(shard_keys: dict[str, list[str]], seed: int, batch_size: int,
     """The run's sample order (:class:`~e2kd.pipeline.order.Order`); a resumed run keeps the seed and partitions its
     checkpoint records, and must keep its global batch (``batch_size`` × ``world``).
 
-    Raises:
-        ValueError: one line — the layout does not fit (ranks × workers must divide partitions, which must divide
-            the global batch), or a resume changes the global batch, seed or partitions.
-    """
-    from e2kd.pipeline.order import DEFAULT_BLOCK, check_layout, default_partitions
+    The default partitions suit as many of the ``workers`` as can split each rank's share evenly
+    (:func:`~e2kd.pipeline.train_stream.build_train_loader` uses that many).
 
-    global_batch, readers = batch_size * world, world * max(1, workers)
+    Raises:
+        ValueError: one line — the layout does not fit (ranks must divide partitions, which must divide the global
+            batch), or a resume changes the global batch, seed or partitions.
+    """
+    from e2kd.pipeline.order import DEFAULT_BLOCK, check_layout, default_partitions, usable_workers
+
+    global_batch = batch_size * world
+    readers = world * max(1, usable_workers(workers, world, global_batch))
     recorded = recorded_order(resume_from) if resume_from is not None else None
     if recorded:
         if recorded["global_batch"] != global_batch:
@@ -77,7 +81,7 @@ def training_order(shard_keys: dict[str, list[str]], seed: int, batch_size: int,
                                  f"the sample order cannot change on resume")
         partitions = recorded["partitions"]
     partitions = partitions or default_partitions(global_batch, readers)
-    check_layout(global_batch, partitions, readers)
+    check_layout(global_batch, partitions, world)
     total = sum(len(k) for k in shard_keys.values())
     if 0 < total < global_batch:  # fewer samples than one global batch (--steps-per-epoch): each pass repeats them
         times = -(-global_batch // total)
