@@ -485,6 +485,12 @@ def copy_cmd(src: str, dst: str, overwrite: bool, create_bucket: bool, storage_o
 @click.option("--val-data", help="Validation shards: top-1 every epoch.")
 @click.option("--val-cache", help="Teacher cache of --val-data: agreement and explanation similarity.")
 @click.option("--workers", type=int, help="DataLoader workers  [default: 0]")
+@click.option("--local-cache", type=click.Path(file_okay=False),
+              help="Keep remote (s3://, …) cache and input shards in this local directory across epochs: each is "
+                   "downloaded once, verified by sha256 on every use (fetched again if it fails), least recently "
+                   "used evicted beyond --local-cache-gb. Ranks and workers of one machine share it; local paths "
+                   "are always read in place.")
+@click.option("--local-cache-gb", type=float, help="Size bound of --local-cache in GB  [default: 50]")
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
 @click.option("--resume/--no-resume", default=None, help="Continue from RUN_DIR/checkpoint.pt.")
 @click.option("--overwrite/--no-overwrite", default=None,

@@ -25,7 +25,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 from webdataset.pipeline import DataPipeline
 
-from e2kd.pipeline.sources import BadSample, InputShard, Sample, input_size_bytes, iter_keys, iter_shard
+from e2kd.pipeline.sources import (
+    BadSample,
+    InputShard,
+    Sample,
+    input_size_bytes,
+    iter_keys,
+    iter_shard,
+    local_copy,
+)
 from e2kd.pipeline.views import (
     FULL_VIEW,
     apply_crop,
@@ -35,6 +43,7 @@ from e2kd.pipeline.views import (
     render_view_uint8,
     resample_dtype,
 )
+from e2kd.storage.local_cache import LocalCache
 
 __all__ = ["JoinPlan", "plan_join", "key_mismatch_message", "StreamSpec", "StudentStream", "build_loader",
            "select_shots", "cache_resample_dtype", "teacher_maps", "pass_index",
@@ -262,6 +271,7 @@ class StreamSpec:
     #: the shards of each cache (first, then extras) when the run planned: every process reads that same view,
     #: even while a writer commits more (None: whatever each process finds)
     cache_shards: tuple[tuple[str, ...], ...] | None = None
+    local_cache: LocalCache | None = None  # remote cache and input shards kept on local disk across epochs
 
 
 def _key_int(*parts: object) -> int:
@@ -372,7 +382,8 @@ class StudentStream(IterableDataset):
             from e2kd.storage import open_store
 
             # never used across fork: zarr's threads do not survive it, so a child reopens instead of inheriting
-            self._store, self._store_pid = open_store(self.spec.cache_uri, shards=self._pin(0)), os.getpid()
+            self._store = open_store(self.spec.cache_uri, shards=self._pin(0), local_cache=self.spec.local_cache)
+            self._store_pid = os.getpid()
         return self._store
 
     @property
@@ -382,7 +393,7 @@ class StudentStream(IterableDataset):
         if self.spec.extra_cache_uris and (extra is None or extra[0] != os.getpid()):
             from e2kd.storage import open_store
 
-            self._extra = (os.getpid(), [open_store(uri, shards=self._pin(i + 1))
+            self._extra = (os.getpid(), [open_store(uri, shards=self._pin(i + 1), local_cache=self.spec.local_cache)
                                          for i, uri in enumerate(self.spec.extra_cache_uris)])
         return self._extra[1] if self.spec.extra_cache_uris else []
 
@@ -466,8 +477,12 @@ class StudentStream(IterableDataset):
             return iter(samples), records
         records = self._records(shard)
         if get_worker_info() is not None or self.spec.ram_cache_mb <= 0:
-            return iter_shard(shard), records
+            return iter_shard(self.local(shard)), records
         return self._decode_and_keep(shard, records), records
+
+    def local(self, shard: InputShard) -> InputShard:
+        """The shard as read here: from the local cache where one is set and the shard is remote."""
+        return local_copy(shard, self.spec.local_cache)
 
     def _records(self, shard: InputShard) -> dict[str, Any] | None:
         """The cached records of a shard (None where the cache has none): the prefetched ones, else read now."""
@@ -501,7 +516,7 @@ class StudentStream(IterableDataset):
 
     def _decode_and_keep(self, shard: InputShard, records: dict[str, Any] | None) -> Iterator[Sample | BadSample]:
         kept: list[Sample | BadSample] = []
-        for sample in iter_shard(shard):
+        for sample in iter_shard(self.local(shard)):
             kept.append(sample)
             yield sample
         # reached only after a full pass: a shard the trainer stopped reading midway is decoded again next time

@@ -17,7 +17,7 @@ import os
 import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,11 @@ import torch
 from torch import Tensor
 
 from e2kd.storage import shard_name_for
+from e2kd.storage.local_cache import LocalCache
 
 __all__ = ["InputShard", "TarShard", "FolderShard", "Sample", "BadSample", "InputShardError", "list_shards",
            "class_names", "read_class_names", "iter_shard", "iter_keys", "decode_image", "input_size_bytes",
-           "input_sha256", "IMAGE_EXTS"]
+           "input_sha256", "IMAGE_EXTS", "local_copy"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REFUSED_EXTS = ("pkl", "pyd", "pickle", "pth", "pt")
@@ -275,6 +276,25 @@ def read_class_names(path: str | Path) -> list[str]:
     """A class-names file: one name per line, line i is class i (blank lines and ``#`` comments skipped)."""
     lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
     return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def local_copy(shard: InputShard, cache: LocalCache | None) -> InputShard:
+    """``shard`` read from ``cache``: a remote WebDataset tar is fetched whole into it once and read locally after
+    (the copy named by URL, size and version — ETag or modification time — and verified by its sha256 on each use).
+    Without a cache, for a local path, a ``pipe:`` command or an image folder: ``shard`` itself."""
+    if cache is None or not isinstance(shard, TarShard) or shard.url.startswith("pipe:"):
+        return shard
+    import fsspec
+
+    from e2kd.storage.files import is_local
+
+    fs, path = fsspec.core.url_to_fs(shard.url)
+    if is_local(fs):
+        return shard
+    info = fs.info(path)
+    version = next((str(info[k]) for k in ("ETag", "etag", "LastModified", "mtime", "updated") if info.get(k)), "")
+    local = cache.file(f"{shard.url}\x00{info.get('size')}\x00{version}", lambda to: fs.get_file(path, str(to)))
+    return shard if local is None else replace(shard, url=str(local))  # same name: same keys
 
 
 def list_shards(urls: str | Sequence[str]) -> list[InputShard]:

@@ -22,14 +22,38 @@ from e2kd.pipeline.loader import StreamSpec, StudentStream, key_mismatch_message
 from e2kd.pipeline.order import Item, Order, usable_workers
 from e2kd.pipeline.sources import BadSample, InputShard, Sample
 
-__all__ = ["TrainStream", "RankLoader", "PartitionReader", "build_train_loader", "concat_batches", "endless_batches"]
+__all__ = ["TrainStream", "RankLoader", "PartitionReader", "SharedRecords", "build_train_loader", "concat_batches",
+           "endless_batches"]
+
+
+class SharedRecords:
+    """The cached records of the shards that one worker's partition readers are in: a shard cut by a partition
+    boundary is read and decoded once for all of them, and dropped when the last leaves it."""
+
+    def __init__(self, stream: StudentStream) -> None:
+        self.stream = stream
+        self._held: dict[str, tuple[dict[str, Any] | None, int]] = {}  # shard → (records, readers in it)
+
+    def enter(self, shard: InputShard) -> dict[str, Any] | None:
+        records, users = self._held.get(shard.name) or (self.stream._records(shard), 0)
+        self._held[shard.name] = (records, users + 1)
+        return records
+
+    def leave(self, name: str) -> None:
+        records, users = self._held[name]
+        if users > 1:
+            self._held[name] = (records, users - 1)
+        else:
+            del self._held[name]
 
 
 class PartitionReader:
     """Reads one partition's items in order: each shard once, front to back, one block of records at a time."""
 
-    def __init__(self, stream: StudentStream, order: Order, shards: dict[str, InputShard]) -> None:
+    def __init__(self, stream: StudentStream, order: Order, shards: dict[str, InputShard],
+                 records: SharedRecords | None = None) -> None:
         self.stream, self.order, self.shards = stream, order, shards
+        self.shared = records or SharedRecords(stream)
         self._at: tuple[int, str] | None = None  # (pass, shard) being read
         self._raw: Iterator[Any] = iter(())
         self._records: dict[str, Any] | None = None
@@ -40,8 +64,10 @@ class PartitionReader:
         """The decoded sample of ``item`` and its cached record (None where its shard is not cached)."""
         if self._at != (item.cycle, item.shard):
             shard = self.shards[item.shard]
-            self._at, self._raw, self._block = (item.cycle, item.shard), iter(shard.raw()), -1
-            self._records = self.stream._records(shard)
+            if self._at is not None:
+                self.shared.leave(self._at[1])
+            self._at, self._raw, self._block = (item.cycle, item.shard), iter(self.stream.local(shard).raw()), -1
+            self._records = self.shared.enter(shard)
             trusted = self._records is not None and shard.name in self.stream.spec.trusted
             self._bad = {e["key"] for e in self.stream.store.shard_errors(shard.name)} if trusted else None
         if item.block != self._block:
@@ -140,7 +166,8 @@ class TrainStream(IterableDataset):
         worker = info.id if info is not None else 0
         partitions = self.order.reader_partitions(self.spec.rank, self.spec.world_size, worker, self.workers)
         shards = {s.name: s for s in self.spec.shards}
-        readers = {p: PartitionReader(self.base, self.order, shards) for p in partitions}
+        records = SharedRecords(self.base)
+        readers = {p: PartitionReader(self.base, self.order, shards, records) for p in partitions}
         replay: bool | None = None
         epoch, start = self.epoch, self.start  # read once: this pass's position
         for step in range(start, self.steps):

@@ -24,6 +24,7 @@ from e2kd.pipeline.sources import list_shards
 from e2kd.pipeline.student_cache import open_student_cache, open_student_caches, parse_cache_weights
 from e2kd.pipeline.train_stream import build_train_loader
 from e2kd.storage import CacheStore, CompatibilityError, Manifest
+from e2kd.storage.local_cache import LocalCache
 from e2kd.storage.options import apply_storage_options, describe_storage_options, resolve_storage_options
 from e2kd.training import (
     CachedTargets,
@@ -89,6 +90,8 @@ class TrainOptions:
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: every epoch only)
     trace_keys: str | None = None  # JSON lines of every global batch's keys (rank 0)
     partitions: int | None = None  # of the training order (default: see e2kd.pipeline.order.default_partitions)
+    local_cache: str | None = None  # directory keeping remote cache and input shards across epochs
+    local_cache_gb: float = 50.0  # its bound
 
     def __post_init__(self) -> None:
         if (not self.cache) == (self.online_teacher is None):
@@ -117,6 +120,7 @@ def _check_ranges(o: TrainOptions) -> None:
         check_range(flag, value, 1)
     check_range("--lr", o.lr, 0, exclusive_lo=True)
     check_range("--partitions", o.partitions, 1)
+    check_range("--local-cache-gb", o.local_cache_gb, 0, exclusive_lo=True)
     for flag, value in (("--weight-decay", o.weight_decay), ("--warmup-epochs", o.warmup_epochs),
                         ("--clip-grad", o.clip_grad), ("--ce-weight", o.ce_weight), ("--workers", o.workers),
                         ("--checkpoint-every", o.checkpoint_every)):
@@ -283,6 +287,7 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
         raise ValueError(f"{len(keys)} usable samples are fewer than one step of {per_step} "
                          f"(batch {opts.batch_size} × {world} rank(s)); lower --batch-size" if keys else
                          "no usable samples: every input sample was skipped or is missing from the cache")
+    local_cache = LocalCache.create(opts.local_cache, opts.local_cache_gb) if opts.local_cache else None
     order = training_order(plan.keys_by_shard(keys if opts.shots else None), opts.seed, opts.batch_size, world,
                            opts.workers, opts.partitions, Path(opts.out) if opts.resume else None)
     steps = opts.steps_per_epoch or order.steps_per_pass
@@ -305,7 +310,8 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
                       crop_scale=tuple(opts.crop_scale), flip_p=opts.flip_p, seed=opts.seed,
                       rank=rank, world_size=world, trusted=frozenset(plan.trusted), allow_missing=opts.allow_missing,
                       expl_field=opts.expl_field,
-                      map_size=(opts.input_size, opts.input_size) if opts.expl_resolution == "input" else None)
+                      map_size=(opts.input_size, opts.input_size) if opts.expl_resolution == "input" else None,
+                      local_cache=local_cache)
     stream, loader = build_train_loader(spec, order, steps, opts.workers)
     weights = parse_cache_weights(opts.cache_weights, len(caches)) if len(caches) > 1 else None
     objective = StudentObjective(E2KDObjective(model, opts.explainer, temperature=opts.temperature, lam=opts.lam,

@@ -17,12 +17,14 @@ from e2kd.storage.files import (
     OversizeError,
     allowance,
     checksum_blobs,
+    is_local,
     read_blobs,
     read_bounded,
     resolve,
 )
 from e2kd.storage.formats import get_format
 from e2kd.storage.keyindex import KeyIndex
+from e2kd.storage.local_cache import LocalCache
 from e2kd.storage.manifest import Manifest, ManifestError, cache_id_of
 from e2kd.storage.shards import ERRORS_NAME, KEYS_NAME
 
@@ -33,17 +35,18 @@ class StoreIntegrityError(ManifestError):
     """A shard's files are not what the manifest recorded (changed, truncated, added, removed or miscounted)."""
 
 
-def open_store(uri: str, *, shards: Iterable[str] | None = None) -> CacheStore:
+def open_store(uri: str, *, shards: Iterable[str] | None = None, local_cache: LocalCache | None = None) -> CacheStore:
     """Open a teacher cache (local path or fsspec URL) for reading: the shards committed at this moment.
 
     ``shards`` pins the view to those shards (another process reading what one reader planned, while a writer
-    may still be committing more); each must be in the store.
+    may still be committing more); each must be in the store. ``local_cache`` keeps the shards of a remote store
+    on local disk across reads (each verified against the manifest's sha256 on every use).
 
     Example:
         >>> store = open_store("cache/")                      # doctest: +SKIP
         >>> store.read(next(iter(store.keys())))["maps"].shape  # doctest: +SKIP
     """
-    return CacheStore(uri, shards=shards)
+    return CacheStore(uri, shards=shards, local_cache=local_cache)
 
 
 #: Bytes a shard's key file may spend per sample (JSON-escaped keys, on average) and its error file per record,
@@ -100,9 +103,11 @@ class CacheStore:
     ``verify`` would reject is never returned.
     """
 
-    def __init__(self, uri: str, *, shards: Iterable[str] | None = None) -> None:
+    def __init__(self, uri: str, *, shards: Iterable[str] | None = None,
+                 local_cache: LocalCache | None = None) -> None:
         self.uri = str(uri)
         self.fs, self.root = resolve(uri)
+        self.local_cache = None if is_local(self.fs) else local_cache  # a local store is read in place
         if not self.fs.exists(f"{self.root}/{MANIFEST}"):
             raise FileNotFoundError(f"{uri} is not an e2kd cache: {MANIFEST} not found")
         view, _ = read_view(self.fs, self.root)  # the manifest and every commit record present now
@@ -240,13 +245,24 @@ class CacheStore:
         where = f"store {self.uri}: shard {name}"
         if rec is None or not rec.complete:
             raise StoreIntegrityError(f"{where}: not a complete shard of this store")
-        try:
-            blobs = read_blobs(self.fs, self.shard_path(name), allowance(rec.nbytes) if rec.nbytes else None)
-        except FileNotFoundError:
-            raise StoreIntegrityError(f"{where}: missing") from None
-        except OversizeError as exc:
-            raise StoreIntegrityError(f"{where}: {exc}") from None
-        if checksum_blobs(blobs)[0] != rec.sha256:
+
+        def fetch() -> dict[str, bytes]:
+            try:
+                return read_blobs(self.fs, self.shard_path(name), allowance(rec.nbytes) if rec.nbytes else None)
+            except FileNotFoundError:
+                raise StoreIntegrityError(f"{where}: missing") from None
+            except OversizeError as exc:
+                raise StoreIntegrityError(f"{where}: {exc}") from None
+
+        def verify(blobs: dict[str, bytes]) -> bool:
+            return checksum_blobs(blobs)[0] == rec.sha256
+
+        if self.local_cache is not None:
+            blobs, ok = self.local_cache.blobs(rec.sha256, fetch, verify)
+        else:
+            blobs = fetch()
+            ok = verify(blobs)
+        if not ok:
             raise StoreIntegrityError(f"{where}: checksum mismatch: {self._locate_damage(name, blobs)}; "
                                       f"run e2kd verify")
         return blobs
