@@ -251,3 +251,33 @@ def test_workers_that_cannot_split_the_partitions_evenly_are_reduced_with_a_warn
         stream, loader = build_train_loader(spec, order, 2, workers=3)
     stream.set_epoch(0)
     assert [list(b["key"]) for b in loader] == [_keys(order.global_batch_items(0, s)) for s in range(2)]
+
+
+def test_partitions_in_the_same_shard_at_once_share_its_records(cache: Path, train_urls: str) -> None:
+    from collections import Counter
+
+    from e2kd.pipeline.loader import StreamSpec, plan_join
+    from e2kd.pipeline.sources import list_shards
+    from e2kd.pipeline.train_stream import TrainStream
+    from e2kd.storage import open_store
+
+    store, shards = open_store(str(cache)), list_shards(train_urls)
+    plan = plan_join(shards, store)
+    order = Order(plan.keys_by_shard(), seed=0, global_batch=16, partitions=8)
+    spec = StreamSpec(shards=shards, keys=set(plan.keys), input_size=(64, 64), cache_uri=str(cache),
+                      trusted=frozenset(plan.trusted), cache_shards=(tuple(store.shard_names),))
+    stream = TrainStream(spec, order, order.steps_per_pass, 0)
+    reads: Counter[str] = Counter()
+    real = stream.base._records
+    stream.base._records = lambda shard: (reads.update([shard.name]), real(shard))[1]  # type: ignore[method-assign]
+    cut = {item.shard for step in range(order.steps_per_pass) for p in range(8)
+           for item in order.partition_items(0, step, p)}
+    spans = Counter(name for p in range(8) for name in {item.shard for step in range(order.steps_per_pass)
+                                                         for item in order.partition_items(0, step, p)})
+    assert max(spans.values()) > 1  # the layout does cut shards between partitions
+    stream.set_epoch(0)
+    keys = [k for batch in stream for k in batch["key"]]
+    assert len(keys) == order.steps_per_pass * 16
+    # every shard read, and fewer reads than one per (partition, shard): readers in a shard at the same time share
+    # its records (a reader that enters a shard after the others left it reads it again)
+    assert set(reads) == cut and sum(reads.values()) < sum(spans.values()), (reads, spans)
