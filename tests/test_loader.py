@@ -196,8 +196,9 @@ def test_full_cache_draws_a_fresh_crop_per_pass(shards: list[InputShard]) -> Non
 
 
 def test_a_full_caches_joint_crop_handed_over_as_weights_equals_crop_map(shards: list[InputShard]) -> None:
-    """The stream hands a full cache's crop over as RoIAlign weights (12 KB, not a 224 px map); applied to a batch
-    by ``teacher_maps`` they give each item's ``crop_map`` of its own (flipped or not) view."""
+    """The stream hands a full cache's crop over as each sample's snapped view (5 numbers, not a 224 px map);
+    ``teacher_maps`` makes the whole batch's RoIAlign weights and gives each item's ``crop_map`` of its own (flipped or
+    not) view."""
     store = _FakeStore(shards, 0, policy="full")
     maps = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     records = {k: {**r, "maps": maps[i:i + 1]} for i, (k, r) in enumerate(store.iter_shard(store.name))}

@@ -121,6 +121,32 @@ def test_crop_map_equals_torchvisions_roi_align_in_float64() -> None:
                                    rtol=1e-12, atol=1e-12)
 
 
+def test_a_batch_of_crop_weights_equals_each_samples_and_roi_align() -> None:
+    """The batched weights (the loader hands over views, the weights are made per batch) are the per-sample ones
+    exactly, and applied they equal torchvision's roi_align in float64: mixed box sizes (so bins hold different
+    sample counts), flips, up- and downsampling."""
+    from torchvision.ops import roi_align
+
+    from e2kd.pipeline.views import apply_crop, crop_weights, crop_weights_batch
+
+    gen = torch.Generator().manual_seed(1)
+    for h, w, size, image_hw in [(7, 7, (224, 224), (375, 500)), (56, 56, (7, 7), (64, 64)), (4, 6, None, (500, 375))]:
+        views = [draw_views(i, "k", 1, *image_hw, scale=(0.01, 1.0))[0].as_list() for i in range(12)]
+        views = [v[:4] + [float(i % 2)] for i, v in enumerate(views)]
+        snapped = [pixel_view(v, *image_hw) for v in views]
+        batch = torch.tensor([[s.top, s.left, s.height, s.width, float(s.flip)] for s in snapped], dtype=torch.float64)
+        rows, cols = crop_weights_batch(batch, (h, w), size)
+        maps = torch.randn(len(views), 2, h, w, generator=gen, dtype=torch.float64)
+        cropped = apply_crop(maps, rows, cols)
+        for b, (v, s) in enumerate(zip(views, snapped, strict=True)):
+            r, c = crop_weights(v, image_hw, (h, w), size)
+            assert torch.equal(rows[b], r) and torch.equal(cols[b], c)
+            box = torch.tensor([[0.0, s.left * w, s.top * h, (s.left + s.width) * w, (s.top + s.height) * h]],
+                               dtype=torch.float64)
+            ref = roi_align(maps[b:b + 1], box, output_size=size or (h, w), sampling_ratio=-1, aligned=True)[0]
+            torch.testing.assert_close(cropped[b], ref.flip(-1) if s.flip else ref, rtol=1e-12, atol=1e-12)
+
+
 def test_wds_reader_refuses_path_traversal_and_foreign_members(tmp_path: Path) -> None:
     for bad in ("../evil.npy", "00000000.maps.pkl", "/etc/passwd"):
         shard = tmp_path / bad.replace("/", "_")

@@ -37,8 +37,9 @@ from e2kd.pipeline.sources import (
 from e2kd.pipeline.views import (
     FULL_VIEW,
     apply_crop,
-    crop_weights,
+    crop_weights_batch,
     draw_view,
+    pixel_view,
     render_view,
     render_view_uint8,
     resample_dtype,
@@ -180,14 +181,18 @@ def _listed_join(shard: InputShard, store: Any, errors: list[dict[str, str]], pl
 
 def teacher_maps(batch: dict[str, Any], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
     """A batch's teacher maps on ``device``, float32: a K-view cache's as cached; a ``full`` cache's whole-image maps
-    with their joint crop applied here, on the device (the stream hands the crop over as RoIAlign weights:
-    :func:`~e2kd.pipeline.views.crop_weights`). Several teachers' caches: a list, one batch of maps per teacher."""
+    with their joint crop applied here, on the device (the stream hands over each sample's pixel-snapped view,
+    ``crop_view``, and the crop's output size, ``crop_size``; the RoIAlign weights are made here for the whole
+    batch: :func:`~e2kd.pipeline.views.crop_weights_batch`). Several teachers' caches: a list, one batch of maps per
+    teacher (one view, each teacher's own map size)."""
     if isinstance(batch["t_map"], list):
-        return [teacher_maps({k: (v[t] if k.startswith("t_map") else v) for k, v in batch.items()
-                              if k.startswith("t_map")}, device) for t in range(len(batch["t_map"]))]
+        return [teacher_maps({**{k: v for k, v in batch.items() if k.startswith("crop_")}, "t_map": maps}, device)
+                for maps in batch["t_map"]]
     maps = batch["t_map"].to(device).float()
-    if "t_map_rows" in batch:
-        return apply_crop(maps, batch["t_map_rows"].to(device), batch["t_map_cols"].to(device))
+    if "crop_view" in batch:
+        size = tuple(int(v) for v in batch["crop_size"][0])
+        rows, cols = crop_weights_batch(batch["crop_view"], tuple(maps.shape[-2:]), size if all(size) else None)
+        return apply_crop(maps, rows.to(device), cols.to(device))
     return maps
 
 
@@ -539,15 +544,14 @@ class StudentStream(IterableDataset):
             view = (draw_view(spec.seed, sample.key, index, *hw, spec.crop_scale, spec.crop_ratio, spec.flip_p)
                     if spec.random_crop else FULL_VIEW).as_list()
             item["view_index"] = torch.tensor(0)
-            if record is not None and isinstance(record["maps"], list):  # several teachers: a joint crop each
-                weights = [crop_weights(view, hw, tuple(m.shape[-2:]), spec.map_size) for m in record["maps"]]
-                item.update(t_logits=record["logits"][0], t_map=[m[0] for m in record["maps"]],
-                            t_map_rows=[r.float() for r, _ in weights], t_map_cols=[c.float() for _, c in weights],
-                            target=record["target"][0])
-            elif record is not None:  # full cache: joint crop of the cached map (by teacher_maps), logits reused
-                rows, cols = crop_weights(view, hw, tuple(record["maps"].shape[-2:]), spec.map_size)
-                item.update(t_logits=record["logits"][0], t_map=record["maps"][0], t_map_rows=rows.float(),
-                            t_map_cols=cols.float(), target=record["target"][0])
+            if record is not None:  # full cache: joint crop of the cached map (by teacher_maps), logits reused
+                several = isinstance(record["maps"], list)  # several teachers: each map cropped alike
+                snapped = pixel_view(view, *hw)
+                item.update(t_logits=record["logits"][0], target=record["target"][0],
+                            t_map=[m[0] for m in record["maps"]] if several else record["maps"][0],
+                            crop_view=torch.tensor([snapped.top, snapped.left, snapped.height, snapped.width,
+                                                    float(snapped.flip)], dtype=torch.float64),
+                            crop_size=torch.tensor(spec.map_size or (0, 0)))
         item["image"] = self._render(sample.image, view)
         return item
 

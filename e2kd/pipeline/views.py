@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["View", "ViewPolicy", "FULL_VIEW", "draw_views", "draw_view", "render_view", "render_view_uint8",
-           "to_unit_float", "resample_dtype", "crop_map", "crop_weights", "apply_crop", "RENDER_SPEC",
+           "to_unit_float", "resample_dtype", "crop_map", "crop_weights", "crop_weights_batch", "apply_crop",
+           "RENDER_SPEC",
            "RESAMPLE_DTYPES", "view_rng", "pixel_view"]
 
 #: How :func:`render_view` resamples: recorded in every cache manifest.
@@ -270,6 +271,46 @@ def crop_weights(view: Sequence[float], image_hw: tuple[int, int], map_hw: tuple
     rows = _roi_align_weights(snapped.top * h, snapped.height * h, out_h, h)
     cols = _roi_align_weights(snapped.left * w, snapped.width * w, out_w, w)
     return rows, cols.flip(0) if snapped.flip else cols
+
+
+def crop_weights_batch(views: Tensor, map_hw: tuple[int, int],
+                       size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`crop_weights` of a batch of pixel-snapped views ``[B, 5]`` (:func:`pixel_view`'s top, left, height,
+    width, flip), float64 on the views' device: ``rows [B, H_out, h]`` and ``cols [B, W_out, w]``. The loader hands
+    over 5 numbers per sample and the weights are made here for the whole batch (equal to the per-sample ones)."""
+    h, w = map_hw
+    out_h, out_w = size or (h, w)
+    views = views.double()
+    rows = _roi_align_weights_batch(views[:, 0] * h, views[:, 2] * h, out_h, h)
+    cols = _roi_align_weights_batch(views[:, 1] * w, views[:, 3] * w, out_w, w)
+    return rows, torch.where((views[:, 4] >= 0.5)[:, None, None], cols.flip(1), cols)
+
+
+def _roi_align_weights_batch(start: Tensor, length: Tensor, pooled: int, size: int) -> Tensor:
+    """:func:`_roi_align_weights` for ``B`` boxes at once (``start``, ``length`` of shape ``[B]``): ``[B, pooled,
+    size]``, the same samples in the same order (boxes with fewer samples per bin than the largest are masked)."""
+    grid = torch.ceil(length / pooled).clamp(min=0).long()
+    out = torch.zeros(len(start), pooled, size, dtype=torch.float64, device=start.device)
+    most = int(grid.max()) if len(grid) else 0
+    if most <= 0:
+        return out
+    step = length / pooled
+    per = grid.clamp(min=1).double()
+    g = torch.arange(most, dtype=torch.float64, device=start.device)
+    sub = (g[None, :] + 0.5) * step[:, None] / per[:, None]  # [B, G]
+    bins = torch.arange(pooled, dtype=torch.float64, device=start.device)
+    pos = (start - 0.5)[:, None, None] + bins[None, :, None] * step[:, None, None] + sub[:, None, :]  # [B, P, G]
+    live = g[None, None, :] < grid[:, None, None].double()
+    valid = ((pos >= -1.0) & (pos <= size) & live).double() / per[:, None, None]
+    pos = pos.clamp(min=0.0)
+    low = torch.floor(pos).long()
+    edge = low >= size - 1
+    low = torch.where(edge, size - 1, low)
+    high = torch.where(edge, size - 1, low + 1)
+    frac = torch.where(edge, 0.0, pos - low.double())
+    out.scatter_add_(2, low, (1.0 - frac) * valid)
+    out.scatter_add_(2, high, frac * valid)
+    return out
 
 
 def apply_crop(maps: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
