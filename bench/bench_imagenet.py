@@ -339,7 +339,7 @@ def loader_section(work: Path, per_shard: int, out: str) -> None:
              "| loader | samples/s | vs plain | first batch |", "|---|---|---|---|",
              f"| plain webdataset: decode + `v2.RandomResizedCrop`, no cache | {rates['plain'][1]:.1f} | 1 | "
              f"{rates['plain'][0]:.2f} s |",
-             f"| train-student, `full` cache: decode + random crop + the map's crop weights | "
+             f"| train-student, `full` cache: decode + random crop + the crop's snapped view | "
              f"{rates['full'][1]:.1f} | **{rates['full'][1] / rates['plain'][1]:.2f}×** (goal ≥ 0.9×) | "
              f"{rates['full'][0]:.2f} s |",
              f"| train-student, 4-view cache: decode + render of the cached view | {rates['k-view'][1]:.1f} | "
