@@ -121,7 +121,8 @@ def _optimisation_options(stage: str) -> Any:
 
 
 def _run_options(command: Any) -> Any:
-    """Checkpoints within an epoch, the key trace and the order's partitions (train-student and train-teacher)."""
+    """Checkpoints within an epoch, the key trace, TensorBoard and the order's partitions (train-student and
+    train-teacher)."""
     options = [
         click.option("--checkpoint-every", type=click.IntRange(min=0),
                      help="Also checkpoint every N optimiser steps within an epoch (RUN/checkpoint.pt, replaced "
@@ -130,6 +131,10 @@ def _run_options(command: Any) -> Any:
         click.option("--trace-keys", type=click.Path(dir_okay=False),
                      help="Write one JSON line per global step: {epoch, step, keys} (the whole global batch, in "
                           "order; rank 0). A resumed run appends from where it resumed."),
+        click.option("--tensorboard", type=click.Path(file_okay=False),
+                     help="Also write TensorBoard event files here: losses and lr per step, the epoch's metrics, and "
+                          "(train-student) a few teacher/student explanation images per epoch. Needs the tensorboard "
+                          "package (pip install 'e2kd[tensorboard]')."),
         click.option("--partitions", type=click.IntRange(min=1),
                      help="Partitions of the sample order: must divide the global batch and be a multiple of ranks × "
                           "workers; runs with equal seed, global batch and partitions see the same batches  "
@@ -269,7 +274,8 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 
 
 @main.command("cache-teacher")
-@click.option("--data", help="Input: tar shards (paths/URLs, brace patterns, comma-separated) or an image folder.")
+@click.option("--data", help="Input: tar shards (paths/URLs, brace {000..009} and glob * ? [..] patterns, "
+                              "comma-separated) or an image folder.")
 @click.option("--out", help="Store to write (local path or fsspec URL); re-running resumes it.")
 @click.option("--teacher", help="timm model name or bcos:<name>.")
 @click.option("--teacher-run", type=click.Path(exists=True, file_okay=False),
@@ -388,8 +394,10 @@ def inspect_cmd(store: str, as_json: bool, list_keys: bool, list_errors: bool, s
     if info["class_names"]:
         shown = ", ".join(info["class_names"][:10]) + (", …" if len(info["class_names"]) > 10 else "")
         click.echo(f"classes     {shown}")
-    click.echo(f"teacher     {info['teacher']['name']}  classes={info['num_classes']}  "
-               f"checkpoint sha256={info['teacher'].get('checkpoint_sha256')}")
+    teacher = info["teacher"]
+    weights = (f"random init (seed {teacher['random_init_seed']})" if "random_init_seed" in teacher
+               else f"checkpoint sha256={teacher.get('checkpoint_sha256')}")
+    click.echo(f"teacher     {teacher['name']}  classes={info['num_classes']}  {weights}")
     size = "×".join(map(str, info["preprocessing"]["input_size"]))
     click.echo(f"explainer   {info['explainer']['name']}  map {info['map_shape']} {info['encoding']['map_dtype']}  "
                f"input {size} px  views {info['views']['policy']} ×{info['num_views']}")
@@ -547,8 +555,8 @@ def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
 @click.option("--cache", multiple=True,
               help="Teacher cache of --data: agreement and explanation similarity (for a K-view cache, against each "
                    "sample's first cached view, on that view's crop); once per teacher, as train-student's.")
-@click.option("--num-classes", type=int, help="Needed without --cache.")
-@click.option("--input-size", type=int, help="Needed without --cache.")
+@click.option("--num-classes", type=int, help="Needed without --cache or --run.")
+@click.option("--input-size", type=int, help="Needed without --cache or --run (a run records its own).")
 @click.option("--expl-field", help="The cache's explanation field expl_sim compares with (where it holds several).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--expl-resolution", type=click.Choice(["input", "native"]), default="input", show_default=True,
@@ -573,6 +581,10 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
         _use_storage(storage_options, data, *caches)
         model = _model_flags(run_dir, student, weights, student_kwargs, num_classes)
         student, weights, num_classes = model["student"], model["weights"], model["num_classes"]
+        if run_dir and not caches:  # the input size the run trained at (a cache's own wins where one is given)
+            from e2kd.runs import inherit_from_run
+
+            input_size = inherit_from_run(run_dir, {"input_size": input_size}, "--run")["input_size"]
         common = {"input_size": input_size, "batch_size": batch_size, "workers": workers,
                   "expl_resolution": expl_resolution, "progress": True, "expl_field": expl_field}
         if len(caches) > 1:
@@ -689,6 +701,23 @@ def show_cmd(store: str, key: str, out: str, data: str | None, run_dir: str | No
     if cosines:
         click.echo("student-teacher map cosine per view: " + "  ".join(f"{v}: {c:.3f}" for v, c in enumerate(cosines)))
     click.echo(f"wrote {out}")
+
+
+@main.command("plot")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Figure to write (.png, .svg or .pdf).")
+def plot_cmd(runs: tuple[str, ...], out: str) -> None:
+    """Training curves of train-student / train-teacher runs (their metrics.jsonl), overlaid: the loss and its
+    parts, the learning rate and the validation metrics per epoch; the legend names each run by its directory."""
+    from e2kd.stages.curves import plot_runs
+
+    try:
+        curves = plot_runs(list(runs), out)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    drawn = sum(len(lines) for lines in curves.values())
+    click.echo(f"wrote {out}: {drawn} curves of {len(runs)} run(s)")
 
 
 def reference_markdown() -> str:

@@ -66,7 +66,12 @@ def build_options(cls: type[T], config: str | Path | None, flags: dict[str, Any]
     flags = _renamed({k: v for k, v in flags.items() if v is not None}, aliases, "flags")
     unknown = sorted(set(merged) - fields)
     if unknown:
-        raise ValueError(f"{config}: unknown option(s) {unknown}; known: {sorted(fields)}")
+        import difflib
+
+        known = sorted(_yaml_key(f) for f in fields)
+        hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, 1)) else key
+                 for key in map(_yaml_key, unknown)]
+        raise ValueError(f"{config}: unknown option(s) {', '.join(hints)}; known: {', '.join(known)}")
     merged.update({k: v for k, v in flags.items() if v is not None})
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -87,6 +92,11 @@ def _renamed(values: dict[str, Any], aliases: dict[str, str], where: str) -> dic
                 raise ValueError(f"{where}: {old} is the former name of {new}; give one of them")
             out[new] = out.pop(old)
     return out
+
+
+def _yaml_key(field: str) -> str:
+    """A field's YAML key: its flag's name with underscores (``lam`` → ``lambda``, ``progress`` → ``quiet``)."""
+    return {"lam": "lambda", "progress": "quiet"}.get(field, field)
 
 
 def _flag_names_to_fields(values: dict[str, Any]) -> dict[str, Any]:

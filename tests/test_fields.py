@@ -123,5 +123,7 @@ def test_a_bcos_teacher_caches_its_own_maps_and_gradcam(digits: Path, tmp_path: 
     assert [f.name for f in store.manifest.fields] == ["logits", "bcos", "gradcam"] and store.verify() == []
     assert store.manifest.map_shapes == {"bcos": (6, 2, 2), "gradcam": (1, 2, 2)}
     assert store.manifest.field_family("gradcam") == "gradcam" and store.manifest.explainer_name == "bcos"
+    shown = CliRunner().invoke(main, ["inspect", opts["out"]]).output
+    assert "teacher     bcos:resnet18  classes=10  random init (seed 0)" in shown, shown  # not "sha256=None"
     with pytest.raises(ValueError, match="a B-cos model explains itself"):
         CacheTeacherOptions(**{**opts, "explainers": "gradcam,bcos"})

@@ -78,3 +78,41 @@ def test_resume_refuses_a_different_schedule_and_changes_nothing(digits: Path, t
         assert "Traceback" not in result.output and _tree_sha(run) == before
     result = CliRunner().invoke(main, [*args, "--epochs", "1", "--resume"])  # the same schedule resumes (a no-op)
     assert result.exit_code == 0, result.output
+
+
+def test_an_unknown_yaml_key_is_named_with_the_flag_it_resembles(tmp_path: Path) -> None:
+    from e2kd.config import build_options
+    from e2kd.stages.train_student import TrainOptions
+
+    config = tmp_path / "run.yaml"
+    config.write_text("lamda: 2\nepochs: 3\nbatchsize: 8\n")  # typos
+    with pytest.raises(ValueError) as caught:
+        build_options(TrainOptions, config, {})
+    message = str(caught.value)
+    assert "unknown option(s) batchsize (did you mean batch_size?), lamda (did you mean lambda?)" in message
+    assert "lambda" in message.split("known: ")[1] and "quiet" in message and "'lam'" not in message
+    config.write_text("lambda: 2\nquiet: true\n")
+    opts = build_options(TrainOptions, config, {"data": "d", "cache": "c", "student": "s", "out": "o"})
+    assert opts.lam == 2 and opts.progress is False
+
+
+def test_train_teacher_on_unlabelled_data_says_so_not_lower_the_batch_size(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from e2kd.stages.train_teacher import TeacherOptions, train_teacher
+
+    with tarfile.open(tmp_path / "unlabelled-000000.tar", "w") as tar:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(buf, "PNG")
+            info = tarfile.TarInfo(f"s{i}.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    opts = dict(data=str(tmp_path / "unlabelled-000000.tar"), teacher="resnet18", num_classes=2,
+                out=str(tmp_path / "t"), progress=False)
+    with pytest.raises(ValueError, match=r"no labelled samples in --data \(3 sample\(s\), none with a class label"):
+        train_teacher(TeacherOptions(**opts))
+    assert not (tmp_path / "t").exists()

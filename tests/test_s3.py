@@ -325,3 +325,15 @@ def test_an_empty_object_is_an_error_never_an_empty_cache(s3: S3, teacher_ckpt: 
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert code == 1 and lines[-1].startswith("Error: input s3://") and "is empty" in lines[-1], out
     assert not (tmp_path / "store").exists()
+
+
+def test_glob_patterns_on_s3_list_the_matching_objects(bucket: S3) -> None:
+    from e2kd.pipeline.sources import list_shards
+
+    bucket.use()
+    assert [s.name for s in list_shards(bucket.url("data/train-00000[0-2].tar"))] == [
+        "train-000000", "train-000001", "train-000002"]
+    assert [s.name for s in list_shards(bucket.url("data/train-*.tar"))] == [f"train-{i:06d}" for i in range(SHARDS)]
+    assert all(s.url.startswith("s3://") for s in list_shards(bucket.url("data/train-00000?.tar")))
+    with pytest.raises(ValueError, match="matches nothing"):
+        list_shards(bucket.url("data/val-*.tar"))

@@ -174,6 +174,31 @@ def test_brace_comma_and_newline_expansion(tmp_path: Path) -> None:
         list_shards(" , \n")
 
 
+def test_glob_patterns_locally_and_on_fsspec_urls(tmp_path: Path) -> None:
+    import fsspec
+
+    for i in range(4):
+        _tar(tmp_path / f"t-{i:03d}.tar", [])
+    (tmp_path / "notes.txt").write_text("not a shard")
+    d = tmp_path
+    assert [s.name for s in list_shards(f"{d}/t-*.tar")] == ["t-000", "t-001", "t-002", "t-003"]  # sorted
+    assert [s.name for s in list_shards(f"{d}/t-00?.tar")] == ["t-000", "t-001", "t-002", "t-003"]
+    assert [s.name for s in list_shards(f"{d}/t-00[13].tar,{d}/t-{{000,002}}.tar")] == ["t-001", "t-003", "t-000",
+                                                                                         "t-002"]
+    with pytest.raises(ValueError, match=r"input pattern '.*/x-\*\.tar' matches nothing"):
+        list_shards(f"{d}/x-*.tar")
+    memory = fsspec.filesystem("memory")
+    for i in range(3):
+        memory.pipe(f"/globtest/r-{i}.tar", b"")
+    found = list_shards("memory://globtest/r-*.tar")  # URLs in fsspec's own form (memory:///globtest/…)
+    assert [s.name for s in found] == ["r-0", "r-1", "r-2"] and all(fsspec.open(s.url).open() for s in found)
+    chained = list_shards("simplecache::memory://globtest/r-[02].tar")
+    assert [s.name for s in chained] == ["r-0", "r-2"] and all(s.url.startswith("simplecache::memory://")
+                                                               for s in chained)
+    with pytest.raises(ValueError, match="matches nothing"):
+        list_shards("memory://globtest/q-*.tar")
+
+
 @pytest.mark.parametrize("fmt,kwargs", [("PNG", {}), ("JPEG", {}), ("JPEG", {"quality": 50, "subsampling": 2}),
                                         ("JPEG", {"quality": 95, "subsampling": 0, "progressive": True})])
 def test_decoding_matches_pil_for_8_bit_grey_and_rgb(digits: np.ndarray, fmt: str, kwargs: dict) -> None:

@@ -246,6 +246,7 @@ def test_an_existing_run_is_neither_overwritten_nor_mixed_and_each_epoch_prints_
     train_student(TrainOptions(**opts))
     lines = [ln for ln in capsys.readouterr().err.splitlines() if re.match(r"epoch \d+/\d+  loss=", ln)]
     assert [ln.split()[1] for ln in lines] == ["1/2", "2/2"] and all("kd=" in ln and "expl=" in ln for ln in lines)
+    assert re.search(r"run ETA \d+ s\)$", lines[0]) and "ETA" not in lines[1]  # the whole run's, until its end
     before = (out / "metrics.jsonl").read_text()
     with pytest.raises(FileExistsError, match="already holds a run .*--resume continues it, --overwrite replaces it"):
         train_student(TrainOptions(**opts, progress=False))

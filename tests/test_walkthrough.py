@@ -47,5 +47,5 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path, monkeypatch: pyt
         result = runner.invoke(main, words[1:])
         assert result.exit_code == 0, f"$ {shlex.join(words)}\n{result.output[-2000:]}"
     for path in ("teacher/teacher.safetensors", "cache/manifest.json", "cache-val/manifest.json",
-                 "cache-ood/manifest.json", "runs/e2kd/student.safetensors", "show.png"):
+                 "cache-ood/manifest.json", "runs/e2kd/student.safetensors", "show.png", "curves.png"):
         assert (tmp_path / path).exists(), path

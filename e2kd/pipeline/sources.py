@@ -11,6 +11,7 @@ and :class:`FolderShard` (one class directory of an ``root/<class>/<file>`` imag
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import os
@@ -298,15 +299,16 @@ def local_copy(shard: InputShard, cache: LocalCache | None) -> InputShard:
 
 
 def list_shards(urls: str | Sequence[str]) -> list[InputShard]:
-    """Expand comma-separated URLs / brace patterns into input shards; a directory — local or on object storage
-    (``s3://bucket/photos``) — is an image folder.
+    """Expand comma-separated URLs, brace patterns (``{000..009}``) and glob patterns (``*``, ``?``, ``[…]``, locally
+    and on fsspec URLs: ``data/train-*.tar``, ``s3://b/train-0000[0-4].tar``) into input shards; a directory —
+    local or on object storage (``s3://bucket/photos``) — is an image folder.
 
     Raises:
-        ValueError: nothing matched, a local file is missing, a brace pattern is unbalanced, or two shards
-            share a name.
+        ValueError: nothing matched, a local file is missing, a brace pattern is unbalanced, a glob pattern matches
+            nothing, or two shards share a name.
     """
     shards: list[InputShard] = []
-    for url in _expand(urls):
+    for url in _globbed(_expand(urls)):
         if _is_local(url):  # absolute: Ray workers and DataLoader workers need not share the driver's cwd
             url = os.path.abspath(url)
         if _is_local(url) and os.path.isdir(url):
@@ -391,6 +393,32 @@ def _expand(urls: str | Sequence[str]) -> list[str]:
             item = item.strip()
             if item:
                 out.extend(_brace_expand(item))
+    return out
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _globbed(urls: list[str]) -> list[str]:
+    """Each glob pattern replaced by its matches, sorted (a path that exists as written is kept as is; ``pipe:``
+    commands are never globbed). Chained fsspec URLs (``simplecache::s3://…``) keep their chain."""
+    out: list[str] = []
+    for url in urls:
+        if url.startswith("pipe:") or not _GLOB_CHARS & set(url):
+            out.append(url)
+            continue
+        if _is_local(url):
+            matches = [url] if os.path.exists(url) else sorted(glob.glob(url))
+        else:
+            import fsspec
+
+            chain, _, inner = url.rpartition("::")
+            fs, path = fsspec.core.url_to_fs(inner)
+            matches = [url] if fs.exists(path) else \
+                [f"{chain}::{m}" if chain else m for m in sorted(fs.unstrip_protocol(p) for p in fs.glob(path))]
+        if not matches:
+            raise ValueError(f"input pattern {url!r} matches nothing")
+        out.extend(matches)
     return out
 
 

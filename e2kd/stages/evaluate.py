@@ -27,7 +27,7 @@ def evaluate_weights(data: str, student: str, weights: str, student_kwargs: dict
                                     input_size=input_size, expl_field=expl_field)
         explainer, num_classes, input_size = opened.explainer, opened.num_classes, opened.input_size
     if num_classes is None or input_size is None:
-        raise ValueError("without --cache, give --num-classes and --input-size")
+        raise ValueError("without --cache or --run, give --num-classes and --input-size")
     model = create_model(student, num_classes, checkpoint=weights, **(student_kwargs or {}))
     return evaluate_model(model, data, cache, explainer, input_size, batch_size, workers, expl_resolution, progress,
                           expl_field=expl_field)

@@ -89,6 +89,7 @@ class TrainOptions:
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec arguments; never recorded
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: every epoch only)
     trace_keys: str | None = None  # JSON lines of every global batch's keys (rank 0)
+    tensorboard: str | None = None  # TensorBoard event files of the run (rank 0)
     partitions: int | None = None  # of the training order (default: see e2kd.pipeline.order.default_partitions)
     local_cache: str | None = None  # directory keeping remote cache and input shards across epochs
     local_cache_gb: float = 50.0  # its bound
@@ -322,9 +323,25 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
                       validate=(lambda: _validate(model, opts)) if opts.val_data else None,
                       options=recorded_options(opts), order=order_record(order),
                       checkpoint_every=opts.checkpoint_every,
-                      trace_keys=Path(opts.trace_keys) if opts.trace_keys else None)
+                      trace_keys=Path(opts.trace_keys) if opts.trace_keys else None,
+                      tensorboard=Path(opts.tensorboard) if opts.tensorboard else None,
+                      snapshot=_snapshot(objective) if opts.tensorboard else None)
     identities = [_cache_identity(uri, s) for uri, s in zip(caches, stores, strict=True)]
     return StudentRun(opts, trainer, objective, plan, identities[0] if identities else None, identities)
+
+
+def _snapshot(objective: StudentObjective) -> Any:
+    """A batch → the images TensorBoard shows per epoch: its first images, the teacher's maps (from the cache; the
+    first teacher's where there are several) and the student's of the last step (rank 0's part of that batch)."""
+    from e2kd.pipeline.loader import teacher_maps
+    from e2kd.training.tensorboard import explanation_images
+
+    def snapshot(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        teacher = teacher_maps(batch, torch.device("cpu")) if "t_map" in batch else None
+        teacher = teacher[0] if isinstance(teacher, list) else teacher
+        return explanation_images(batch, objective.objective.last_maps, teacher)
+
+    return snapshot
 
 
 def _validate(model: torch.nn.Module, opts: TrainOptions) -> dict[str, float]:

@@ -49,6 +49,7 @@ class TeacherOptions:
     progress: bool = True
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: every epoch only)
     trace_keys: str | None = None  # JSON lines of every step's keys
+    tensorboard: str | None = None  # TensorBoard event files of the run (rank 0)
     partitions: int | None = None  # of the training order (default: see e2kd.pipeline.order.default_partitions)
 
     def __post_init__(self) -> None:
@@ -75,8 +76,12 @@ def train_teacher(opts: TeacherOptions) -> dict[str, Any]:
     shards = list_shards(opts.data)
     plan = plan_join(shards, None)
     keys = {k: v for k, v in plan.keys.items() if v >= 0}
+    if not keys:
+        raise ValueError(f"no labelled samples in --data ({len(plan.keys)} sample(s), none with a class label: a "
+                         f"teacher trains on WebDataset samples with a 'cls' member, or an image folder's classes)")
     if len(keys) < opts.batch_size:
-        raise ValueError(f"{len(keys)} labelled samples are fewer than one batch of {opts.batch_size}")
+        raise ValueError(f"{len(keys)} labelled samples are fewer than one batch of {opts.batch_size}; lower "
+                         f"--batch-size")
     order = training_order(plan.keys_by_shard(keys), opts.seed, opts.batch_size, 1, opts.workers, opts.partitions,
                            Path(opts.out) if opts.resume else None)
     steps = order.steps_per_pass
@@ -95,7 +100,8 @@ def train_teacher(opts: TeacherOptions) -> dict[str, Any]:
                       steps, opts.epochs, device, progress=opts.progress, desc="teacher epoch", validate=validate,
                       options=json.loads(json.dumps(asdict(opts))), order=order_record(order),
                       checkpoint_every=opts.checkpoint_every,
-                      trace_keys=Path(opts.trace_keys) if opts.trace_keys else None)
+                      trace_keys=Path(opts.trace_keys) if opts.trace_keys else None,
+                      tensorboard=Path(opts.tensorboard) if opts.tensorboard else None)
     out = Path(opts.out)
     metrics, _ = trainer.fit(out, resume=opts.resume)
     trainer.save_weights(out / "teacher.safetensors")

@@ -170,11 +170,19 @@ class Trainer:
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: at epoch ends only)
     trace_keys: Path | None = None  # one JSON line per global step (rank 0): its keys in order
     grad_sync: str = "ddp"  # several ranks: "ddp" (bucketed, overlapped) or "allreduce" (per tensor, after backward)
+    tensorboard: Path | None = None  # TensorBoard event files of the run (rank 0)
+    snapshot: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # a batch → images to log per epoch
     _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _forward: StepForward = field(init=False, repr=False)
+    _board: Any = field(default=None, init=False, repr=False)  # the open TensorBoardLog (rank 0)
+    _last_batch: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._forward = step_forward(self.model, self.objective, self.world, self.grad_sync)
+        if self.tensorboard is not None and self.rank == 0:
+            from e2kd.training.tensorboard import require_tensorboard
+
+            require_tensorboard()  # before any work: a missing package is one line now, not after set-up
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -222,6 +230,9 @@ class Trainer:
             parts = self._mean_over_ranks(self.step(batch))
             num_updates += 1
             self.scheduler.step_update(num_updates=num_updates)
+            if self._board is not None:
+                self._board.step(num_updates, parts, self.optimizer.param_groups[0]["lr"])
+                self._last_batch = batch
             seen += len(batch["image"])
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -313,7 +324,22 @@ class Trainer:
                 self.trace_keys.unlink(missing_ok=True)
         if self.trace_keys is not None and self.rank == 0:
             _truncate_trace(self.trace_keys, start_epoch, start_step)
+        if self.tensorboard is not None and self.rank == 0:
+            from e2kd.training.tensorboard import TensorBoardLog
+
+            # a fresh run hides what an earlier one left in the directory; a resumed one, its steps after the checkpoint
+            self._board = TensorBoardLog(self.tensorboard, purge_step=num_updates + 1 if num_updates else 0)
+        try:
+            return self._epochs(out, start_epoch, num_updates, start_step, carried)
+        finally:
+            if self._board is not None:
+                self._board.close()
+                self._board = None
+
+    def _epochs(self, out: Path, start_epoch: int, num_updates: int, start_step: int,
+                carried: dict[str, float] | None) -> tuple[dict[str, float], int]:
         metrics = _last_metrics(out / "metrics.jsonl") if start_epoch else {}
+        began = time.time()
         for epoch in range(start_epoch, self.epochs):
             begin = start_step if epoch == start_epoch else 0
             metrics, num_updates = self.train_epoch(epoch, num_updates, out, begin,
@@ -321,7 +347,9 @@ class Trainer:
             if self.rank == 0:
                 if self.validate is not None:
                     metrics.update(self.validate())
-                self._report(epoch, metrics)
+                done = epoch + 1 - start_epoch  # epochs of this process (validation included), for the run's ETA
+                self._report(epoch, metrics, (time.time() - began) / done * (self.epochs - epoch - 1))
+                self._log_epoch(epoch, metrics, num_updates)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"epoch": epoch + 1, "steps": num_updates, **metrics}) + "\n")
                 self.checkpoint(out, epoch + 1, num_updates)
@@ -332,14 +360,25 @@ class Trainer:
                                 f"{out / 'checkpoint.pt'} — run the same command with --resume to continue")
         return metrics, num_updates
 
-    def _report(self, epoch: int, metrics: dict[str, float]) -> None:
-        """One console line per epoch (stderr, with the progress bars): loss parts and validation metrics."""
+    def _log_epoch(self, epoch: int, metrics: dict[str, float], step: int) -> None:
+        """The epoch's metrics and a few explanation images of its last batch into TensorBoard (if asked for), at
+        the run's optimiser step (TensorBoard's x-axis; ``epoch/epoch`` says which epoch ended there)."""
+        if self._board is None:
+            return
+        self._board.epoch(step, {"epoch": epoch + 1, **metrics})
+        if self.snapshot is not None and self._last_batch is not None:
+            self._board.images(step, self.snapshot(self._last_batch))
+
+    def _report(self, epoch: int, metrics: dict[str, float], eta: float = 0.0) -> None:
+        """One console line per epoch (stderr, with the progress bars): loss parts, validation metrics and, before
+        the last epoch, the whole run's ETA (the mean time per epoch so far, validation included)."""
         if not self.progress:
             return
         shown = {k: v for k, v in metrics.items() if k not in ("samples_per_s", "lr")}
         parts = "  ".join(f"{k}={v:.4g}" for k, v in shown.items() if k != "sec_per_epoch")
+        left = f", run ETA {_duration(eta)}" if epoch + 1 < self.epochs else ""
         print(f"{self.desc} {epoch + 1}/{self.epochs}  {parts}  ({metrics['sec_per_epoch']:.1f} s, "
-              f"{metrics['samples_per_s']:.0f} samples/s)", file=sys.stderr, flush=True)
+              f"{metrics['samples_per_s']:.0f} samples/s{left})", file=sys.stderr, flush=True)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def checkpoint(self, out: Path, epoch: int, num_updates: int,
@@ -411,6 +450,16 @@ class Trainer:
 
         if self.rank == 0:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(path))
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``7 min 05 s``, ``3 h 12 min``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _last_metrics(path: Path) -> dict[str, float]:
