@@ -652,6 +652,9 @@ def train_teacher_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
         raise _fail(exc) from None
     click.echo(f"teacher: {', '.join(f'{k}={v:.4g}' for k, v in summary['final'].items())}")
+    if summary.get("replaced_unreadable"):
+        click.echo(f"skipped {summary['replaced_unreadable']} unreadable sample read(s) (each replaced in its batch by "
+                   f"a readable sample of the same block; the warnings above name them)")
 
 
 @main.command("demo")
@@ -671,7 +674,7 @@ def demo_cmd(out: str, quick: bool) -> None:
 @main.command("show")
 @click.argument("store")
 @click.option("--key", required=True, help="Sample key.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Figure to write (.png, .svg, .pdf).")
 @click.option("--data", help="Where the image is (default: the manifest's local input path).")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
               help="A train-student run directory: its student's map beside the teacher's.")
@@ -683,10 +686,13 @@ def demo_cmd(out: str, quick: bool) -> None:
 @click.option("--cache", "more_caches", multiple=True,
               help="A further teacher's cache of the same inputs (once per teacher, as train-student's --cache): "
                    "its map beside STORE's.")
+@click.option("--shared-scale", is_flag=True,
+              help="One colour scale for a view's teacher and student maps (else each map its own, so a nearly "
+                   "flat map looks as peaked as any).")
 @_storage_option
 def show_cmd(store: str, key: str, out: str, data: str | None, run_dir: str | None, student: str | None,
              weights: str | None, student_kwargs: str | None, former__weights: str | None,
-             storage_options: str | None, more_caches: tuple[str, ...]) -> None:
+             storage_options: str | None, more_caches: tuple[str, ...], shared_scale: bool) -> None:
     """Image, view boxes and the teacher map per view (and the student's), as heat maps."""
     weights = _take_former({"weights": weights, "former__weights": former__weights})["weights"]
     from e2kd.stages.figures import show_key
@@ -695,7 +701,7 @@ def show_cmd(store: str, key: str, out: str, data: str | None, run_dir: str | No
         _use_storage(storage_options, store, data, *more_caches)
         model = _model_flags(run_dir, student, weights, student_kwargs, None, required=False)
         cosines = show_key(store, key, out, data, model["student"], model["weights"], model["student_kwargs"],
-                           more_caches=list(more_caches))
+                           more_caches=list(more_caches), shared_scale=shared_scale)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(exc) from None
     if cosines:

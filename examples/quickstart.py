@@ -6,7 +6,8 @@ from e2kd.losses import E2KDObjective
 from e2kd.models import create_model, input_transform
 
 narrow = dict(channels=(16, 32, 64, 128), stem_width=16, output_stride=16)
-teacher, student = create_model("resnet18", 10).eval(), create_model("resnet18", 10, **narrow)
+teacher = create_model("resnet18", 10, output_stride=8).eval()  # 8×8 maps at 64 px (stride 32 gives 2×2)
+student = create_model("resnet18", 10, **narrow)
 images = torch.rand(8, 3, 64, 64)  # [0, 1] RGB
 t_explainer = build_explainer("gradcam", teacher)
 t_maps, t_logits = t_explainer(input_transform(teacher)(images))  # teacher's top-1 class, one forward, no graph

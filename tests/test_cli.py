@@ -25,7 +25,7 @@ def test_help_and_version() -> None:
 def test_readme_example_runs() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True,
                          text=True, check=True, timeout=300)
-    assert "'kd'" in out.stdout and "(8, 1, 2, 2) (8, 1, 4, 4)" in out.stdout
+    assert "'kd'" in out.stdout and "(8, 1, 8, 8) (8, 1, 4, 4)" in out.stdout  # maps fine enough to see
 
 
 def test_packaged_presets_are_listed_and_shown() -> None:

@@ -121,7 +121,7 @@ def test_evaluate_agrees_with_an_independent_computation(demo_dir: Path) -> None
     assert at_input["top1"] == metrics["top1"]
 
 
-def test_show_draws_views_and_maps(demo_dir: Path, tmp_path: Path) -> None:
+def test_show_draws_views_and_maps(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = open_store(str(demo_dir / "cache-views"))
     key = sorted(store.keys())[3]
     out = tmp_path / "show.png"
@@ -133,6 +133,21 @@ def test_show_draws_views_and_maps(demo_dir: Path, tmp_path: Path) -> None:
                                                         "student.safetensors")])
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 5_000
+    import e2kd.stages.figures as figures
+
+    panels: list[tuple[str, object]] = []
+    real = figures._map_panel
+    monkeypatch.setattr(figures, "_map_panel", lambda fig, ax, maps, size, title, scale=None: (
+        panels.append((title, scale)), real(fig, ax, maps, size, title, scale))[1])
+    svg = tmp_path / "show.svg"
+    result = CliRunner().invoke(main, ["show", str(demo_dir / "cache-views"), "--key", key, "--out", str(svg),
+                                       "--run", str(demo_dir / "runs" / "e2kd-views-seed0"), "--shared-scale"])
+    assert result.exit_code == 0, result.output
+    text = svg.read_text()
+    assert "predicts" in text and "explains class" in text and f"{key}" in text  # titles as text, never clipped
+    teacher, student = panels[0::2], panels[1::2]
+    assert len(teacher) == len(student) == 2 and all(t[1] is not None and t[1] == s[1]
+                                                     for t, s in zip(teacher, student, strict=True))
     result = CliRunner().invoke(main, ["show", str(demo_dir / "cache-views"), "--key", "nope", "--out", str(out)])
     assert result.exit_code == 1
 

@@ -116,3 +116,29 @@ def test_train_teacher_on_unlabelled_data_says_so_not_lower_the_batch_size(tmp_p
     with pytest.raises(ValueError, match=r"no labelled samples in --data \(3 sample\(s\), none with a class label"):
         train_teacher(TeacherOptions(**opts))
     assert not (tmp_path / "t").exists()
+
+
+def test_train_teacher_counts_the_unreadable_samples_it_replaced(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(tmp_path / "labelled-000000.tar", "w") as tar:
+        for i in range(16):
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), (i * 15, 255 - i * 15, 0)).save(buf, "PNG")
+            data = buf.getvalue() if i != 5 else buf.getvalue()[:40]  # sample 5: a truncated PNG
+            for name, payload in ((f"s{i:02d}.png", data), (f"s{i:02d}.cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "t"
+    result = CliRunner().invoke(main, ["train-teacher", "--data", str(tmp_path / "labelled-000000.tar"), "--teacher",
+                                       "resnet18", "--teacher-kwargs", json.dumps(TEACHER_KWARGS), "--num-classes",
+                                       "2", "--input-size", "32", "--epochs", "2", "--batch-size", "8", "--workers",
+                                       "2", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["replaced_unreadable"] == 2  # the one unreadable sample, once per epoch, counted over 2 workers
+    assert "skipped 2 unreadable sample read(s)" in result.output

@@ -51,9 +51,10 @@ class PartitionReader:
     """Reads one partition's items in order: each shard once, front to back, one block of records at a time."""
 
     def __init__(self, stream: StudentStream, order: Order, shards: dict[str, InputShard],
-                 records: SharedRecords | None = None) -> None:
+                 records: SharedRecords | None = None, on_stand_in: Any = None) -> None:
         self.stream, self.order, self.shards = stream, order, shards
         self.shared = records or SharedRecords(stream)
+        self.on_stand_in = on_stand_in  # called once per sample replaced by a stand-in
         self._at: tuple[int, str] | None = None  # (pass, shard) being read
         self._raw: Iterator[Any] = iter(())
         self._records: dict[str, Any] | None = None
@@ -118,6 +119,8 @@ class PartitionReader:
         for key in self.order.shard_keys[item.shard][item.block * size:(item.block + 1) * size]:
             stand_in = self._decode(key)
             if stand_in is not None:
+                if self.on_stand_in is not None:
+                    self.on_stand_in()
                 warnings.warn(f"input shard {item.shard}: sample {item.key!r} is "
                               f"{'missing' if missing else 'unreadable'}; {key!r} stands in for it",
                               UserWarning, stacklevel=2)
@@ -142,6 +145,7 @@ class TrainStream(IterableDataset):
         self.order, self.steps, self.workers = order, steps, workers
         # (epoch, start) in shared memory: persistent DataLoader workers, forked once, read each epoch's from it
         self._position = multiprocessing.get_context("fork").Array("q", [0, 0], lock=False)
+        self._stand_ins = multiprocessing.get_context("fork").Value("q", 0)  # counted in every worker
         order.reader_partitions(spec.rank, spec.world_size, 0, workers)  # the layout fits, or a clear error now
 
     @property
@@ -161,13 +165,24 @@ class TrainStream(IterableDataset):
     def start(self) -> int:
         return int(self._position[1])
 
+    @property
+    def stand_ins(self) -> int:
+        """Samples replaced so far by a readable sample of their block (unreadable, or missing with
+        --allow-missing), over all of this rank's workers and epochs."""
+        return int(self._stand_ins.value)
+
+    def _count_stand_in(self) -> None:
+        with self._stand_ins.get_lock():
+            self._stand_ins.value += 1
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         partitions = self.order.reader_partitions(self.spec.rank, self.spec.world_size, worker, self.workers)
         shards = {s.name: s for s in self.spec.shards}
         records = SharedRecords(self.base)
-        readers = {p: PartitionReader(self.base, self.order, shards, records) for p in partitions}
+        readers = {p: PartitionReader(self.base, self.order, shards, records, self._count_stand_in)
+                   for p in partitions}
         replay: bool | None = None
         epoch, start = self.epoch, self.start  # read once: this pass's position
         for step in range(start, self.steps):

@@ -24,6 +24,7 @@ def _plt() -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    matplotlib.rcParams["svg.fonttype"] = "none"  # an SVG keeps its text as text
     return plt
 
 
@@ -70,7 +71,9 @@ def explanation_grid(data: str, cache: str | Path, students: dict[str, Path], mo
                 ax.set_ylabel(title, fontsize=8)
             if r == 0:
                 ax.set_title(f"label {samples[c].label} / T {int(targets[c])}", fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.text(0.5, 0.015, "label: the image's class · T: the teacher's top-1 class, which every map explains",
+             ha="center", fontsize=7)
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
@@ -106,9 +109,11 @@ def _shards_of(source: str, name: str) -> list[Any]:
 
 def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None, student: str | None = None,
              weights: str | None = None, student_kwargs: dict[str, Any] | None = None,
-             more_caches: list[str] | None = None) -> list[float]:
+             more_caches: list[str] | None = None, shared_scale: bool = False) -> list[float]:
     """One row per cached view: the image with the view's box, the teacher's map, the student's map (with
-    ``student`` and ``weights``) and the teacher's map over the view, each map with a colour bar.
+    ``student`` and ``weights``; its own prediction in the title) and the teacher's map over the view, each map
+    with a colour bar — one scale for a row's teacher and student maps with ``shared_scale`` (so a nearly flat
+    student map looks flat), else each map its own.
 
     Returns the per-view cosine between the student's and the teacher's map (taken at the input size, as
     train-student's loss takes it); empty without a student. ``more_caches``: further teachers' caches of the
@@ -122,35 +127,39 @@ def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None,
     rec, image = store.read(key), find_image(store, key, data)
     size = store.manifest.input_size
     inputs = torch.stack([render_view(image, v.tolist(), size) for v in rec["views"]])
-    student_maps, cosines = None, []
+    student_maps, cosines, predicted = None, [], []
     if with_student:
-        net = create_model(student, store.manifest.num_classes, checkpoint=weights, **(student_kwargs or {}))
+        net = create_model(student, store.manifest.num_classes, checkpoint=weights, **(student_kwargs or {})).eval()
         student_maps = _student_maps(net, store.manifest.explainer_name, inputs, rec["target"])
+        with torch.no_grad():
+            predicted = net(input_transform(net)(inputs)).argmax(1).tolist()
         cosines = explanation_similarity(student_maps.float(), rec["maps"].float(), size).tolist()
     others = _other_teachers(store, key, more_caches or [])
     plt = _plt()
     cols = (4 if student_maps is not None else 3) + len(others)
     views = len(rec["views"])
-    fig, axes = plt.subplots(views, cols, figsize=(2.6 * cols, 2.4 * views), squeeze=False)
+    fig, axes = plt.subplots(views, cols, figsize=(2.8 * cols, 2.7 * views), squeeze=False, constrained_layout=True)
+    name = store.manifest.class_name
     for v in range(views):
         row = axes[v]
-        label = store.manifest.class_name(rec["label"])
-        _image_with_box(row[0], image, rec["views"][v].tolist(), f"{key} (label {label}), view {v}")
-        _map_panel(fig, row[1], rec["maps"][v], size,
-                   f"teacher map, class {store.manifest.class_name(int(rec['target'][v]))}")
+        _image_with_box(row[0], image, rec["views"][v].tolist(), f"{key}\nlabel {name(rec['label'])}, view {v}")
+        scale = _shared_range(size, rec["maps"][v], student_maps[v]) if shared_scale and student_maps is not None \
+            else None
+        _map_panel(fig, row[1], rec["maps"][v], size, f"teacher map\nexplains class {name(int(rec['target'][v]))}",
+                   scale)
         if student_maps is not None:
-            _map_panel(fig, row[2], student_maps[v], size, f"student map (cos {cosines[v]:.3f})")
+            _map_panel(fig, row[2], student_maps[v], size, f"student map (cos {cosines[v]:.3f})\n"
+                       f"explains {name(int(rec['target'][v]))}, predicts {name(predicted[v])}", scale)
         for j, (_, other) in enumerate(others):
             col = (3 if student_maps is not None else 2) + j
             _map_panel(fig, row[col], other["maps"][v], size, f"teacher {j + 2} map, class "
                        f"{store.manifest.class_name(int(other['target'][v]))}")
         row[-1].imshow(inputs[v].permute(1, 2, 0).numpy())
         row[-1].imshow(_heat(rec["maps"][v], size).numpy(), cmap="jet", alpha=0.5)
-        row[-1].set_title("teacher map over the view", fontsize=7)
+        row[-1].set_title("teacher map\nover the view", fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return cosines
@@ -177,9 +186,21 @@ def _image_with_box(ax: Any, image: torch.Tensor, view: list[float], title: str)
     ax.set_title(title, fontsize=7)
 
 
-def _map_panel(fig: Any, ax: Any, maps: torch.Tensor, size: tuple[int, int], title: str) -> None:
-    """A map (channel sum, upsampled to the input size) with its own colour bar, in the map's units."""
-    m = F.interpolate(maps.float().sum(0, keepdim=True)[None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    image = ax.imshow(m.numpy(), cmap="jet")
+def _upsampled(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(maps.float().sum(0, keepdim=True)[None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def _shared_range(size: tuple[int, int], *maps: torch.Tensor) -> tuple[float, float]:
+    """One colour range over several maps (as drawn: channel sum, upsampled)."""
+    drawn = [_upsampled(m, size) for m in maps]
+    return min(float(d.min()) for d in drawn), max(float(d.max()) for d in drawn)
+
+
+def _map_panel(fig: Any, ax: Any, maps: torch.Tensor, size: tuple[int, int], title: str,
+               scale: tuple[float, float] | None = None) -> None:
+    """A map (channel sum, upsampled to the input size) with a colour bar in the map's units: its own range, or
+    ``scale`` (shared with the other maps of its row)."""
+    m = _upsampled(maps, size)
+    image = ax.imshow(m.numpy(), cmap="jet", vmin=scale[0] if scale else None, vmax=scale[1] if scale else None)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title, fontsize=7)

@@ -106,6 +106,6 @@ def train_teacher(opts: TeacherOptions) -> dict[str, Any]:
     metrics, _ = trainer.fit(out, resume=opts.resume)
     trainer.save_weights(out / "teacher.safetensors")
     summary = {"teacher": model_spec(model), "class_names": class_names(shards), "final": metrics,
-               "options": json.loads(json.dumps(asdict(opts)))}
+               "replaced_unreadable": stream.stand_ins, "options": json.loads(json.dumps(asdict(opts)))}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
