@@ -24,7 +24,7 @@ def _run(root: Path, name: str, lines: list[dict]) -> Path:
 @pytest.fixture
 def two_runs(tmp_path: Path) -> list[Path]:
     a = _run(tmp_path, "kd-run", [{"epoch": e, "steps": 10 * e, "loss": 2.0 / e, "kd": 1.5 / e, "expl": 0.5 / e,
-                                  "lr": 1e-3 * (4 - e), "samples_per_s": 100.0, "top1": 0.2 * e,
+                                  "ce": 0.0, "lr": 1e-3 * (4 - e), "samples_per_s": 100.0, "top1": 0.2 * e,
                                   "agreement": 0.25 * e, "expl_sim": 0.1 * e} for e in (1, 2, 3)])
     b = _run(tmp_path, "e2kd-run", [{"epoch": 1, "steps": 5, "loss": 1.0, "ce": 1.0, "lr": 5e-4}])  # one epoch
     return [a, b]
@@ -36,7 +36,7 @@ def test_the_curves_are_the_runs_metrics_and_the_figure_holds_them(two_runs: lis
     assert curves["loss"]["e2kd-run loss"] == [(1, 1.0)] and curves["loss"]["e2kd-run ce"] == [(1, 1.0)]
     assert set(curves["learning rate"]) == {"kd-run lr", "e2kd-run lr"}
     assert set(curves["validation"]) == {"kd-run top1", "kd-run agreement", "kd-run expl_sim"}
-    assert "samples_per_s" not in json.dumps(curves)
+    assert "samples_per_s" not in json.dumps(curves) and "kd-run ce" not in curves["loss"]  # unused: all zero
     svg = (tmp_path / "curves.svg").read_text()
     for text in ("kd-run kd", "e2kd-run ce", "kd-run top1", "learning rate", "validation", "epoch",
                  "kd-run  vs  e2kd-run"):

@@ -2,7 +2,8 @@
 
 One figure, three panels — the loss and its parts, the learning rate, the validation metrics — with epochs on the
 x-axis; each run has its colour (legend: its directory name) and each quantity its line style. A run of a single
-epoch shows as markers; a panel no run has data for says so instead of staying blank.
+epoch shows as markers; a loss term that is 0 throughout (unused) is left out; a panel no run has data for says so
+instead of staying blank.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def collect(runs: Sequence[str | Path]) -> Curves:
         for panel, keys in PANELS.items():
             for key in keys:
                 points = [(int(m["epoch"]), float(m[key])) for m in lines if isinstance(m.get(key), (int, float))]
+                if panel == "loss" and key != "loss" and all(v == 0 for _, v in points):
+                    continue  # a term the run does not use (KD's expl, a ce weight of 0): no line of zeros
                 if points:
                     curves[panel][f"{label} {key}"] = points
     return curves
