@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from e2kd.pipeline.loader import JoinPlan, StreamSpec
 from e2kd.pipeline.order import Order, default_partitions
 
 STUDENT_KWARGS = {"channels": [8, 8, 16, 32], "stem_width": 8, "output_stride": 16}
@@ -210,17 +211,24 @@ def test_one_input_shard_on_two_ranks(cache: Path, digits: Path, tmp_path: Path)
     assert len(set(first)) == len(first) == 48  # every sample of the one shard once, on two ranks
 
 
-def test_workers_live_across_epochs_and_each_epoch_reaches_them(cache: Path, train_urls: str) -> None:
-    from e2kd.pipeline.loader import StreamSpec, plan_join
+def _plan_and_spec(cache: Path, train_urls: str) -> tuple[JoinPlan, StreamSpec]:
+    """The join plan of the digits train shards with the cache, and a training stream spec over them."""
+    from e2kd.pipeline.loader import plan_join
     from e2kd.pipeline.sources import list_shards
-    from e2kd.pipeline.train_stream import build_train_loader
     from e2kd.storage import open_store
 
     store, shards = open_store(str(cache)), list_shards(train_urls)
     plan = plan_join(shards, store)
-    order = Order(plan.keys_by_shard(), seed=0, global_batch=16, partitions=8)
     spec = StreamSpec(shards=shards, keys=set(plan.keys), input_size=(64, 64), cache_uri=str(cache),
                       trusted=frozenset(plan.trusted), cache_shards=(tuple(store.shard_names),))
+    return plan, spec
+
+
+def test_workers_live_across_epochs_and_each_epoch_reaches_them(cache: Path, train_urls: str) -> None:
+    from e2kd.pipeline.train_stream import build_train_loader
+
+    plan, spec = _plan_and_spec(cache, train_urls)
+    order = Order(plan.keys_by_shard(), seed=0, global_batch=16, partitions=8)
     stream, loader = build_train_loader(spec, order, 3, workers=2)
     pids = []
     for epoch, start in ((0, 0), (1, 0), (2, 1)):
@@ -233,20 +241,14 @@ def test_workers_live_across_epochs_and_each_epoch_reaches_them(cache: Path, tra
 
 def test_workers_that_cannot_split_the_partitions_evenly_are_reduced_with_a_warning(cache: Path,
                                                                                      train_urls: str) -> None:
-    from e2kd.pipeline.loader import StreamSpec, plan_join
     from e2kd.pipeline.order import usable_workers
-    from e2kd.pipeline.sources import list_shards
     from e2kd.pipeline.train_stream import build_train_loader
-    from e2kd.storage import open_store
     from e2kd.training.loop import training_order
 
     assert [usable_workers(w, 1, 8) for w in (0, 1, 2, 3, 5, 8, 14)] == [0, 1, 2, 2, 4, 8, 8]
     assert usable_workers(14, 2, 8) == 4  # each of 2 ranks reads 4 of the 8 partitions
-    store, shards = open_store(str(cache)), list_shards(train_urls)
-    plan = plan_join(shards, store)
+    plan, spec = _plan_and_spec(cache, train_urls)
     order = training_order(plan.keys_by_shard(), seed=0, batch_size=16, world=1, workers=3)  # 3 ∤ 16: no error
-    spec = StreamSpec(shards=shards, keys=set(plan.keys), input_size=(64, 64), cache_uri=str(cache),
-                      trusted=frozenset(plan.trusted), cache_shards=(tuple(store.shard_names),))
     with pytest.warns(UserWarning, match=r"--workers 3: 2 DataLoader workers used"):
         stream, loader = build_train_loader(spec, order, 2, workers=3)
     stream.set_epoch(0)
@@ -256,16 +258,10 @@ def test_workers_that_cannot_split_the_partitions_evenly_are_reduced_with_a_warn
 def test_partitions_in_the_same_shard_at_once_share_its_records(cache: Path, train_urls: str) -> None:
     from collections import Counter
 
-    from e2kd.pipeline.loader import StreamSpec, plan_join
-    from e2kd.pipeline.sources import list_shards
     from e2kd.pipeline.train_stream import TrainStream
-    from e2kd.storage import open_store
 
-    store, shards = open_store(str(cache)), list_shards(train_urls)
-    plan = plan_join(shards, store)
+    plan, spec = _plan_and_spec(cache, train_urls)
     order = Order(plan.keys_by_shard(), seed=0, global_batch=16, partitions=8)
-    spec = StreamSpec(shards=shards, keys=set(plan.keys), input_size=(64, 64), cache_uri=str(cache),
-                      trusted=frozenset(plan.trusted), cache_shards=(tuple(store.shard_names),))
     stream = TrainStream(spec, order, order.steps_per_pass, 0)
     reads: Counter[str] = Counter()
     real = stream.base._records
