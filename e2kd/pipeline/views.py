@@ -18,7 +18,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -264,13 +263,11 @@ def crop_weights(view: Sequence[float], image_hw: tuple[int, int], map_hw: tuple
     """:func:`crop_map` as two float64 matrices, ``rows [H_out, h]`` and ``cols [W_out, w]`` (the flip folded into
     ``cols``): RoIAlign's bilinear samples and bin averages factor along the axes, so the crop is
     ``rows @ map @ cols.T`` — two small products instead of a kernel that computes every output pixel's four taps
-    (~5× less at 224 px), and 12 KB to hand between processes instead of a 200 KB map at 224 px."""
-    snapped = pixel_view(view, *image_hw)
-    h, w = map_hw
-    out_h, out_w = size or (h, w)
-    rows = _roi_align_weights(snapped.top * h, snapped.height * h, out_h, h)
-    cols = _roi_align_weights(snapped.left * w, snapped.width * w, out_w, w)
-    return rows, cols.flip(0) if snapped.flip else cols
+    (~5× less at 224 px). One view of :func:`crop_weights_batch`."""
+    s = pixel_view(view, *image_hw)
+    rows, cols = crop_weights_batch(torch.tensor([[s.top, s.left, s.height, s.width, float(s.flip)]],
+                                                 dtype=torch.float64), map_hw, size)
+    return rows[0], cols[0]
 
 
 def crop_weights_batch(views: Tensor, map_hw: tuple[int, int],
@@ -287,8 +284,10 @@ def crop_weights_batch(views: Tensor, map_hw: tuple[int, int],
 
 
 def _roi_align_weights_batch(start: Tensor, length: Tensor, pooled: int, size: int) -> Tensor:
-    """:func:`_roi_align_weights` for ``B`` boxes at once (``start``, ``length`` of shape ``[B]``): ``[B, pooled,
-    size]``, the same samples in the same order (boxes with fewer samples per bin than the largest are masked)."""
+    """``[B, pooled, size]`` weights of RoIAlign along one axis for ``B`` boxes (``start``, ``length`` of shape
+    ``[B]``; ``aligned=True``, ``sampling_ratio=-1``): output bin ``p`` averages ``ceil(length / pooled)`` bilinear
+    samples at the bin's sub-centres (boxes with fewer samples per bin than the largest are masked); a sample beyond
+    ``[-1, size]`` counts as zero, one in ``[-1, 0]`` is clamped to 0, one past the last pixel takes its value."""
     grid = torch.ceil(length / pooled).clamp(min=0).long()
     out = torch.zeros(len(start), pooled, size, dtype=torch.float64, device=start.device)
     most = int(grid.max()) if len(grid) else 0
@@ -317,28 +316,3 @@ def apply_crop(maps: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """``rows @ maps @ cols.T`` per channel, for one map ``[C, h, w]`` or a batch ``[B, C, h, w]`` (with ``[B, …]``
     weights), in the maps' dtype."""
     return torch.einsum("...ph,...chw,...qw->...cpq", rows.to(maps.dtype), maps, cols.to(maps.dtype))
-
-
-def _roi_align_weights(start: float, length: float, pooled: int, size: int) -> Tensor:
-    """``[pooled, size]`` weights of RoIAlign along one axis (``aligned=True``, ``sampling_ratio=-1``): output bin
-    ``p`` averages ``ceil(length / pooled)`` bilinear samples at the bin's sub-centres; a sample beyond
-    ``[-1, size]`` counts as zero, one in ``[-1, 0]`` is clamped to 0, one past the last pixel takes its value.
-    (numpy: for arrays this small, several times faster than the same torch ops.)"""
-    grid = math.ceil(length / pooled)
-    if grid <= 0:
-        return torch.zeros(pooled, size, dtype=torch.float64)
-    step = length / pooled
-    sub = (np.arange(grid) + 0.5) * step / grid
-    pos = (start - 0.5) + np.arange(pooled)[:, None] * step + sub[None, :]  # [pooled, grid]
-    valid = ((pos >= -1.0) & (pos <= size)) / grid
-    pos = np.maximum(pos, 0.0)
-    low = np.floor(pos).astype(np.int64)
-    edge = low >= size - 1
-    low[edge] = size - 1
-    high = np.where(edge, size - 1, low + 1)
-    frac = np.where(edge, 0.0, pos - low)
-    rows = np.arange(pooled)[:, None] * size
-    taps = np.concatenate([(rows + low).ravel(), (rows + high).ravel()])  # flat [pooled, size] index of each tap
-    summed = np.bincount(taps, weights=np.concatenate([((1.0 - frac) * valid).ravel(), (frac * valid).ravel()]),
-                         minlength=pooled * size)
-    return torch.from_numpy(summed.reshape(pooled, size))
