@@ -65,6 +65,38 @@ def test_each_reader_reads_each_shard_once_per_pass_front_to_back() -> None:
         assert len({v[0] for v in visits}) == len(visits), visits  # no shard entered twice
 
 
+def test_a_shared_scan_reads_each_record_once_and_keeps_only_blocks_a_reader_will_read() -> None:
+    from e2kd.pipeline.train_stream import ShardScan
+
+    keys = [f"k{i}" for i in range(12)]  # blocks of 4: 0 = k0…k3, 1 = k4…k7, 2 = k8…k11
+    pulled: list[str] = []
+
+    def raw():  # noqa: ANN202
+        for key in keys:
+            pulled.append(key)
+            yield {"__key__": key}
+
+    scan = ShardScan(raw(), {k: i // 4 for i, k in enumerate(keys)}, {0: 4, 1: 4, 2: 4}, lambda r: r["__key__"],
+                     lambda key: None)
+    scan.enter(1, range(0, 2))  # reader 1 reads blocks 0 and 1, reader 2 blocks 1 and 2
+    scan.enter(2, range(1, 3))
+    assert set(scan.block(2, 1)) == set(keys[4:8])  # reader 2 first: block 0 read on the way and kept for reader 1
+    assert pulled == keys[:8] and sorted(scan._kept) == [0, 1]
+    assert set(scan.block(1, 0)) == set(keys[:4]) and pulled == keys[:8]  # from memory
+    assert set(scan.block(1, 1)) == set(keys[4:8])
+    assert sorted(scan._kept) == [1]  # block 0: nobody will read it again
+    assert set(scan.block(2, 2)) == set(keys[8:]) and pulled == keys  # each record read once
+    scan.leave(1)
+    scan.leave(2)
+    assert sorted(scan._kept) == [2]  # only the block at the front (the scan goes when its shard's readers leave)
+    late = ShardScan(iter([{"__key__": k} for k in keys]), {k: i // 4 for i, k in enumerate(keys)},
+                     {0: 4, 1: 4, 2: 4}, lambda r: r["__key__"], lambda key: None)
+    late.enter(1, range(2, 3))
+    assert set(late.block(1, 2)) == set(keys[8:])
+    late.enter(3, range(0, 1))  # a reader that came after the scan passed its block unkept: None, it scans anew
+    assert late.block(3, 0) is None
+
+
 # ---- training runs ---------------------------------------------------------------------------------------------
 def _args(data: str, cache: Path, out: Path, *extra: str) -> list[str]:
     return ["train-student", "--data", data, "--cache", str(cache), "--student", "resnet18", "--student-kwargs",
@@ -266,6 +298,18 @@ def test_partitions_in_the_same_shard_at_once_share_its_records(cache: Path, tra
     reads: Counter[str] = Counter()
     real = stream.base._records
     stream.base._records = lambda shard: (reads.update([shard.name]), real(shard))[1]  # type: ignore[method-assign]
+    pulled: Counter[str] = Counter()  # undecoded records read from each input shard
+
+    class Counted:
+        def __init__(self, shard: object) -> None:
+            self.shard = shard
+
+        def raw(self):  # noqa: ANN202
+            for raw in self.shard.raw():  # type: ignore[attr-defined]
+                pulled[self.shard.name] += 1  # type: ignore[attr-defined]
+                yield raw
+
+    stream.base.local = Counted  # type: ignore[method-assign, assignment]
     cut = {item.shard for step in range(order.steps_per_pass) for p in range(8)
            for item in order.partition_items(0, step, p)}
     spans = Counter(name for p in range(8) for name in {item.shard for step in range(order.steps_per_pass)
@@ -277,3 +321,6 @@ def test_partitions_in_the_same_shard_at_once_share_its_records(cache: Path, tra
     # every shard read, and fewer reads than one per (partition, shard): readers in a shard at the same time share
     # its records (a reader that enters a shard after the others left it reads it again)
     assert set(reads) == cut and sum(reads.values()) < sum(spans.values()), (reads, spans)
+    # and one scan of each shard's undecoded records serves all its readers: every record read once in the pass
+    # (here every shard is one block, and a shard's readers overlap in time)
+    assert pulled == Counter({s.name: sum(1 for _ in s.raw()) for s in spec.shards}), pulled

@@ -135,6 +135,14 @@ class Order:
         first = partition * self.steps_per_pass * m + j * m
         return list(self.items(epoch, cycle, first, first + m))
 
+    def partition_blocks(self, epoch: int, cycle: int, partition: int, shard: str) -> range:
+        """The blocks of ``shard`` that ``partition`` reads in pass ``cycle`` of ``epoch`` (empty if none)."""
+        names, ends = _layout(self, epoch, cycle)
+        end = ends[names.index(shard)]
+        begin, span = end - len(self.shard_keys[shard]), self.steps_per_pass * self.per_partition
+        lo, hi = max(begin, partition * span) - begin, min(end, (partition + 1) * span) - begin
+        return range(lo // self.block, (hi - 1) // self.block + 1) if hi > lo else range(0)
+
     def global_batch_items(self, epoch: int, step: int) -> list[Item]:
         """Every item of global batch ``step`` of ``epoch``, in order (partition by partition)."""
         return [item for p in range(self.partitions) for item in self.partition_items(epoch, step, p)]

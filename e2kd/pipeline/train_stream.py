@@ -1,7 +1,8 @@
 """The training stream of one rank: the global batches of :class:`~e2kd.pipeline.order.Order`, its slice of each.
 
 Each DataLoader worker reads its partitions front to back (one :class:`PartitionReader` each: the shard's undecoded
-records a block at a time, the shard's cached records once) and yields, per step, its part of the rank's batch,
+records a block at a time; readers of the worker in the same shard at once share one scan of it and its cached
+records) and yields, per step, its part of the rank's batch,
 collated; :class:`RankLoader` joins the workers' parts of a step (the DataLoader hands them over in turn) into the
 rank's batch — in the order's positions, whatever the number of workers. ``set_epoch(epoch, start)`` makes the next
 pass start at global batch ``start`` of ``epoch`` (a resumed run).
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import multiprocessing
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,82 +24,175 @@ from e2kd.pipeline.loader import StreamSpec, StudentStream, key_mismatch_message
 from e2kd.pipeline.order import Item, Order, usable_workers
 from e2kd.pipeline.sources import BadSample, InputShard, Sample
 
-__all__ = ["TrainStream", "RankLoader", "PartitionReader", "SharedRecords", "build_train_loader", "concat_batches",
-           "endless_batches"]
+__all__ = ["TrainStream", "RankLoader", "PartitionReader", "SharedRecords", "ShardScan", "build_train_loader",
+           "concat_batches", "endless_batches"]
 
 
 class SharedRecords:
-    """The cached records of the shards that one worker's partition readers are in: a shard cut by a partition
-    boundary is read and decoded once for all of them, and dropped when the last leaves it."""
+    """What one worker's partition readers in the same shard share: its cached records (read once), the keys its
+    cache recorded as bad, and a :class:`ShardScan` per pass — dropped when the last reader leaves the shard."""
 
-    def __init__(self, stream: StudentStream) -> None:
-        self.stream = stream
-        self._held: dict[str, tuple[dict[str, Any] | None, int]] = {}  # shard → (records, readers in it)
+    def __init__(self, stream: StudentStream, order: Order) -> None:
+        self.stream, self.order = stream, order
+        self._held: dict[str, _Held] = {}
 
     def enter(self, shard: InputShard) -> dict[str, Any] | None:
-        records, users = self._held.get(shard.name) or (self.stream._records(shard), 0)
-        self._held[shard.name] = (records, users + 1)
-        return records
+        """The shard's cached records (None where it is not cached); one more reader in it."""
+        held = self._held.get(shard.name)
+        if held is None:
+            records = self.stream._records(shard)
+            trusted = records is not None and shard.name in self.stream.spec.trusted
+            bad = {e["key"] for e in self.stream.store.shard_errors(shard.name)} if trusted else None
+            held = self._held[shard.name] = _Held(records, bad)
+        held.users += 1
+        return held.records
 
     def leave(self, name: str) -> None:
-        records, users = self._held[name]
-        if users > 1:
-            self._held[name] = (records, users - 1)
-        else:
+        held = self._held[name]
+        held.users -= 1
+        if held.users == 0:
             del self._held[name]
+
+    def scan(self, shard: InputShard, cycle: int, shared: bool = True) -> ShardScan:
+        """The scan of ``shard`` in pass ``cycle`` that the worker's readers share (a new one not ``shared``)."""
+        held = self._held[shard.name]
+        if shared and cycle in held.scans:
+            return held.scans[cycle]
+        keys, size = self.order.shard_keys[shard.name], self.order.block
+        key_block = {key: i // size for i, key in enumerate(keys)}
+        sizes = {b: len(keys[b * size:(b + 1) * size]) for b in range(-(-len(keys) // size))}
+        scan = ShardScan(iter(self.stream.local(shard).raw()), key_block, sizes, lambda raw: raw_key(shard, raw),
+                         lambda key: self._check(shard.name, key))
+        if shared:
+            held.scans = {cycle: scan}  # one pass at a time: an earlier pass's scan is done with
+        return scan
+
+    def _check(self, shard: str, key: str) -> None:
+        """A key of a shard planned from the cache's key index that the cache does not hold (the plan trusted the
+        shard's size): the plan's error, or with ``--allow-missing`` skipped with a warning."""
+        held = self._held.get(shard)
+        if held is None or held.bad is None or key in held.records or key in held.bad:  # type: ignore[operator]
+            return
+        if not self.stream.spec.allow_missing:
+            raise ValueError(key_mismatch_message([key], []))
+        warnings.warn(f"input shard {shard}: key {key!r} is not in the cache, skipped (--allow-missing)", UserWarning,
+                      stacklevel=2)
+
+
+@dataclass
+class _Held:
+    records: dict[str, Any] | None
+    bad: set[str] | None  # a trusted shard's keys the cache recorded as bad (None: not checked)
+    users: int = 0
+    scans: dict[int, ShardScan] = field(default_factory=dict)
+
+
+class ShardScan:
+    """One front-to-back pass over a shard's undecoded records, shared by the worker's readers in that shard (a shard
+    cut by a partition boundary): each record is read once. A block's records are kept while some reader that
+    entered the shard will still read that block, and dropped once none will; a block read past before its reader
+    came (its reader entered later) is not kept — that reader starts its own scan."""
+
+    def __init__(self, raw: Iterator[Any], key_block: dict[str, int], block_sizes: dict[int, int],
+                 key: Callable[[Any], str], check: Callable[[str], None]) -> None:
+        self._raw, self._key_block, self._sizes, self._key, self._check = raw, key_block, block_sizes, key, check
+        self._kept: dict[int, dict[str, Any]] = {}  # block → its records read so far
+        self._front = -1  # the block of the last record read (blocks before it are complete or passed)
+        self._ended = False
+        self._needs: dict[int, range] = {}  # reader id → the blocks it will still read
+
+    def enter(self, reader: int, blocks: range) -> None:
+        self._needs[reader] = blocks
+
+    def leave(self, reader: int) -> None:
+        self._needs.pop(reader, None)
+        self._drop_unneeded()
+
+    def block(self, reader: int, block: int) -> dict[str, Any] | None:
+        """The records of ``block`` (all of it that the shard holds), or None where this scan passed it unkept."""
+        needs = self._needs.get(reader)
+        if needs is not None:  # the blocks before this one it will not read again
+            self._needs[reader] = range(max(block, needs.start), needs.stop)
+        if block <= self._front and block not in self._kept:
+            return None
+        while not self._ended and (block > self._front or (block == self._front and not self._full(block))):
+            self._read_one(block)
+        rows = self._kept.get(block, {})  # not met at all: the shard holds none of the block's keys
+        self._drop_unneeded()
+        return rows
+
+    def _full(self, block: int) -> bool:
+        return block in self._kept and len(self._kept[block]) >= self._sizes.get(block, 0)
+
+    def _read_one(self, wanted: int) -> None:
+        try:
+            raw = next(self._raw)
+        except StopIteration:
+            self._ended = True
+            return
+        if isinstance(raw, BadSample) and raw.key == "*":  # the unreadable rest of a truncated tar
+            self._ended = True
+            return
+        key = raw.key if isinstance(raw, BadSample) else self._key(raw)
+        block = self._key_block.get(key)
+        if block is None:
+            self._check(key)
+            return
+        if block > self._front:  # a new block: kept if a reader will read it
+            self._front = block
+            if block == wanted or any(block in r for r in self._needs.values()):
+                self._kept[block] = {}
+        if block in self._kept:
+            self._kept[block][key] = raw
+
+    def _drop_unneeded(self) -> None:
+        for block in [b for b in self._kept if b < self._front and not any(b in r for r in self._needs.values())]:
+            del self._kept[block]
 
 
 class PartitionReader:
-    """Reads one partition's items in order: each shard once, front to back, one block of records at a time."""
+    """Reads one partition's items in order: each shard once per pass, front to back, one block of records at a
+    time (through the scan it shares with the worker's other readers in the shard)."""
 
-    def __init__(self, stream: StudentStream, order: Order, shards: dict[str, InputShard],
+    def __init__(self, stream: StudentStream, order: Order, shards: dict[str, InputShard], partition: int,
                  records: SharedRecords | None = None, on_stand_in: Any = None) -> None:
-        self.stream, self.order, self.shards = stream, order, shards
-        self.shared = records or SharedRecords(stream)
+        self.stream, self.order, self.shards, self.partition = stream, order, shards, partition
+        self.shared = records or SharedRecords(stream, order)
         self.on_stand_in = on_stand_in  # called once per sample replaced by a stand-in
         self._at: tuple[int, str] | None = None  # (pass, shard) being read
-        self._raw: Iterator[Any] = iter(())
+        self._scan: ShardScan | None = None
         self._records: dict[str, Any] | None = None
         self._block, self._rows = -1, {}  # block number → its undecoded records by key
-        self._bad: set[str] | None = None  # a trusted shard's keys the cache recorded as bad (None: not checked)
 
-    def get(self, item: Item) -> tuple[Sample, dict[str, Any] | None]:
-        """The decoded sample of ``item`` and its cached record (None where its shard is not cached)."""
+    def get(self, item: Item, epoch: int) -> tuple[Sample, dict[str, Any] | None]:
+        """The decoded sample of ``item`` (of ``epoch``) and its cached record (None where its shard is not
+        cached)."""
         if self._at != (item.cycle, item.shard):
+            self.close()
             shard = self.shards[item.shard]
-            if self._at is not None:
-                self.shared.leave(self._at[1])
-            self._at, self._raw, self._block = (item.cycle, item.shard), iter(self.stream.local(shard).raw()), -1
             self._records = self.shared.enter(shard)
-            trusted = self._records is not None and shard.name in self.stream.spec.trusted
-            self._bad = {e["key"] for e in self.stream.store.shard_errors(shard.name)} if trusted else None
+            self._at, self._block = (item.cycle, item.shard), -1
+            self._scan = self.shared.scan(shard, item.cycle)
+            self._scan.enter(id(self), self.order.partition_blocks(epoch, item.cycle, self.partition, item.shard))
         if item.block != self._block:
             self._read_block(item.block)
         sample = self._sample(item)
         return sample, (self._records[sample.key] if self._records is not None else None)
 
-    def _read_block(self, block: int) -> None:
-        name, size = self._at[1], self.order.block  # type: ignore[index]
-        wanted = set(self.order.shard_keys[name][block * size:(block + 1) * size])
-        rows: dict[str, Any] = {}
-        shard = self.shards[name]
-        for raw in self._raw:
-            key = raw.key if isinstance(raw, BadSample) else raw_key(shard, raw)
-            if self._bad is not None and key not in self._records and key not in self._bad:  # type: ignore[operator]
-                self._unexpected(name, key)
-            if key in wanted:
-                rows[key] = raw
-                if len(rows) == len(wanted):
-                    break
-        self._block, self._rows = block, rows
+    def close(self) -> None:
+        """Leave the shard being read (if any)."""
+        if self._at is not None and self._scan is not None:
+            self._scan.leave(id(self))
+            self.shared.leave(self._at[1])
+        self._at, self._scan = None, None
 
-    def _unexpected(self, shard: str, key: str) -> None:
-        """A key of a shard planned from the cache's key index that the cache does not hold (the plan trusted the
-        shard's size): the plan's error, or with ``--allow-missing`` skipped with a warning."""
-        if not self.stream.spec.allow_missing:
-            raise ValueError(key_mismatch_message([key], []))
-        warnings.warn(f"input shard {shard}: key {key!r} is not in the cache, skipped (--allow-missing)", UserWarning,
-                      stacklevel=2)
+    def _read_block(self, block: int) -> None:
+        rows = self._scan.block(id(self), block)  # type: ignore[union-attr]
+        if rows is None:  # the shared scan passed this block before this reader came: a scan of its own
+            self._scan.leave(id(self))  # type: ignore[union-attr]
+            self._scan = self.shared.scan(self.shards[self._at[1]], self._at[0], shared=False)  # type: ignore[index]
+            rows = self._scan.block(id(self), block) or {}
+        self._block, self._rows = block, rows
 
     def _decode(self, key: str) -> Sample | None:
         raw = self._rows.get(key)
@@ -180,8 +275,8 @@ class TrainStream(IterableDataset):
         worker = info.id if info is not None else 0
         partitions = self.order.reader_partitions(self.spec.rank, self.spec.world_size, worker, self.workers)
         shards = {s.name: s for s in self.spec.shards}
-        records = SharedRecords(self.base)
-        readers = {p: PartitionReader(self.base, self.order, shards, records, self._count_stand_in)
+        records = SharedRecords(self.base, self.order)
+        readers = {p: PartitionReader(self.base, self.order, shards, p, records, self._count_stand_in)
                    for p in partitions}
         replay: bool | None = None
         epoch, start = self.epoch, self.start  # read once: this pass's position
@@ -189,7 +284,7 @@ class TrainStream(IterableDataset):
             items = []
             for p in partitions:
                 for item in self.order.partition_items(epoch, step, p):
-                    sample, record = readers[p].get(item)
+                    sample, record = readers[p].get(item, epoch)
                     if record is not None and replay is None:
                         replay = self.base._replays_views()
                     items.append(self.base._item(sample, record, pass_index(epoch, item.cycle), bool(replay)))
