@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test docs lint install clean bench
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,13 +14,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The end-to-end demo on the embedded digits-shift dataset (~18 min on 2 CPU cores; `e2kd demo --quick`: ~2 min).
+# The end-to-end demo on the embedded digits-shift dataset (about 20 min on 2 CPU cores; `e2kd demo --quick`: ~2 min).
 demo: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/e2kd demo --out demo-out
 
-test: $(STAMP)
-	$(BIN)/ruff check e2kd tests bench examples
+test: $(STAMP) docs
+	$(BIN)/ruff check e2kd tests bench examples tools
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m pytest -q --durations=15 tests
+
+# The documentation site (docs/, mkdocs.yml) into site/; warnings are errors.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 bench: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_cache.py --out bench/RESULTS.md
@@ -36,4 +40,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_sync.py --out bench/RESULTS.md
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out site .pytest_cache

@@ -1,3 +1,3 @@
 """e2kd: cached explanation-enhanced knowledge distillation."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

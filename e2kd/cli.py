@@ -445,13 +445,12 @@ def copy_cmd(src: str, dst: str, overwrite: bool, create_bucket: bool, storage_o
     byte (a reader never sees a half-copied store; the copy has the same cache id). Re-running resumes: shards
     already verified at DST are skipped.
     """
-    from tqdm import tqdm
-
+    from e2kd.progress import progress
     from e2kd.storage import copy_store
 
     try:
         _use_storage(storage_options, src, dst)
-        with tqdm(unit="shard", desc="copy", disable=quiet, dynamic_ncols=True) as bar:
+        with progress(unit="shard", desc="copy", disable=quiet, dynamic_ncols=True) as bar:
             report = copy_store(src, dst, overwrite=overwrite, create_bucket=create_bucket,
                                 on_shard=lambda name, nbytes: bar.update(1))
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
@@ -727,7 +726,8 @@ def plot_cmd(runs: tuple[str, ...], out: str) -> None:
 
 
 def reference_markdown() -> str:
-    """Every command's ``--help`` as Markdown: the README's CLI reference (a test keeps the README equal to it)."""
+    """Every command's ``--help`` as Markdown: the documentation's CLI reference, ``docs/cli.md`` (a test keeps the
+    page equal to it)."""
     root = click.Context(main, info_name="e2kd", **{**main.context_settings, "terminal_width": 110})
     contexts = [root]
     for name, command in sorted(main.commands.items()):
@@ -738,15 +738,15 @@ def reference_markdown() -> str:
             contexts += [click.Context(c, info_name=sub, parent=ctx) for sub, c in sorted(command.commands.items())]
         else:
             contexts.append(ctx)
-    out = ["Generated from `--help` (`e2kd cli-reference` prints it; a test keeps this section equal to it).", ""]
+    out = ["Generated from `--help` (`e2kd cli-reference` prints it; a test keeps this page equal to it).", ""]
     for ctx in contexts:
-        out += [f"### `{ctx.command_path}`", "", "```text", ctx.command.get_help(ctx), "```", ""]
+        out += [f"## `{ctx.command_path}`", "", "```text", ctx.command.get_help(ctx), "```", ""]
     return "\n".join(out)
 
 
 @main.command("cli-reference", hidden=True)
 def cli_reference_cmd() -> None:
-    """Print the README's CLI reference section (Markdown)."""
+    """Print the CLI reference page's generated part (Markdown, docs/cli.md)."""
     click.echo(reference_markdown(), nl=False)
 
 

@@ -218,11 +218,14 @@ def test_real_local_ray_cluster_runs_the_same_job(cache: Path, train_urls: str, 
     try:
         _wait_for_port(port, head)
         out = tmp_path / "cluster"
-        result = subprocess.run([*E2KD, *_cli_args(train_urls, out, teacher_ckpt, "--ray-address",
-                                                   f"127.0.0.1:{port}")],
-                                env=env, capture_output=True, text=True, timeout=400)
+        args = [a for a in _cli_args(train_urls, out, teacher_ckpt, "--ray-address", f"127.0.0.1:{port}")
+                if a != "--quiet"]  # with progress: stderr is a pipe here, as a cluster job's log file is
+        result = subprocess.run([*E2KD, *args], env=env, capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "core_worker" not in result.stderr  # Ray's per-run warning about constructor args stays away
+        progress = [ln for ln in result.stderr.splitlines() if ln.startswith("cache-teacher:")]
+        assert "\r" not in result.stderr and progress and "300" in progress[-1] and "shards=6/6" in progress[-1], \
+            result.stderr[-2000:]  # plain lines for a log (the last one the final count), no bar frames
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

@@ -33,10 +33,27 @@ def _tiny(words: list[str]) -> list[str]:
     return words
 
 
+def _my_photos(root: Path, classes: int = 3, per_class: int = 16) -> None:
+    """"Your own images": an image folder ``root/<class>/<image>.png`` of real digits (64 px, RGB)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for c in range(classes):
+        (root / f"digit-{c}").mkdir(parents=True)
+        images = digits.images[digits.target == c][:per_class]
+        for i, image in enumerate(images):
+            grey = Image.fromarray(np.uint8(image * 255 / 16)).resize((64, 64), Image.BILINEAR)
+            grey.convert("RGB").save(root / f"digit-{c}" / f"{i:03d}.png")
+
+
 def test_the_readme_walkthrough_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    _my_photos(tmp_path / "my-photos")
     commands = _readme_commands()
-    assert [w[1] for w in commands][:3] == ["make-dataset", "train-teacher", "cache-teacher"]
+    steps = [w[1] for w in commands if not w[1].startswith("-")]
+    assert steps[:3] == ["make-dataset", "train-teacher", "cache-teacher"] and "train-student" in steps[3:]
     runner = CliRunner()
     for words in commands:
         words = _tiny(words)
@@ -47,5 +64,6 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path, monkeypatch: pyt
         result = runner.invoke(main, words[1:])
         assert result.exit_code == 0, f"$ {shlex.join(words)}\n{result.output[-2000:]}"
     for path in ("teacher/teacher.safetensors", "cache/manifest.json", "cache-val/manifest.json",
-                 "cache-ood/manifest.json", "runs/e2kd/student.safetensors", "show.png", "curves.png"):
+                 "cache-ood/manifest.json", "runs/e2kd/student.safetensors", "show.png", "curves.png",
+                 "my-teacher/teacher.safetensors", "my-cache/manifest.json", "my-student/student.safetensors"):
         assert (tmp_path / path).exists(), path

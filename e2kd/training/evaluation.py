@@ -39,10 +39,10 @@ def evaluate_model(model: torch.nn.Module, data: str, cache: str | None, explain
         if (store is not None and explainer) else None
     sums = {"correct": 0, "labelled": 0, "agree": 0, "sim": 0.0, "cached": 0, "n": 0}
     transform = input_transform(model)
-    from tqdm import tqdm
+    from e2kd.progress import progress as progress_bar
 
     # labels of −1 (unlabelled) are masked out of top-1, so timm.utils.accuracy (no mask) is not used here
-    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=None if progress else True):
+    for batch in progress_bar(loader, desc="evaluate", unit="batch", leave=False, disable=not progress):
         x = transform(batch["image"].to(device))
         if "t_logits" in batch and objective is not None:
             targets = batch["target"].to(device)

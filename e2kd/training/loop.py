@@ -216,14 +216,14 @@ class Trainer:
         Raises:
             Preempted: SIGTERM arrived; a checkpoint at the next step was written into ``out``.
         """
-        from tqdm import tqdm
+        from e2kd.progress import progress
 
         self.model.train()
         self.stream.set_epoch(epoch, start) if start else self.stream.set_epoch(epoch)
         sums: dict[str, float] = dict(carried or {})
         seen, t0 = 0, time.time()
         it = iter(self.loader)
-        bar = tqdm(range(start, self.steps_per_epoch), desc=f"{self.desc} {epoch + 1}/{self.epochs}", leave=False,
+        bar = progress(range(start, self.steps_per_epoch), desc=f"{self.desc} {epoch + 1}/{self.epochs}", leave=False,
                    disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         for step in bar:
             batch = next(it)

@@ -355,11 +355,11 @@ class _SampleBar:
     the first shard tells samples per input byte (when every input's size is known)."""
 
     def __init__(self, todo: list[InputShard], sizes: dict[str, int | None], enabled: bool) -> None:
-        from tqdm import tqdm
+        from e2kd.progress import progress
 
         self.todo_bytes = [sizes.get(s.name) for s in todo]
         self.shards, self.done_shards, self.done_bytes, self.done_samples = len(todo), 0, 0, 0
-        self.bar = tqdm(total=None, unit="sample", desc="cache-teacher", disable=not enabled, dynamic_ncols=True)
+        self.bar = progress(total=None, unit="sample", desc="cache-teacher", disable=not enabled, dynamic_ncols=True)
 
     def samples(self, n: int) -> None:
         if n:
