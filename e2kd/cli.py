@@ -498,6 +498,11 @@ def copy_cmd(src: str, dst: str, overwrite: bool, create_bucket: bool, storage_o
                    "used evicted beyond --local-cache-gb. Ranks and workers of one machine share it; local paths "
                    "are always read in place.")
 @click.option("--local-cache-gb", type=float, help="Size bound of --local-cache in GB  [default: 50]")
+@click.option("--decode-on-device/--no-decode-on-device", default=None,
+              help="Decode and render the images on the training device (nvjpeg on a GPU, one call per batch) "
+                   "instead of in the DataLoader workers, which then only read records: for GPU nodes whose CPU "
+                   "cores cannot decode as fast as the GPU trains. Images within one grey level of the workers' "
+                   "(a K-view cache is replayed nearly, not bit-, exactly).")
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
 @click.option("--resume/--no-resume", default=None, help="Continue from RUN_DIR/checkpoint.pt.")
 @click.option("--overwrite/--no-overwrite", default=None,

@@ -27,6 +27,7 @@ from webdataset.pipeline import DataPipeline
 
 from e2kd.pipeline.sources import (
     BadSample,
+    EncodedImage,
     InputShard,
     Sample,
     input_size_bytes,
@@ -277,6 +278,9 @@ class StreamSpec:
     #: even while a writer commits more (None: whatever each process finds)
     cache_shards: tuple[tuple[str, ...], ...] | None = None
     local_cache: LocalCache | None = None  # remote cache and input shards kept on local disk across epochs
+    #: images leave the workers encoded (bytes, their view, their size from the header) and are decoded and rendered
+    #: on the training device (:mod:`e2kd.pipeline.device_images`): train-student's ``--decode-on-device``
+    decode_on_device: bool = False
 
 
 def _key_int(*parts: object) -> int:
@@ -552,7 +556,11 @@ class StudentStream(IterableDataset):
                             crop_view=torch.tensor([snapped.top, snapped.left, snapped.height, snapped.width,
                                                     float(snapped.flip)], dtype=torch.float64),
                             crop_size=torch.tensor(spec.map_size or (0, 0)))
-        item["image"] = self._render(sample.image, view)
+        if isinstance(sample.image, EncodedImage):  # decoded and rendered on the training device
+            item.update(encoded=sample.image.data, view=torch.tensor(view, dtype=torch.float64),
+                        jpeg=torch.tensor(sample.image.jpeg))
+        else:
+            item["image"] = self._render(sample.image, view)
         return item
 
 

@@ -17,7 +17,7 @@ import io
 import os
 import tarfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from e2kd.storage.local_cache import LocalCache
 
 __all__ = ["InputShard", "TarShard", "FolderShard", "Sample", "BadSample", "InputShardError", "list_shards",
            "class_names", "read_class_names", "iter_shard", "iter_keys", "decode_image", "input_size_bytes",
-           "input_sha256", "IMAGE_EXTS", "local_copy"]
+           "input_sha256", "IMAGE_EXTS", "local_copy", "EncodedImage", "read_header"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REFUSED_EXTS = ("pkl", "pyd", "pickle", "pth", "pt")
@@ -42,12 +42,41 @@ _REMOTE_BLOCK = 16 * 2**20  # bytes per read of a remote input tar (one request 
 
 @dataclass
 class Sample:
-    """One decoded sample: ``image`` is uint8 ``[3, H, W]`` RGB; ``label`` is -1 where the sample has none."""
+    """One decoded sample: ``image`` is uint8 ``[3, H, W]`` RGB (or an :class:`EncodedImage`, decoded later where
+    the reader asked for that); ``label`` is -1 where the sample has none."""
 
     key: str
-    image: Tensor  # uint8 [3, H, W]
+    image: Tensor | EncodedImage  # uint8 [3, H, W]
     label: int
     shard: str
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image still encoded, to be decoded elsewhere (on the training GPU): its bytes and its size, read from the
+    header. ``jpeg``: a baseline or progressive RGB / greyscale JPEG that nvjpeg decodes; other images are decoded
+    with :func:`decode_image`."""
+
+    data: bytes
+    height: int
+    width: int
+    jpeg: bool
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.height, self.width)
+
+
+def read_header(data: bytes) -> EncodedImage:
+    """The image's size from its header, its pixels left encoded (raises on bytes that are no image)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+    if width < 1 or height < 1:
+        raise ValueError(f"degenerate image of size {width}×{height}")
+    return EncodedImage(bytes(data), int(height), int(width), jpeg)
 
 
 @dataclass
@@ -81,8 +110,10 @@ class InputShard(ABC):
         is bad before decoding. Decoding them (:meth:`decode`) can run in other threads, in any order."""
 
     @abstractmethod
-    def decode(self, raw: Any) -> Sample | BadSample:
-        """Decode one record of :meth:`raw` (pure: the same record gives the same sample in any thread)."""
+    def decode(self, raw: Any, image: Callable[[bytes], Any] | None = None) -> Sample | BadSample:
+        """Decode one record of :meth:`raw` (pure: the same record gives the same sample in any thread); ``image``
+        turns the image's bytes into the sample's image (default :func:`decode_image`; :func:`read_header` leaves it
+        encoded)."""
 
     @abstractmethod
     def keys(self) -> Iterator[tuple[str, int]]:
@@ -120,8 +151,8 @@ class TarShard(InputShard):
             seen.add(key)
             yield raw
 
-    def decode(self, raw: dict) -> Sample | BadSample:
-        return _decode_tar_sample(raw, str(raw.get("__key__", "")), self.name)
+    def decode(self, raw: dict, image: Callable[[bytes], Any] | None = None) -> Sample | BadSample:
+        return _decode_tar_sample(raw, str(raw.get("__key__", "")), self.name, image)
 
     def keys(self) -> Iterator[tuple[str, int]]:
         try:
@@ -177,14 +208,14 @@ class FolderShard(InputShard):
         """The image files, sorted (read and decoded by :meth:`decode`)."""
         return iter(self._files())
 
-    def decode(self, raw: Path | str) -> Sample | BadSample:
+    def decode(self, raw: Path | str, image: Callable[[bytes], Any] | None = None) -> Sample | BadSample:
         key = self._key(raw)
         try:
             data = raw.read_bytes() if isinstance(raw, Path) else _read_url(raw)
         except Exception as exc:  # noqa: BLE001 - a vanished or unreadable file is a bad sample, recorded
             return BadSample(key, self.name, f"unreadable image: {type(exc).__name__}: {exc}")
         try:
-            return Sample(key, decode_image(data), self.label, self.name)
+            return Sample(key, (image or decode_image)(data), self.label, self.name)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample, recorded
             return BadSample(key, self.name, f"undecodable image: {type(exc).__name__}: {exc}")
 
@@ -534,7 +565,8 @@ def _parse_label(raw: dict) -> int:
     return int(raw["cls"].decode().strip()) if "cls" in raw else -1
 
 
-def _decode_tar_sample(raw: dict, key: str, shard: str) -> Sample | BadSample:
+def _decode_tar_sample(raw: dict, key: str, shard: str,
+                       image: Callable[[bytes], Any] | None = None) -> Sample | BadSample:
     refused = [k for k in raw if k.rsplit(".", 1)[-1].lower() in REFUSED_EXTS]
     if refused:
         return BadSample(key, shard, f"refused pickle-like member(s) {refused}: e2kd never unpickles data")
@@ -548,6 +580,6 @@ def _decode_tar_sample(raw: dict, key: str, shard: str) -> Sample | BadSample:
     if not -_INT32 <= label < _INT32:  # labels stored as int32; ones outside [0, C) are handled by the cache stage
         return BadSample(key, shard, f"cls {label} is out of range (not a 32-bit integer)")
     try:
-        return Sample(key, decode_image(raw[image_field]), label, shard)
+        return Sample(key, (image or decode_image)(raw[image_field]), label, shard)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample, recorded
         return BadSample(key, shard, f"undecodable {image_field}: {type(exc).__name__}: {exc}")

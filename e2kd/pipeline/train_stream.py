@@ -22,7 +22,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from e2kd.pipeline.loader import StreamSpec, StudentStream, key_mismatch_message, pass_index
 from e2kd.pipeline.order import Item, Order, usable_workers
-from e2kd.pipeline.sources import BadSample, InputShard, Sample
+from e2kd.pipeline.sources import BadSample, InputShard, Sample, read_header
 
 __all__ = ["TrainStream", "RankLoader", "PartitionReader", "SharedRecords", "ShardScan", "build_train_loader",
            "concat_batches", "endless_batches"]
@@ -198,7 +198,8 @@ class PartitionReader:
         raw = self._rows.get(key)
         if raw is None or isinstance(raw, BadSample):
             return None
-        sample = self.shards[self._at[1]].decode(raw)  # type: ignore[index]
+        header = read_header if self.stream.spec.decode_on_device else None  # decoded on the device later
+        sample = self.shards[self._at[1]].decode(raw, header)  # type: ignore[index]
         return sample if isinstance(sample, Sample) else None
 
     def _sample(self, item: Item) -> Sample:

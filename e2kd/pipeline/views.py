@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["View", "ViewPolicy", "FULL_VIEW", "draw_views", "draw_view", "render_view", "render_view_uint8",
-           "to_unit_float", "resample_dtype", "crop_map", "crop_weights", "crop_weights_batch", "apply_crop",
-           "RENDER_SPEC",
-           "RESAMPLE_DTYPES", "view_rng", "pixel_view"]
+           "render_views_batch", "to_unit_float", "resample_dtype", "crop_map", "crop_weights", "crop_weights_batch",
+           "apply_crop", "RENDER_SPEC", "RESAMPLE_DTYPES", "view_rng", "pixel_view"]
 
 #: How :func:`render_view` resamples: recorded in every cache manifest.
 RENDER_SPEC = {"crop": "round-to-pixel", "interpolation": "bilinear", "antialias": True, "align_corners": False,
@@ -230,6 +229,41 @@ def render_view(image_uint8_chw: Tensor, view: Sequence[float], size: tuple[int,
     if float(view[4]) >= 0.5:
         out = out.flip(-1)
     return out.clamp_(0.0, 1.0)
+
+
+def render_views_batch(images: Sequence[Tensor], views: Tensor, size: tuple[int, int]) -> Tensor:
+    """:func:`render_view_uint8` of a batch at once, on the images' device: uint8 ``[B, 3, H, W]`` from uint8
+    ``[3, h_i, w_i]`` images of any sizes and views ``[B, 5]``. The same pixel boxes and torch's antialiased
+    bilinear weights, applied as two batched products (``rows @ crop @ cols.T``) in float32 — within one grey level
+    of the uint8 kernel, which works in fixed point. For images decoded on a GPU (one kernel per step, not one per
+    image; CUDA has no uint8 resampling)."""
+    out_h, out_w = size
+    boxes = [_pixel_box(v, *img.shape[1:]) for img, v in zip(images, views.tolist(), strict=True)]
+    span_h, span_w = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    device = images[0].device
+    crops = torch.zeros(len(images), 3, span_h, span_w, dtype=torch.float32, device=device)
+    for crop, img, (top, left, h, w) in zip(crops, images, boxes, strict=True):
+        crop[:, :h, :w] = img[:, top:top + h, left:left + w]
+    heights = torch.tensor([b[2] for b in boxes], device=device)
+    widths = torch.tensor([b[3] for b in boxes], device=device)
+    rows = _aa_bilinear_weights_batch(heights, out_h, span_h)
+    cols = _aa_bilinear_weights_batch(widths, out_w, span_w)
+    cols = torch.where((views[:, 4] >= 0.5).to(device)[:, None, None], cols.flip(1), cols)
+    out = torch.einsum("bph,bchw,bqw->bcpq", rows, crops, cols)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _aa_bilinear_weights_batch(length: Tensor, out: int, span: int) -> Tensor:
+    """``[B, out, span]`` float32 weights of torch's antialiased bilinear resize (``align_corners=False``) from
+    ``length[b]`` input pixels (the first of ``span``) to ``out``: a triangle filter as wide as the scale when
+    shrinking, normalised per output pixel."""
+    length = length.double()[:, None, None]
+    scale = length / out
+    support = scale.clamp(min=1.0)
+    centre = scale * (torch.arange(out, dtype=torch.float64, device=length.device)[None, :, None] + 0.5)
+    j = torch.arange(span, dtype=torch.float64, device=length.device)[None, None, :]
+    weights = (1.0 - ((j + 0.5 - centre) / support).abs()).clamp(min=0.0) * (j < length)
+    return (weights / weights.sum(-1, keepdim=True)).float()
 
 
 def to_unit_float(images: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ import torch
 
 from e2kd.losses import EXPL_RESOLUTIONS, E2KDObjective
 from e2kd.models import create_model, model_spec
+from e2kd.pipeline.device_images import DeviceImages
 from e2kd.pipeline.loader import JoinPlan, StreamSpec, plan_join, select_shots
 from e2kd.pipeline.sources import list_shards
 from e2kd.pipeline.student_cache import open_student_cache, open_student_caches, parse_cache_weights
@@ -93,6 +94,7 @@ class TrainOptions:
     partitions: int | None = None  # of the training order (default: see e2kd.pipeline.order.default_partitions)
     local_cache: str | None = None  # directory keeping remote cache and input shards across epochs
     local_cache_gb: float = 50.0  # its bound
+    decode_on_device: bool = False  # images decoded and rendered on the training device (nvjpeg), not in workers
 
     def __post_init__(self) -> None:
         if (not self.cache) == (self.online_teacher is None):
@@ -312,8 +314,10 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
                       rank=rank, world_size=world, trusted=frozenset(plan.trusted), allow_missing=opts.allow_missing,
                       expl_field=opts.expl_field,
                       map_size=(opts.input_size, opts.input_size) if opts.expl_resolution == "input" else None,
-                      local_cache=local_cache)
+                      local_cache=local_cache, decode_on_device=opts.decode_on_device)
     stream, loader = build_train_loader(spec, order, steps, opts.workers)
+    if opts.decode_on_device:
+        loader = DeviceImages(loader, device, spec.input_size)
     weights = parse_cache_weights(opts.cache_weights, len(caches)) if len(caches) > 1 else None
     objective = StudentObjective(E2KDObjective(model, opts.explainer, temperature=opts.temperature, lam=opts.lam,
                                                ce_weight=opts.ce_weight, expl_resolution=opts.expl_resolution,
