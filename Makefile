@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP) docs
 	$(BIN)/ruff check e2kd tests bench examples tools
+	$(BIN)/mypy
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m pytest -q --durations=15 tests
 
 # The documentation site (docs/, mkdocs.yml) into site/; warnings are errors.

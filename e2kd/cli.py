@@ -589,8 +589,8 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
             from e2kd.runs import inherit_from_run
 
             input_size = inherit_from_run(run_dir, {"input_size": input_size}, "--run")["input_size"]
-        common = {"input_size": input_size, "batch_size": batch_size, "workers": workers,
-                  "expl_resolution": expl_resolution, "progress": True, "expl_field": expl_field}
+        common: dict[str, Any] = {"input_size": input_size, "batch_size": batch_size, "workers": workers,
+                                  "expl_resolution": expl_resolution, "progress": True, "expl_field": expl_field}
         if len(caches) > 1:
             metrics: dict[str, Any] = evaluate_against_caches(data, student, weights, model["student_kwargs"], caches,
                                                               expect, num_classes=num_classes, **common)
@@ -599,13 +599,12 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
                 raise ValueError(f"--expect-cache-id is given {len(expect)} times for {len(caches)} cache(s)")
             metrics = evaluate_weights(data, student, weights, model["student_kwargs"], caches[0] if caches else None,
                                        num_classes, expect_cache_id=expect[0] if expect else None, **common)
-        cache = caches[0] if caches else None
-        opened = open_store(cache) if cache else None
+        opened = open_store(caches[0]) if caches else None
         views = opened.manifest.num_views if opened else 1
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(exc) from None
     if views > 1:
-        click.echo(f"note: {cache} holds {views} views per sample; agreement and expl_sim compare on the first",
+        click.echo(f"note: {caches[0]} holds {views} views per sample; agreement and expl_sim compare on the first",
                    err=True)
     if opened is not None:
         metrics["cache_id"] = opened.cache_id

@@ -7,15 +7,19 @@ import json
 import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 __all__ = ["load_yaml", "preset_path", "list_presets", "build_options", "parse_json_kwargs", "parse_size",
            "check_crop_scale", "check_range"]
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def list_presets() -> list[str]:
@@ -69,9 +73,9 @@ def build_options(cls: type[T], config: str | Path | None, flags: dict[str, Any]
         import difflib
 
         known = sorted(_yaml_key(f) for f in fields)
-        hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, 1)) else key
+        named = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, 1)) else key
                  for key in map(_yaml_key, unknown)]
-        raise ValueError(f"{config}: unknown option(s) {', '.join(hints)}; known: {', '.join(known)}")
+        raise ValueError(f"{config}: unknown option(s) {', '.join(named)}; known: {', '.join(known)}")
     merged.update({k: v for k, v in flags.items() if v is not None})
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -175,7 +179,7 @@ def check_range(flag: str, value: float | None, lo: float | None = None, hi: flo
         raise ValueError(f"{flag} must be in {bounds}, got {value}")
 
 
-def check_crop_scale(scale: tuple[float, float]) -> None:
+def check_crop_scale(scale: Sequence[float]) -> None:
     """A random-resized-crop area range: ``0 < min <= max <= 1``."""
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"--crop-scale must be two numbers with 0 < min <= max <= 1, got {list(scale)}")

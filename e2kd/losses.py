@@ -65,6 +65,10 @@ def match_map_sizes(student_maps: Tensor, teacher_maps: Tensor) -> tuple[Tensor,
     return _resize(student_maps, size), _resize(teacher_maps, size)
 
 
+def _input_size(inputs: Tensor) -> tuple[int, int]:
+    return int(inputs.shape[-2]), int(inputs.shape[-1])
+
+
 def _resize(maps: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(maps.shape[-2:]) == size:
         return maps
@@ -81,7 +85,7 @@ def explanation_similarity(student_maps: Tensor, teacher_maps: Tensor,
     if size is None:
         s, t = match_map_sizes(student_maps, teacher_maps)
     else:
-        s, t = match_map_sizes(_resize(student_maps, tuple(size)), _resize(teacher_maps, tuple(size)))
+        s, t = match_map_sizes(_resize(student_maps, size), _resize(teacher_maps, size))
     return F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1, eps=COSINE_EPS)
 
 
@@ -193,6 +197,8 @@ class E2KDObjective:
                  labels: Tensor | None = None, targets: Tensor | None = None,
                  create_graph: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         if teacher_logits.ndim == 3:  # several teachers: [B, T, C], maps a list, targets [B, T]
+            if teacher_maps is not None and not isinstance(teacher_maps, list):
+                raise ValueError("several teachers' logits [B, T, C] take a list of maps, one per teacher")
             return self._several(inputs, teacher_logits.detach(), teacher_maps, labels, targets, create_graph)
         teacher_logits = teacher_logits.detach()
         if targets is None:
@@ -204,7 +210,9 @@ class E2KDObjective:
             s_maps, logits = self.explainer(inputs, targets, create_graph=create_graph)
         else:
             logits = self.student(inputs)
-        size = tuple(inputs.shape[-2:]) if self.expl_resolution == "input" else None
+        size = _input_size(inputs) if self.expl_resolution == "input" else None
+        if isinstance(teacher_maps, list):
+            raise ValueError("one teacher's logits [B, C] take one batch of maps, not a list")
         t_maps = None if teacher_maps is None else teacher_maps.detach()
         total, parts = self.loss(logits, teacher_logits, s_maps, t_maps if self.lam > 0 else None, labels, size)
         self.last_logits = logits
@@ -228,9 +236,10 @@ class E2KDObjective:
         mixture = (torch.softmax(teacher_logits.float() / tau, -1) * weights[None, :, None]).sum(1)
         mixture_logits = tau * mixture.clamp_min(1e-30).log()  # softmax(·/τ) of it is the mixture
         targets = teacher_logits.argmax(-1) if targets is None else targets.long()
-        size = tuple(inputs.shape[-2:]) if self.expl_resolution == "input" else None
+        size = _input_size(inputs) if self.expl_resolution == "input" else None
         explained: dict[bytes, Tensor] = {}
-        logits, expl = None, None
+        logits: Tensor | None = None
+        expl: Tensor | None = None
         if self.lam > 0 or (not create_graph and teacher_maps is not None):
             if teacher_maps is None:
                 raise ValueError("lam > 0 needs teacher_maps")
@@ -249,6 +258,7 @@ class E2KDObjective:
         else:
             logits = self.student(inputs)
             self.last_maps = self.last_similarity = None
+        assert logits is not None  # t ≥ 1 teachers: the first explanation gave the logits
         kd, ce = kd_loss(logits, mixture_logits, tau), self.loss.ce(logits, labels)
         expl = kd.new_zeros(()) if expl is None else expl
         total = kd + self.lam * expl + self.loss.ce_weight * ce

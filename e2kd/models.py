@@ -115,11 +115,12 @@ def create_model(name: str, num_classes: int, checkpoint: str | Path | None = No
             model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
         except TypeError as exc:  # an unknown or wrongly typed kwarg
             raise ValueError(f"{name} does not accept kwargs {kwargs}: {exc}") from None
-    model.e2kd_spec = {"name": name, "num_classes": int(num_classes), "kwargs": _jsonable(kwargs)}
+    spec = {"name": name, "num_classes": int(num_classes), "kwargs": _jsonable(kwargs)}
+    model.__dict__["e2kd_spec"] = spec  # a plain attribute: what model_spec reads
     if checkpoint is not None:
         from e2kd.runs import check_recorded_spec
 
-        check_recorded_spec(checkpoint, name, int(num_classes), model.e2kd_spec["kwargs"])
+        check_recorded_spec(checkpoint, name, int(num_classes), spec["kwargs"])
         load_state_dict(model, checkpoint)
     return model
 
@@ -134,7 +135,8 @@ def _create_bcos(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Modu
     if factory is None:
         raise ValueError(f"unknown B-cos model {arch!r}; the bcos package provides: "
                          f"{', '.join(sorted(_bcos_factories()))}")
-    if factory is getattr(entrypoints, arch, None):  # ViTs: the package's configured entry point, never downloaded
+    entry = getattr(entrypoints, arch, None)
+    if entry is not None and factory is entry:  # ViTs: the package's configured entry point, never downloaded
         kwargs = {"pretrained": False, **kwargs}
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # the bcos models print, then ignore, unknown kwargs

@@ -49,7 +49,8 @@ class LogProgress(tqdm):
     def close(self) -> None:
         if getattr(self, "disable", True):
             return
-        leave = (abs(self.pos) == 0) if self.leave is None else self.leave
+        kept: bool | None = getattr(self, "leave", None)
+        leave = (abs(self.pos) == 0) if kept is None else kept
         last = self.__str__() if leave and self.n else None
         self.leave = False  # tqdm's own close then only clears, which a log has no use for
         super().close()

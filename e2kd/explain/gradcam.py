@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,18 +24,22 @@ def _is_vit(model: nn.Module) -> bool:
     return hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
 
 
-def _bcos_head(model: object) -> object | None:
+Head = Callable[[Tensor], Tensor]
+
+
+def _bcos_head(model: object) -> Head | None:
     """A B-cos ResNet's head after ``forward_features`` (``fc`` → ``avgpool`` → ``logit_layer``), as its forward."""
     if isinstance(model, nn.Module) and all(hasattr(model, a) for a in ("forward_features", "fc", "avgpool",
                                                                          "logit_layer")):
-        return lambda feats: model.logit_layer(model.avgpool(model.fc(feats)).flatten(1))
+        net: Any = model  # the attributes were just checked
+        return lambda feats: net.logit_layer(net.avgpool(net.fc(feats)).flatten(1))
     return None
 
 
-def _head(model: nn.Module) -> object | None:
+def _head(model: nn.Module) -> Head | None:
     """What turns ``forward_features``' output into logits: timm's ``forward_head``, or a B-cos ResNet's head."""
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        return model.forward_head
+        return getattr(model, "forward_head")  # noqa: B009 - a timm method nn.Module does not declare
     return _bcos_head(model)
 
 
@@ -78,19 +85,20 @@ class GradCAM(Explainer):
     def explain(self, inputs: Tensor, targets: Tensor | None, create_graph: bool) -> tuple[Tensor, Tensor]:
         if self._is_vit:
             return self._explain_vit(inputs, targets, create_graph)
-        feats = self.model.forward_features(inputs)
+        feats = getattr(self.model, "forward_features")(inputs)  # noqa: B009 - checked by supports()
         if feats.ndim != 4:
             raise ValueError(f"gradcam expects a [B, C, h, w] feature map from forward_features, "
                              f"got shape {tuple(feats.shape)}")
         if not feats.requires_grad:  # frozen teacher: the map needs gradients w.r.t. the features only
             feats = feats.detach().requires_grad_(True)
-        logits = self._head(feats)
+        logits = self._head(feats)  # type: ignore[misc]  # set: not a ViT
         (grads,) = torch.autograd.grad(self.target_scores(logits, targets), feats, create_graph=create_graph)
         return logits, gradcam_from(feats, grads)
 
     def _explain_vit(self, inputs: Tensor, targets: Tensor | None, create_graph: bool) -> tuple[Tensor, Tensor]:
         captured: list[Tensor] = []
-        handle = self.model.blocks[-1].norm1.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        net: Any = self.model  # a timm ViT (checked in __init__)
+        handle = net.blocks[-1].norm1.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
             if not any(p.requires_grad for p in self.model.parameters()):
                 inputs = inputs.detach().requires_grad_(True)

@@ -71,7 +71,7 @@ class Explainer(ABC):
         """
         for module in self.model.modules():
             if getattr(module, "fused_attn", False):
-                module.fused_attn = False
+                setattr(module, "fused_attn", False)  # noqa: B010 - a timm Attention flag nn.Module lacks
 
     @abstractmethod
     def explain(self, inputs: Tensor, targets: Tensor | None, create_graph: bool) -> tuple[Tensor, Tensor]:
@@ -122,10 +122,11 @@ def explain_together(explainers: list[Explainer], inputs: Tensor,
     wanted = sorted(frozenset().union(*needs))  # type: ignore[arg-type]
     with torch.enable_grad():
         x = inputs.detach().requires_grad_("input" in wanted)
-        features = model.forward_features(x)
+        net: Any = model  # a timm model (shared passes are asked only of those)
+        features = net.forward_features(x)
         if not features.requires_grad:
             features = features.detach().requires_grad_(True)
-        logits = model.forward_head(features)
+        logits = net.forward_head(features)
         tensors = {"input": x, "features": features}
         grads = torch.autograd.grad(Explainer.target_scores(logits, targets), [tensors[n] for n in wanted])
     shared = SharedPass(x.detach(), features.detach(), logits.detach(), dict(zip(wanted, grads, strict=True)))

@@ -44,7 +44,7 @@ def _render(digit: np.ndarray, colour: np.ndarray, size: int, rng: np.random.Gen
     from PIL import Image
 
     d = size // 2
-    glyph = np.asarray(Image.fromarray((digit / 16.0 * 255).astype(np.uint8)).resize((d, d), Image.BILINEAR),
+    glyph = np.asarray(Image.fromarray((digit / 16.0 * 255).astype(np.uint8)).resize((d, d), Image.Resampling.BILINEAR),
                        dtype=np.float32) / 255.0
     canvas = np.full((size, size, 3), 0.35, dtype=np.float32)
     top, left = rng.integers(0, size - d + 1, size=2)

@@ -94,7 +94,8 @@ def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool =
             cached keys of the input's shards that are not in the input.
     """
     if store is None:
-        keys, counts = {}, {}
+        keys: dict[str, int | None] = {}
+        counts: dict[str, int] = {}
         for shard in shards:
             listed = dict(iter_keys(shard))
             keys.update(listed)
@@ -187,12 +188,17 @@ def teacher_maps(batch: dict[str, Any], device: torch.device) -> torch.Tensor | 
     batch: :func:`~e2kd.pipeline.views.crop_weights_batch`). Several teachers' caches: a list, one batch of maps per
     teacher (one view, each teacher's own map size)."""
     if isinstance(batch["t_map"], list):
-        return [teacher_maps({**{k: v for k, v in batch.items() if k.startswith("crop_")}, "t_map": maps}, device)
-                for maps in batch["t_map"]]
+        crop = {k: v for k, v in batch.items() if k.startswith("crop_")}
+        return [_one_teacher_maps({**crop, "t_map": maps}, device) for maps in batch["t_map"]]
+    return _one_teacher_maps(batch, device)
+
+
+def _one_teacher_maps(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
     maps = batch["t_map"].to(device).float()
     if "crop_view" in batch:
-        size = tuple(int(v) for v in batch["crop_size"][0])
-        rows, cols = crop_weights_batch(batch["crop_view"], tuple(maps.shape[-2:]), size if all(size) else None)
+        out_h, out_w = (int(v) for v in batch["crop_size"][0])
+        rows, cols = crop_weights_batch(batch["crop_view"], (int(maps.shape[-2]), int(maps.shape[-1])),
+                                        (out_h, out_w) if out_h and out_w else None)
         return apply_crop(maps, rows.to(device), cols.to(device))
     return maps
 
@@ -529,13 +535,13 @@ class StudentStream(IterableDataset):
             kept.append(sample)
             yield sample
         # reached only after a full pass: a shard the trainer stopped reading midway is decoded again next time
-        nbytes = sum(s.image.numel() for s in kept if isinstance(s, Sample))
+        nbytes = sum(s.image.numel() for s in kept if isinstance(s, Sample) and isinstance(s.image, torch.Tensor))
         if self._decoded_bytes + nbytes <= self.spec.ram_cache_mb * 2**20:
             self._decoded[shard.name] = (kept, records)
             self._decoded_bytes += nbytes
 
     def _item(self, sample: Sample, record: dict[str, Any] | None, index: int, replay: bool) -> dict[str, Any]:
-        spec, hw = self.spec, tuple(sample.image.shape[1:])
+        spec, hw = self.spec, (int(sample.image.shape[1]), int(sample.image.shape[2]))
         label = record["label"] if record is not None else sample.label  # the cache's label: −1 where it was bad
         item: dict[str, Any] = {"key": sample.key, "label": torch.tensor(label)}
         if record is not None and replay:  # K-view cache: replay one cached view exactly

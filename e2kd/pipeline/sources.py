@@ -50,6 +50,13 @@ class Sample:
     label: int
     shard: str
 
+    @property
+    def pixels(self) -> Tensor:
+        """The decoded image (``TypeError`` where it was left encoded)."""
+        if not isinstance(self.image, Tensor):
+            raise TypeError(f"sample {self.key!r}: its image was left encoded (decoded on the device later)")
+        return self.image
+
 
 @dataclass(frozen=True)
 class EncodedImage:
@@ -227,7 +234,7 @@ class FolderShard(InputShard):
         """Total size of the directory's image files."""
         if self.remote:
             return sum(size for _, size in _remote_images(self.url))
-        return sum(p.stat().st_size for p in self._files())  # type: ignore[union-attr]
+        return sum(Path(p).stat().st_size for p in self._files())
 
     def sha256(self) -> str | None:
         """None: a folder's content is not hashed."""
@@ -459,7 +466,7 @@ def _brace_expand(pattern: str) -> list[str]:
 
     try:
         return list(braceexpand.braceexpand(pattern))
-    except braceexpand.UnbalancedBracesError as exc:
+    except ValueError as exc:  # braceexpand's UnbalancedBracesError
         raise ValueError(f"input pattern {pattern!r}: {exc}") from None
 
 

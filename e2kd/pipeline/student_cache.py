@@ -75,7 +75,8 @@ def open_student_caches(uris: list[str], *, expect_ids: list[str] | None = None,
     if expect_ids is not None and len(expect_ids) not in (0, len(uris)):
         raise CompatibilityError(f"--expect-cache-id is given {len(expect_ids)} time(s) for {len(uris)} caches: "
                                  f"give it once per --cache, in the same order")
-    opened = [open_student_cache(uri, expect_id=(expect_ids or [None] * len(uris))[i], num_classes=num_classes,
+    expected: list[str | None] = list(expect_ids) if expect_ids else [None] * len(uris)
+    opened = [open_student_cache(uri, expect_id=expected[i], num_classes=num_classes,
                                  explainer=explainer, input_size=input_size, temperature=temperature,
                                  expl_field=expl_field, what=f"cache {i + 1}" if len(uris) > 1 else "cache")
               for i, uri in enumerate(uris)]

@@ -162,7 +162,8 @@ class PartitionReader:
         self._at: tuple[int, str] | None = None  # (pass, shard) being read
         self._scan: ShardScan | None = None
         self._records: dict[str, Any] | None = None
-        self._block, self._rows = -1, {}  # block number → its undecoded records by key
+        self._block = -1
+        self._rows: dict[str, Any] = {}  # the current block's undecoded records by key
 
     def get(self, item: Item, epoch: int) -> tuple[Sample, dict[str, Any] | None]:
         """The decoded sample of ``item`` (of ``epoch``) and its cached record (None where its shard is not

@@ -288,7 +288,7 @@ def crop_map(maps: Tensor, view: Sequence[float], image_hw: tuple[int, int],
     frozen-e²KD joint crop of a ``full`` cache. Computed as torchvision's ``roi_align`` (``aligned=True``,
     adaptive sampling) defines it, but separably (:func:`crop_weights`, :func:`apply_crop`).
     """
-    rows, cols = crop_weights(view, image_hw, tuple(maps.shape[-2:]), size)
+    rows, cols = crop_weights(view, image_hw, (int(maps.shape[-2]), int(maps.shape[-1])), size)
     return apply_crop(maps, rows, cols)
 
 

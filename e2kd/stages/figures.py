@@ -44,13 +44,13 @@ def explanation_grid(data: str, cache: str | Path, students: dict[str, Path], mo
     from e2kd.storage import open_store
 
     store = open_store(str(cache))
-    samples = []
+    samples: list[Sample] = []
     for shard in list_shards(data):
         samples += [s for s in iter_shard(shard) if isinstance(s, Sample) and s.key in store][: n - len(samples)]
         if len(samples) >= n:
             break
     size = store.manifest.input_size
-    images = torch.stack([render_view(s.image, store.read(s.key)["views"][0].tolist(), size) for s in samples])
+    images = torch.stack([render_view(s.pixels, store.read(s.key)["views"][0].tolist(), size) for s in samples])
     records = [store.read(s.key) for s in samples]
     targets = torch.stack([r["target"][0] for r in records])
     rows = [("image", None), ("teacher", torch.stack([r["maps"][0] for r in records]))]
@@ -94,7 +94,7 @@ def find_image(store: Any, key: str, data: str | None = None) -> torch.Tensor:
     for shard in _shards_of(source, name):
         for sample in iter_shard(shard):
             if isinstance(sample, Sample) and sample.key == key:
-                return sample.image
+                return sample.pixels
     raise KeyError(f"key {key!r} not found in {source}")
 
 
@@ -129,7 +129,8 @@ def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None,
     inputs = torch.stack([render_view(image, v.tolist(), size) for v in rec["views"]])
     student_maps, cosines, predicted = None, [], []
     if with_student:
-        net = create_model(student, store.manifest.num_classes, checkpoint=weights, **(student_kwargs or {})).eval()
+        net = create_model(student or "", store.manifest.num_classes, checkpoint=weights,
+                           **(student_kwargs or {})).eval()
         student_maps = _student_maps(net, store.manifest.explainer_name, inputs, rec["target"])
         with torch.no_grad():
             predicted = net(input_transform(net)(inputs)).argmax(1).tolist()

@@ -30,7 +30,7 @@ def summarise_store(uri: str) -> dict[str, Any]:
             "bad_labels": sum(r.num_bad_labels for r in complete), "complete_shards": len(complete),
             "views": m.views, "encoding": m.encoding.to_dict(), "format": m.format,
             "codecs": {"logits": m.encoding.logits_codec.to_dict(), "maps": m.encoding.map_codec.to_dict()},
-            "fields": [{**f.to_json(), "map_shape": list(m.map_shapes[f.name]) if m.map_shapes.get(f.name) else None}
+            "fields": [{**f.to_json(), "map_shape": list(shape) if (shape := m.map_shapes.get(f.name)) else None}
                        if f.kind == "explanation" else f.to_json() for f in m.fields],
             "schema_version": m.schema_version, "e2kd_version": m.e2kd_version, "preprocessing": m.preprocessing,
             "inputs": m.inputs, "class_names": list(m.class_names) if m.class_names else None}

@@ -115,7 +115,7 @@ def _check_ranges(o: TrainOptions) -> None:
     """Every option's range, checked up front — also where a value would be ignored."""
     from e2kd.config import check_crop_scale, check_range
 
-    check_crop_scale(tuple(o.crop_scale))
+    check_crop_scale(o.crop_scale)
     check_range("--flip-p", o.flip_p, 0, 1)
     check_range("--input-size", o.input_size, 8)
     for flag, value in (("--steps-per-epoch", o.steps_per_epoch), ("--shots", o.shots),
@@ -124,10 +124,10 @@ def _check_ranges(o: TrainOptions) -> None:
     check_range("--lr", o.lr, 0, exclusive_lo=True)
     check_range("--partitions", o.partitions, 1)
     check_range("--local-cache-gb", o.local_cache_gb, 0, exclusive_lo=True)
-    for flag, value in (("--weight-decay", o.weight_decay), ("--warmup-epochs", o.warmup_epochs),
+    for flag, amount in (("--weight-decay", o.weight_decay), ("--warmup-epochs", o.warmup_epochs),
                         ("--clip-grad", o.clip_grad), ("--ce-weight", o.ce_weight), ("--workers", o.workers),
                         ("--checkpoint-every", o.checkpoint_every)):
-        check_range(flag, value, 0)
+        check_range(flag, amount, 0)
     if o.warmup_epochs >= o.epochs and o.warmup_epochs > 0:
         raise ValueError(f"--warmup-epochs {o.warmup_epochs} must be fewer than --epochs {o.epochs}")
     if o.val_cache and not o.val_data:
@@ -267,12 +267,14 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
     caches = cache_list(opts.cache)
     apply_storage_options(resolve_storage_options(opts.storage_options, [opts.data, *caches, opts.val_data,
                                                                          opts.val_cache]))
-    store, stores = None, []
+    store: CacheStore | None = None
+    stores: list[CacheStore] = []
     if caches:
         opts, stores = resolve_against_caches(opts, caches)
         store = stores[0]
     elif opts.num_classes is None or opts.explainer is None or opts.input_size is None:
         raise ValueError("--online-teacher needs --num-classes, --explainer and --input-size")
+    num_classes, explainer, size = _settled(opts)
     shards = list_shards(opts.data)
     plan = plan_join(shards, store, opts.allow_missing, labels=bool(opts.shots))
     if len(stores) > 1:
@@ -296,30 +298,29 @@ def prepare_student(opts: TrainOptions) -> StudentRun:
     steps = opts.steps_per_epoch or order.steps_per_pass
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     seed_everything(opts.seed)
-    model = create_model(opts.student, opts.num_classes, checkpoint=opts.student_init, **opts.student_kwargs)
+    model = create_model(opts.student, num_classes, checkpoint=opts.student_init, **opts.student_kwargs)
     model.to(device).train()
     if world > 1:
         for p in model.state_dict().values():
             torch.distributed.broadcast(p, 0)
     targets = CachedTargets() if store is not None else OnlineTeacherTargets(
-        create_model(opts.online_teacher, opts.num_classes, checkpoint=opts.teacher_checkpoint,
-                     **opts.teacher_kwargs).to(device), opts.explainer, with_maps=opts.lam > 0)
+        create_model(opts.online_teacher or "", num_classes, checkpoint=opts.teacher_checkpoint,
+                     **opts.teacher_kwargs).to(device), explainer, with_maps=opts.lam > 0)
     optimizer, scheduler = build_optimizer(model, opt=opts.opt, lr=opts.lr, weight_decay=opts.weight_decay,
                                            sched=opts.sched, epochs=opts.epochs, warmup_epochs=opts.warmup_epochs,
                                            steps_per_epoch=steps)
-    spec = StreamSpec(shards=shards, keys=set(keys), input_size=(opts.input_size, opts.input_size),
+    spec = StreamSpec(shards=shards, keys=set(keys), input_size=(size, size),
                       cache_uri=caches[0] if caches else None, extra_cache_uris=tuple(caches[1:]),
                       cache_shards=tuple(tuple(s.shard_names) for s in stores) if stores else None,
-                      crop_scale=tuple(opts.crop_scale), flip_p=opts.flip_p, seed=opts.seed,
+                      crop_scale=(opts.crop_scale[0], opts.crop_scale[1]), flip_p=opts.flip_p, seed=opts.seed,
                       rank=rank, world_size=world, trusted=frozenset(plan.trusted), allow_missing=opts.allow_missing,
                       expl_field=opts.expl_field,
-                      map_size=(opts.input_size, opts.input_size) if opts.expl_resolution == "input" else None,
+                      map_size=(size, size) if opts.expl_resolution == "input" else None,
                       local_cache=local_cache, decode_on_device=opts.decode_on_device)
-    stream, loader = build_train_loader(spec, order, steps, opts.workers)
-    if opts.decode_on_device:
-        loader = DeviceImages(loader, device, spec.input_size)
+    stream, rank_loader = build_train_loader(spec, order, steps, opts.workers)
+    loader = DeviceImages(rank_loader, device, spec.input_size) if opts.decode_on_device else rank_loader
     weights = parse_cache_weights(opts.cache_weights, len(caches)) if len(caches) > 1 else None
-    objective = StudentObjective(E2KDObjective(model, opts.explainer, temperature=opts.temperature, lam=opts.lam,
+    objective = StudentObjective(E2KDObjective(model, explainer, temperature=opts.temperature, lam=opts.lam,
                                                ce_weight=opts.ce_weight, expl_resolution=opts.expl_resolution,
                                                teacher_weights=weights), targets)
     trainer = Trainer(model, objective, optimizer, scheduler, stream, loader, steps, opts.epochs, device, rank, world,
@@ -348,8 +349,16 @@ def _snapshot(objective: StudentObjective) -> Any:
     return snapshot
 
 
+def _settled(opts: TrainOptions) -> tuple[int, str, int]:
+    """The class count, explainer and input size, given or taken from the cache by now."""
+    if opts.num_classes is None or opts.explainer is None or opts.input_size is None:
+        raise ValueError("the class count, explainer and input size are neither given nor known from the cache")
+    return opts.num_classes, opts.explainer, opts.input_size
+
+
 def _validate(model: torch.nn.Module, opts: TrainOptions) -> dict[str, float]:
-    return evaluate_model(model, opts.val_data, opts.val_cache, opts.explainer, opts.input_size,
+    _, explainer, size = _settled(opts)
+    return evaluate_model(model, opts.val_data or "", opts.val_cache, explainer, size,
                           batch_size=opts.batch_size, workers=opts.workers, expl_resolution=opts.expl_resolution,
                           expl_field=opts.expl_field)
 

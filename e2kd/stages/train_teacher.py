@@ -55,7 +55,7 @@ class TeacherOptions:
     def __post_init__(self) -> None:
         from e2kd.config import check_crop_scale, check_range
 
-        check_crop_scale(tuple(self.crop_scale))
+        check_crop_scale(self.crop_scale)
         for flag, value, lo in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                 ("--input-size", self.input_size, 8), ("--num-classes", self.num_classes, 1),
                                 ("--workers", self.workers, 0), ("--warmup-epochs", self.warmup_epochs, 0),
@@ -75,7 +75,7 @@ def train_teacher(opts: TeacherOptions) -> dict[str, Any]:
     check_run_dir(Path(opts.out), opts.resume, opts.overwrite)
     shards = list_shards(opts.data)
     plan = plan_join(shards, None)
-    keys = {k: v for k, v in plan.keys.items() if v >= 0}
+    keys = {k: v for k, v in plan.keys.items() if v is not None and v >= 0}
     if not keys:
         raise ValueError(f"no labelled samples in --data ({len(plan.keys)} sample(s), none with a class label: a "
                          f"teacher trains on WebDataset samples with a 'cls' member, or an image folder's classes)")
@@ -92,10 +92,11 @@ def train_teacher(opts: TeacherOptions) -> dict[str, Any]:
                                            sched=opts.sched, epochs=opts.epochs, warmup_epochs=opts.warmup_epochs,
                                            steps_per_epoch=steps)
     spec = StreamSpec(shards=shards, keys=set(keys), input_size=(opts.input_size,) * 2,
-                      crop_scale=tuple(opts.crop_scale), flip_p=opts.flip_p, seed=opts.seed)
+                      crop_scale=(opts.crop_scale[0], opts.crop_scale[1]), flip_p=opts.flip_p, seed=opts.seed)
     stream, loader = build_train_loader(spec, order, steps, opts.workers)
-    validate = (lambda: evaluate_model(model, opts.val_data, None, None, opts.input_size, opts.batch_size)) \
-        if opts.val_data else None
+    val_data = opts.val_data
+    validate = (lambda: evaluate_model(model, val_data, None, None, opts.input_size, opts.batch_size)) \
+        if val_data else None
     trainer = Trainer(model, SupervisedObjective(model, opts.label_smoothing), optimizer, scheduler, stream, loader,
                       steps, opts.epochs, device, progress=opts.progress, desc="teacher epoch", validate=validate,
                       options=json.loads(json.dumps(asdict(opts))), order=order_record(order),

@@ -60,10 +60,10 @@ class Codec(Protocol):
         ...
 
 
-_REGISTRY: dict[str, type] = {}
+_REGISTRY: dict[str, type[Codec]] = {}
 
 
-def register_codec(cls: type) -> type:
+def register_codec(cls: type[Codec]) -> type[Codec]:
     """Register a codec class under its ``name`` (usable as a decorator); a name is registered once.
 
     Raises:
@@ -83,7 +83,7 @@ def list_codecs(kind: str | None = None) -> list[str]:
     return sorted(n for n, c in _REGISTRY.items() if kind is None or c.kind == kind)
 
 
-def codec_class(name: str) -> type:
+def codec_class(name: str) -> type[Codec]:
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
+
 from e2kd.storage.commits import COMMITS_DIR, pending_commits, read_view
 from e2kd.storage.files import (
     MANIFEST,
@@ -92,7 +94,7 @@ def copy_store(src: str, dst: str, *, overwrite: bool = False, create_bucket: bo
     return report
 
 
-def _check_destination(fs: object, root: str, raw: bytes, dst: str, overwrite: bool) -> None:
+def _check_destination(fs: fsspec.AbstractFileSystem, root: str, raw: bytes, dst: str, overwrite: bool) -> None:
     """An empty destination, a half-done copy of this store, or this very store; another store only with
     ``overwrite`` (then removed)."""
     path = f"{root}/{MANIFEST}"
@@ -110,14 +112,15 @@ def _check_destination(fs: object, root: str, raw: bytes, dst: str, overwrite: b
             fs.rm(leftover, recursive=True)
 
 
-def _shard_matches(fs: object, path: str, sha: str) -> bool:
+def _shard_matches(fs: fsspec.AbstractFileSystem, path: str, sha: str) -> bool:
     try:
         return checksum_blobs(read_blobs(fs, path))[0] == sha
     except FileNotFoundError:
         return False
 
 
-def _copy_shard(sfs: object, spath: str, dfs: object, droot: str, name: str, sha: str, src: str, dst: str,
+def _copy_shard(sfs: fsspec.AbstractFileSystem, spath: str, dfs: fsspec.AbstractFileSystem, droot: str, name: str,
+                sha: str, src: str, dst: str,
                 nbytes: int = 0) -> int:
     """Read, check, write, read back, check. Returns the bytes written."""
     try:

@@ -156,12 +156,12 @@ class Encoding:
 
     # ---- what a shard must hold (checked before any data is read) -------------------------------
     def column_specs(self, num_views: int, map_shape: tuple[int, ...] | dict[str, tuple[int, ...] | None] | None
-                     ) -> dict[str, tuple[str, tuple]]:
+                     ) -> dict[str, tuple[str, tuple | None]]:
         """``column → (dtype, shape of one row)`` for a shard of ``num_views`` views; ``map_shape``: the default
         field's map shape, or ``field → shape`` (None: not known from the manifest, any 3-d map)."""
         v = num_views
         shapes = map_shape if isinstance(map_shape, dict) else {self.explanation_fields[0].name: map_shape}
-        specs: dict[str, tuple[str, tuple]] = {"labels": ("int32", ()), "views": ("float32", (v, 5)),
+        specs: dict[str, tuple[str, tuple | None]] = {"labels": ("int32", ()), "views": ("float32", (v, 5)),
                                                "target": ("int32", (v,))}
         specs.update(self.logits_field.columns(v, (self.num_classes,)))
         for f in self.explanation_fields:

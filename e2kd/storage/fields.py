@@ -90,7 +90,7 @@ class Field:
         """Rebuild a recorded field; ``ValueError`` naming what is wrong."""
         if not isinstance(d, dict) or not isinstance(d.get("producer", {}), dict):
             raise ValueError(f"a field is an object with name, kind, producer and codec, got {d!r}")
-        return cls(name=check_field_name(d.get("name")), kind=str(d.get("kind")), codec=get_codec(d.get("codec")),
+        return cls(name=check_field_name(d.get("name")), kind=str(d.get("kind")), codec=get_codec(d.get("codec") or {}),
                    producer=dict(d.get("producer") or {}), prefix=prefix)
 
 

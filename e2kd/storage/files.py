@@ -307,7 +307,7 @@ class StoreLock:
     def _take_over_or_refuse(self) -> None:
         holder = self._holder()
         now = time.time()
-        pid = holder.get("pid") if isinstance(holder.get("pid"), int) else -1
+        pid = holder["pid"] if isinstance(holder.get("pid"), int) else -1
         expires = holder.get("expires")
         dead_here = holder.get("host") == socket.gethostname() and pid > 0 and not _pid_alive(pid)
         expired = isinstance(expires, (int, float)) and expires < now

@@ -374,7 +374,7 @@ def _parse_fields(m: dict[str, Any]) -> tuple[Field, ...]:
     raw = m.get("fields")
     _require(isinstance(raw, list) and 2 <= len(raw) <= 64, "manifest fields is not a list of 2 to 64 fields")
     fields, seen = [], 0
-    for d in raw:
+    for d in raw or ():
         kind = d.get("kind") if isinstance(d, dict) else None
         prefix = explanation_prefix(seen, str(d.get("name"))) if kind == "explanation" else ""
         seen += kind == "explanation"

@@ -160,7 +160,8 @@ def read_marker(fs: fsspec.AbstractFileSystem, path: str) -> bool:
         (isinstance(attributes, dict) and attributes.get(SHARD_MARKER_KEY) == SHARD_MARKER)
 
 
-def remove_owned_shards(fs: fsspec.AbstractFileSystem, root: str, keep: set[str], owned: set[str] = frozenset(),
+def remove_owned_shards(fs: fsspec.AbstractFileSystem, root: str, keep: set[str],
+                        owned: frozenset[str] | set[str] = frozenset(),
                         *, warn: bool = True) -> list[str]:
     """Remove the entries of ``root/shards`` not in ``keep`` that are the store's (named in ``owned`` — e.g.
     recorded by the manifest being replaced — or carrying the shard marker). Returns the entries left alone

@@ -84,7 +84,7 @@ class WdsFormat:
                 gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as stream:
             with TarWriter(stream, encoder=False, mtime=0, user="e2kd", group="e2kd") as sink:
                 for row, key in enumerate(keys):
-                    for name in dtype.names:
+                    for name in dtype.names or ():
                         record[name] = columns[name][row]
                     data = _npy_bytes(record)
                     crcs.append(zlib.crc32(data))
@@ -124,7 +124,7 @@ def _check_record_header(data: bytes, specs: dict[str, tuple[str, tuple | None]]
     if version not in readers:
         raise ValueError(f"unsupported .npy format version {version} in a record header")
     shape, _, dtype = readers[version](buf)
-    fields = dtype.fields or {}
+    fields: dict[str, Any] = dict(dtype.fields or {})
     if shape != () or dtype.hasobject or dtype.itemsize > len(data) or not set(names) <= set(fields) or \
             (specs is not None and set(fields) != set(specs)):
         raise ValueError(f"record header says {dtype} {tuple(shape)}, expected one record of fields "
@@ -166,7 +166,7 @@ def _read_records(data: bytes, where: str, names: list[str], specs: dict[str, tu
                                      f"{len(records)}): duplicated or missing row")
                 if row >= len(keys):
                     raise ValueError(f"{where}: more rows than the {len(keys)} the manifest records")
-                payload = tar.extractfile(member).read()
+                payload = _member_bytes(tar, member)
                 if digests is not None and (row >= len(digests) or digests[row] != zlib.crc32(payload)):
                     raise ValueError(f"row {row} is damaged (member {member.name!r}: its CRC32 does not match "
                                      f"{MEMBERS_NAME})")
@@ -257,7 +257,7 @@ def _read_tar(f: io.IOBase, where: str, names: list[str], specs: dict[str, tuple
             if keys is not None and row >= len(keys):
                 raise ValueError(f"{where}: more rows than the {len(keys)} the manifest records")
             if column in per_row:
-                data = tar.extractfile(member).read()
+                data = _member_bytes(tar, member)
                 if digests is not None and digests.get(member.name) != zlib.crc32(data):
                     raise ValueError(f"array {column!r} is damaged at row {row} (member {member.name!r}: its CRC32 "
                                      f"does not match {MEMBERS_NAME})")
@@ -270,3 +270,11 @@ def _read_tar(f: io.IOBase, where: str, names: list[str], specs: dict[str, tuple
             raise KeyError(f"shard {where} has no column {name!r}")
         out[name] = np.stack(items)
     return out
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular member's bytes (anything else — a link, a directory — is refused)."""
+    handle = tar.extractfile(member) if member.isfile() else None
+    if handle is None:
+        raise ValueError(f"tar member {member.name!r} is not a regular file")
+    return handle.read()

@@ -134,7 +134,8 @@ class CacheWriter:
             for leftover in (f"{self.root}/{STAGING_DIR}", f"{self.root}/{COMMITS_DIR}", path):
                 if self.fs.exists(leftover):
                     self.fs.rm(leftover, recursive=True)
-        manifest, folded = wanted, ()
+        manifest = wanted
+        folded: tuple[str, ...] = ()
         if self.fs.exists(path):
             view, _ = read_view(self.fs, self.root)
             manifest, folded = view.manifest, view.pending

@@ -31,8 +31,10 @@ def _compressors(encoding: Encoding, dtype: np.dtype) -> list[Any]:
     from zarr.codecs import BloscCodec, Crc32cCodec
 
     shuffle = "bitshuffle" if dtype.itemsize == 2 else ("shuffle" if dtype.itemsize > 1 else "noshuffle")
-    return [BloscCodec(cname=encoding.cname, clevel=encoding.clevel, shuffle=shuffle, typesize=dtype.itemsize),
-            Crc32cCodec()]
+    # cname and shuffle are names Encoding validated; zarr types them as literals
+    blosc = BloscCodec(cname=encoding.cname, clevel=encoding.clevel, shuffle=shuffle,  # type: ignore[arg-type]
+                       typesize=dtype.itemsize)
+    return [blosc, Crc32cCodec()]
 
 
 class ZarrFormat:
@@ -77,14 +79,15 @@ class ZarrFormat:
         marked = group.attrs.get(SHARD_MARKER_KEY) == SHARD_MARKER
         out = {}
         for name in names:
-            if name not in group:
+            arr = group.get(name)
+            if not isinstance(arr, zarr.Array):
                 raise KeyError(f"{where} has no array {name!r}")
             if specs is not None:
-                _check_array(group[name], name, specs[name], len(keys))
+                _check_array(arr, name, specs[name], len(keys))
             if keys and (marked or name in _NEVER_FILL):
-                _check_every_chunk(group[name], name)
+                _check_every_chunk(arr, name)
             try:
-                out[name] = group[name][...]
+                out[name] = np.asarray(arr[...])
             except Exception as exc:  # noqa: BLE001 - a CRC32C mismatch, a truncated chunk or index, bad bytes
                 why = "a chunk's CRC32C does not match" if "checksum" in str(exc) else f"{type(exc).__name__}: {exc}"
                 raise ValueError(f"array {name!r} is damaged ({why})") from None

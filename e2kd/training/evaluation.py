@@ -48,9 +48,11 @@ def evaluate_model(model: torch.nn.Module, data: str, cache: str | None, explain
             targets = batch["target"].to(device)
             objective(x, batch["t_logits"].to(device).float(), teacher_maps(batch, device), targets=targets,
                       create_graph=False)
-            logits = objective.last_logits
+            logits, similarity = objective.last_logits, objective.last_similarity
+            if logits is None or similarity is None:
+                raise RuntimeError("the objective kept no logits or explanation similarity for the batch")
             sums["agree"] += int((logits.argmax(1) == targets).sum())
-            sums["sim"] += float(objective.last_similarity.sum())
+            sums["sim"] += float(similarity.sum())
             sums["cached"] += len(targets)
         else:
             with torch.no_grad():

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from e2kd.losses import E2KDObjective
 from e2kd.models import input_transform
+from e2kd.training.targets import TeacherTargets
 
 __all__ = ["StepObjective", "StudentObjective", "SupervisedObjective"]
 
@@ -27,7 +28,7 @@ class StepObjective(Protocol):
 class StudentObjective:
     """KD + λ·explanation (+ CE) against teacher targets from the cache or a live teacher (``targets``)."""
 
-    def __init__(self, objective: E2KDObjective, targets: Any) -> None:
+    def __init__(self, objective: E2KDObjective, targets: TeacherTargets) -> None:
         self.objective, self.targets = objective, targets
         self.transform = input_transform(objective.student)
 

@@ -33,6 +33,8 @@ class _ObjectiveModule(nn.Module):
     """The model as DDP's module, its forward the whole step objective (the objective is not a submodule: a live
     teacher inside it is no parameter of DDP's)."""
 
+    objective: StepObjective
+
     def __init__(self, model: nn.Module, objective: StepObjective) -> None:
         super().__init__()
         self.model = model
@@ -60,9 +62,12 @@ def step_forward(model: nn.Module, objective: StepObjective, world: int, grad_sy
     # BatchNorm statistics stay per rank between steps (no broadcast before each forward, as before DDP); DDP
     # broadcasts rank 0's parameters and buffers once, here. Newer torch renames the option.
     newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-    buffers = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
-    return DistributedDataParallel(_ObjectiveModule(model, objective), bucket_cap_mb=BUCKET_CAP_MB,
-                                   static_graph=static_graph, **buffers)
+    module = _ObjectiveModule(model, objective)
+    if newer:
+        return DistributedDataParallel(module, bucket_cap_mb=BUCKET_CAP_MB, static_graph=static_graph,
+                                       forward_sync_buffers=False)
+    return DistributedDataParallel(module, bucket_cap_mb=BUCKET_CAP_MB, static_graph=static_graph,
+                                   broadcast_buffers=False)
 
 
 def average_gradients(model: nn.Module, world: int) -> None:
@@ -79,7 +84,7 @@ def count_collectives(forward: Any, counter: list[int]) -> None:
     """Count DDP's gradient all-reduces into ``counter[0]`` (a communication hook that all-reduces as DDP does)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    def hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP rejects string annotations (future import)
+    def hook(state, bucket):  # noqa: ANN001, ANN202 - DDP rejects string annotations (the future import)
         counter[0] += 1
         return allreduce_hook(state, bucket)
 

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from e2kd.pipeline.loader import teacher_maps
 
-__all__ = ["CachedTargets", "OnlineTeacherTargets"]
+__all__ = ["CachedTargets", "OnlineTeacherTargets", "TeacherTargets", "TeacherOutputs"]
+
+#: A step's teacher logits ``[B, C]`` (``[B, T, C]`` for T teachers), maps (a list: one batch per teacher) and
+#: explained classes.
+TeacherOutputs = tuple[Tensor, Tensor | list[Tensor], Tensor]
+
+
+class TeacherTargets(Protocol):
+    """Where a student step's teacher targets come from."""
+
+    online: bool  #: a live teacher runs each step (else they were cached)
+
+    def __call__(self, batch: dict[str, Any], device: torch.device) -> TeacherOutputs: ...
 
 
 class CachedTargets:
@@ -17,7 +29,7 @@ class CachedTargets:
 
     online = False
 
-    def __call__(self, batch: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, batch: dict[str, Any], device: torch.device) -> TeacherOutputs:
         return batch["t_logits"].to(device).float(), teacher_maps(batch, device), batch["target"].to(device).long()
 
 
@@ -35,7 +47,7 @@ class OnlineTeacherTargets:
         self.explainer = build_explainer(explainer_name, self.teacher)
         self.with_maps = with_maps
 
-    def __call__(self, batch: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, batch: dict[str, Any], device: torch.device) -> TeacherOutputs:
         x = self.transform(batch["image"].to(device))
         if not self.with_maps:  # plain KD: the teacher's forward only
             with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 __all__ = ["ensure_ray", "check_ray_address"]
@@ -52,7 +53,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, include_dashboard=False, logging_level="warning", log_to_driver=True)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=object_store_memory,
-                 include_dashboard=False, logging_level="warning", log_to_driver=True)
+                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)

@@ -93,7 +93,7 @@ class CacheTeacherOptions:
             raise ValueError(f"--actors must be >= 1, got {self.actors}")
         from e2kd.config import check_crop_scale, check_range
 
-        check_crop_scale(tuple(self.crop_scale))
+        check_crop_scale(self.crop_scale)
         check_range("--flip-p", self.flip_p, 0, 1)
         check_range("--threads-per-actor", self.threads_per_actor, 1)
         check_range("--decode-workers", self.decode_workers, 0)
@@ -140,7 +140,7 @@ class CacheTeacherOptions:
     @property
     def encoding(self) -> Encoding:
         return Encoding(num_classes=self.num_classes, **parse_logits(self.logits, self.topk), map_dtype=self.map_dtype,
-                        map_size=tuple(self.map_size) if self.map_size else None)
+                        map_size=(self.map_size[0], self.map_size[1]) if self.map_size else None)
 
 
 def _class_names(opts: CacheTeacherOptions, shards: list[InputShard]) -> tuple[str, ...] | None:
@@ -192,7 +192,9 @@ def _build_teacher_and_explainers(opts: CacheTeacherOptions) -> tuple[InputTrans
     from e2kd.models import input_transform
 
     spec = _teacher_spec(opts)
-    path = None if opts.random_teacher else Path(opts.teacher_checkpoint)
+    if not opts.random_teacher and opts.teacher_checkpoint is None:
+        raise ValueError("a teacher needs --teacher-checkpoint or --teacher-run (--random-teacher: random init)")
+    path = None if opts.random_teacher or opts.teacher_checkpoint is None else Path(opts.teacher_checkpoint)
     if path is not None and not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     weights = spec.random_weights(opts.seed) if path is None else path.read_bytes()
@@ -252,9 +254,11 @@ def _start_workers(opts: CacheTeacherOptions, spec: WorkerSpec, ckpt_ref: Any, n
     max_restarts > 0" line on every run)."""
     import ray
 
-    actor_cls = ray.remote(TeacherWorker).options(num_cpus=_cpus_per_actor(opts, n), num_gpus=opts.gpus_per_actor,
-                                                  max_restarts=2, max_task_retries=2)
-    actors = [actor_cls.remote(spec, lazy=True) for _ in range(n)]
+    # Ray's handles (their methods gain .remote()) are untyped here
+    actor_cls: Any = ray.remote(TeacherWorker).options(num_cpus=_cpus_per_actor(opts, n),
+                                                       num_gpus=opts.gpus_per_actor, max_restarts=2,
+                                                       max_task_retries=2)
+    actors: list[Any] = [actor_cls.remote(spec, lazy=True) for _ in range(n)]
     try:
         ray.get([a.ready.remote([ckpt_ref]) for a in actors])
     except Exception as exc:  # noqa: BLE001 - report the cause in one line, not a Ray traceback
@@ -372,7 +376,8 @@ class _SampleBar:
         self.done_samples += num_samples
         if num_bytes is not None and None not in self.todo_bytes and self.done_bytes + num_bytes > 0:
             self.done_bytes += num_bytes
-            self.bar.total = max(self.bar.n, round(self.done_samples / self.done_bytes * sum(self.todo_bytes)))
+            todo = sum(b or 0 for b in self.todo_bytes)
+            self.bar.total = max(self.bar.n, round(self.done_samples / self.done_bytes * todo))
         self.bar.set_postfix(shards=f"{self.done_shards}/{self.shards}")
 
     def close(self) -> None:
@@ -391,7 +396,7 @@ def _run_shards(opts: CacheTeacherOptions, writer: CacheWriter, todo: list[Input
     ensure_ray(opts.ray_address)
     ckpt_ref = ray.put(checkpoint)  # the teacher's weights: kept alive until every shard is done
     actors = _start_workers(opts, _worker_spec(opts, writer), ckpt_ref, _default_workers(opts, len(todo)))
-    counter = ray.remote(ProgressCounter).options(num_cpus=0).remote() if opts.progress else None
+    counter: Any = ray.remote(ProgressCounter).options(num_cpus=0).remote() if opts.progress else None
     queue, running, failed = list(todo), {}, {}
     bar, t0 = _SampleBar(todo, sizes, opts.progress), time.time()
 

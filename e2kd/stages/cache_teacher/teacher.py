@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from e2kd.models import create_model, load_state_bytes
+from e2kd.models import create_model, load_state_bytes, model_spec
 
 __all__ = ["TeacherSpec"]
 
@@ -38,7 +38,7 @@ class TeacherSpec:
         if checkpoint is not None:
             from e2kd.runs import check_recorded_spec
 
-            check_recorded_spec(checkpoint, self.name, self.num_classes, model.e2kd_spec["kwargs"])
+            check_recorded_spec(checkpoint, self.name, self.num_classes, model_spec(model)["kwargs"])
         if weights is not None:
             where = str(checkpoint) if checkpoint is not None else f"the weights of teacher {self.name}"
             load_state_bytes(model, weights, self.suffix, name=where)

@@ -78,8 +78,10 @@ class TeacherWorker:
         if isinstance(checkpoint, list):
             import ray
 
-            checkpoint = ray.get(checkpoint[0])
-        self.model = self._load_teacher(self.spec, checkpoint).to(self.device).eval().requires_grad_(False)
+            weights: bytes | None = ray.get(checkpoint[0])
+        else:
+            weights = checkpoint
+        self.model = self._load_teacher(self.spec, weights).to(self.device).eval().requires_grad_(False)
         self.transform = input_transform(self.model)
         self.explainers = {}  # explanation field → explainer (the field is named after its explainer)
         for config in (self.spec.explainer, *self.spec.extra_explainers):
@@ -133,7 +135,7 @@ class TeacherWorker:
     def _views_and_inputs(self, sample: Sample) -> tuple[list[list[float]], list[torch.Tensor]]:
         _, h, w = sample.image.shape
         views = [v.as_list() for v in self.policy.views_for(sample.key, h, w)]
-        return views, [self._input(render_view_uint8(sample.image, v, self.spec.input_size)) for v in views]
+        return views, [self._input(render_view_uint8(sample.pixels, v, self.spec.input_size)) for v in views]
 
     def _prepared(self, shard: InputShard) -> Iterator[tuple[Sample | BadSample, list, list[torch.Tensor]]]:
         """Decoded samples with their views rendered, in shard order — by ``spec.decode_workers`` threads ahead
