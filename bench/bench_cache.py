@@ -30,12 +30,12 @@ from report import write_section  # noqa: E402
 
 from e2kd.explain import build_explainer  # noqa: E402
 from e2kd.models import create_model, input_transform  # noqa: E402
-from e2kd.pipeline.datasets import make_digits_shift  # noqa: E402
-from e2kd.pipeline.sources import Sample, iter_shard, list_shards  # noqa: E402
-from e2kd.pipeline.views import ViewPolicy, render_view  # noqa: E402
-from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher  # noqa: E402
+from e2kd.pipeline._datasets import make_digits_shift  # noqa: E402
+from e2kd.pipeline._sources import Sample, iter_shard, list_shards  # noqa: E402
+from e2kd.pipeline._views import ViewPolicy, render_view  # noqa: E402
+from e2kd.stages._cache_teacher import CacheTeacherOptions, run_cache_teacher  # noqa: E402
 from e2kd.storage import Encoding  # noqa: E402
-from e2kd.storage.shards import stage_shard  # noqa: E402
+from e2kd.storage._shards import stage_shard  # noqa: E402
 
 TEACHER_KWARGS = {"channels": [32, 64, 128, 256], "stem_width": 32, "output_stride": 16}
 

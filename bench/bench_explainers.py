@@ -20,12 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from report import write_section  # noqa: E402
 
-from e2kd.pipeline.datasets import make_digits_shift  # noqa: E402
-from e2kd.pipeline.sources import list_shards  # noqa: E402
-from e2kd.pipeline.views import ViewPolicy  # noqa: E402
-from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec  # noqa: E402
+from e2kd.pipeline._datasets import make_digits_shift  # noqa: E402
+from e2kd.pipeline._sources import list_shards  # noqa: E402
+from e2kd.pipeline._views import ViewPolicy  # noqa: E402
+from e2kd.stages._cache_teacher.worker import TeacherWorker, WorkerSpec  # noqa: E402
 from e2kd.storage import Encoding, ShardWriter  # noqa: E402
-from e2kd.storage.fields import Field  # noqa: E402
+from e2kd.storage._fields import Field  # noqa: E402
 
 TEACHER = {"name": "resnet18", "num_classes": 10, "kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16,
                                                              "output_stride": 16}}

@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from legacy_wds import write_column_members  # noqa: E402
 from report import write_section  # noqa: E402
 
-from e2kd.pipeline.datasets import make_digits_shift  # noqa: E402
-from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher  # noqa: E402
+from e2kd.pipeline._datasets import make_digits_shift  # noqa: E402
+from e2kd.stages._cache_teacher import CacheTeacherOptions, run_cache_teacher  # noqa: E402
 from e2kd.storage import open_store  # noqa: E402
-from e2kd.storage.shards import stage_shard  # noqa: E402
-from e2kd.storage.wds_store import WdsFormat  # noqa: E402
+from e2kd.storage._shards import stage_shard  # noqa: E402
+from e2kd.storage._wds_store import WdsFormat  # noqa: E402
 
 NARROW = {"channels": [32, 64, 128, 256], "stem_width": 32, "output_stride": 16}
 CONFIGS = {  # name → cache-teacher options

@@ -15,7 +15,7 @@ downloaded. Measured side by side in one run:
    ``--topk 10`` (goal ≤ 200 B); B-cos ResNet-50 at 224 px with ``--map-size 56 --map-dtype uint8`` (bytes, and the
    cosine of the decoded map to the full-resolution float32 map, area-upsampled).
 3. **Student loader** (``--loader-only`` runs just this): samples/s of train-student's loader (the elastic
-   order's partitions, :func:`e2kd.pipeline.train_stream.build_train_loader`, one DataLoader worker) for a
+   order's partitions, :func:`e2kd.pipeline._train_stream.build_train_loader`, one DataLoader worker) for a
    ``full`` cache (decode + random crop + the map's crop weights) and a K-view cache (decode + render of the cached
    view) vs a plain webdataset loader doing decode + ``torchvision.transforms.v2.RandomResizedCrop`` on the same
    JPEGs without a cache (goal ≥ 0.9×).
@@ -115,8 +115,8 @@ _patchify.__name__ = "e2kd_bench_patchify"
 
 def _spec(teacher: str, views: str, decode_workers: int, batch: int = 64, kwargs: dict | None = None) -> Any:
     """A worker spec (its writer points at a scratch directory: ``compute`` writes nothing)."""
-    from e2kd.pipeline.views import ViewPolicy
-    from e2kd.stages.cache_teacher.worker import WorkerSpec
+    from e2kd.pipeline._views import ViewPolicy
+    from e2kd.stages._cache_teacher.worker import WorkerSpec
     from e2kd.storage import Encoding, ShardWriter
 
     policy = ViewPolicy.parse(views, scale=(0.08, 1.0), flip_p=0.5, seed=0)
@@ -129,8 +129,8 @@ def _spec(teacher: str, views: str, decode_workers: int, batch: int = 64, kwargs
 
 def stage_views_per_s(shards: list[Path], decode_workers: int, views: str) -> float:
     """Views/s of ``TeacherWorker.compute`` (the actor's whole per-shard work but the commit) over ``shards``."""
-    from e2kd.pipeline.sources import list_shards
-    from e2kd.stages.cache_teacher.worker import TeacherWorker
+    from e2kd.pipeline._sources import list_shards
+    from e2kd.stages._cache_teacher.worker import TeacherWorker
 
     threads = torch.get_num_threads()
     _register_patchify()
@@ -155,8 +155,8 @@ class _FloorDataset(torch.utils.data.IterableDataset):
         self.shards, self.views = shards, views
 
     def __iter__(self):
-        from e2kd.pipeline.sources import list_shards
-        from e2kd.pipeline.views import ViewPolicy, render_view
+        from e2kd.pipeline._sources import list_shards
+        from e2kd.pipeline._views import ViewPolicy, render_view
 
         torch.set_num_threads(1)
         info = torch.utils.data.get_worker_info()
@@ -184,8 +184,8 @@ def bytes_per_view(shard: Path, tmp: Path) -> dict[str, Any]:
     thousands of samples in real caches) for ResNet-50 GradCAM and B-cos ResNet-50 at 224 px, 1000 classes."""
     from e2kd.explain import build_explainer
     from e2kd.models import create_model, input_transform
-    from e2kd.pipeline.sources import list_shards
-    from e2kd.pipeline.views import ViewPolicy, render_view
+    from e2kd.pipeline._sources import list_shards
+    from e2kd.pipeline._views import ViewPolicy, render_view
     from e2kd.storage import Encoding
 
     samples = list(list_shards(str(shard))[0].samples())[:48]
@@ -222,7 +222,7 @@ def _marginal_bytes(enc: Any, logits: torch.Tensor, maps: torch.Tensor, tmp: Pat
 
 def _stored_bytes(enc: Any, logits: torch.Tensor, maps: torch.Tensor, tmp: Path) -> int:
     """Bytes of one zarr store shard holding these rows (one view each), everything included."""
-    from e2kd.storage.shards import stage_shard
+    from e2kd.storage._shards import stage_shard
 
     n = logits.shape[0]
     cols = enc.encode(logits.detach().float().numpy()[:, None], enc.pool_maps(maps.detach().float()).numpy()[:, None])
@@ -244,18 +244,18 @@ def loader_samples_per_s(data: str, cache: str | None, samples: int = 1024,
         crop = v2.RandomResizedCrop(SIZE, antialias=True)
 
         def prep(sample: dict) -> torch.Tensor:
-            from e2kd.pipeline.sources import decode_image
+            from e2kd.pipeline._sources import decode_image
 
             return crop(decode_image(sample["jpg"]))
 
         ds = wds.WebDataset(data, shardshuffle=False, empty_check=False).repeat().shuffle(64, initial=64).map(prep)
         loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=1, multiprocessing_context="fork")
     else:
-        from e2kd.pipeline.loader import StreamSpec, plan_join
-        from e2kd.pipeline.sources import list_shards
-        from e2kd.pipeline.train_stream import build_train_loader, endless_batches
+        from e2kd.pipeline._loader import StreamSpec, plan_join
+        from e2kd.pipeline._sources import list_shards
+        from e2kd.pipeline._train_stream import build_train_loader, endless_batches
         from e2kd.storage import open_store
-        from e2kd.training.loop import training_order
+        from e2kd.training._loop import training_order
 
         shards, store = list_shards(data), open_store(cache)
         plan = plan_join(shards, store, labels=False)
@@ -280,8 +280,8 @@ def loader_samples_per_s(data: str, cache: str | None, samples: int = 1024,
 # ---- threads or processes for decoding -----------------------------------------------------------------------------
 def _prepare(raw: tuple[str, bytes], views: str) -> list[torch.Tensor]:
     """What one decode worker does per sample: decode, draw the views, render them (uint8)."""
-    from e2kd.pipeline.sources import decode_image
-    from e2kd.pipeline.views import ViewPolicy, render_view_uint8
+    from e2kd.pipeline._sources import decode_image
+    from e2kd.pipeline._views import ViewPolicy, render_view_uint8
 
     key, data = raw
     image = decode_image(data)
@@ -308,7 +308,7 @@ def pool_views_per_s(shards: list[Path], views: str, kind: str, workers: int = 2
 
 def _cache(data: str, out: Path, views: str) -> str:
     """A real cache of the photos (cache-teacher with a random-init ResNet-18, 1000 classes, 7×7 maps)."""
-    from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
+    from e2kd.stages._cache_teacher import CacheTeacherOptions, run_cache_teacher
 
     run_cache_teacher(CacheTeacherOptions(data=data, out=str(out), teacher="resnet18", num_classes=1000,
                                           random_teacher=True, views=views, input_size=SIZE, actors=1,

@@ -25,9 +25,9 @@ from report import write_section  # noqa: E402
 
 from e2kd.losses import kd_loss  # noqa: E402
 from e2kd.storage import Encoding  # noqa: E402
-from e2kd.storage.codecs import SampledLogits  # noqa: E402
-from e2kd.storage.encoding import parse_logits  # noqa: E402
-from e2kd.storage.shards import stage_shard  # noqa: E402
+from e2kd.storage._codecs import SampledLogits  # noqa: E402
+from e2kd.storage._encoding import parse_logits  # noqa: E402
+from e2kd.storage._shards import stage_shard  # noqa: E402
 
 CLASSES, SAMPLES, VIEWS = 1000, 512, 1
 SPECS = ("full", "topk:10", "sampled:12")

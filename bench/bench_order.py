@@ -2,7 +2,7 @@
 apart the samples of one shard land.
 
 Run: ``.venv/bin/python bench/bench_order.py [--out bench/RESULTS.md]`` (part of ``make bench``; pure computation
-over :class:`e2kd.pipeline.order.Order`, no data).
+over :class:`e2kd.pipeline._order.Order`, no data).
 
 A reader is one partition (read by one DataLoader worker of one rank, front to back); a rank reads a shard once for
 every one of its partitions the shard falls in. Configurations: an ImageNet-sized input (1,281 shards of ~1,000
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from report import write_section  # noqa: E402
 
-from e2kd.pipeline.order import Order, default_partitions  # noqa: E402
+from e2kd.pipeline._order import Order, default_partitions  # noqa: E402
 
 CONFIGS = {  # name → (shards, samples per shard, ranks, batch per rank, workers)
     "ImageNet-sized, 8 ranks × 32, 8 workers": (1281, 1000, 8, 32, 8),
@@ -67,7 +67,7 @@ def main() -> None:
     if args.out:
         write_section(args.out, "bench-order", f"""### The training order: reads per shard and locality
 
-`.venv/bin/python bench/bench_order.py --out bench/RESULTS.md` — computed from `e2kd.pipeline.order.Order` with the
+`.venv/bin/python bench/bench_order.py --out bench/RESULTS.md` — computed from `e2kd.pipeline._order.Order` with the
 default partitions (the smallest multiple of ranks × workers ≥ 8 dividing the global batch). Each partition is read
 front to back by one worker of one rank; a shard cut by a partition boundary is read by the readers on both sides
 (when both belong to the same rank, that rank reads it twice). Every global batch draws global batch / partitions

@@ -88,7 +88,7 @@ def _write_shards(root: Path, prefix: str, count: int, per_shard: int, samples: 
 
 def _cache(uri: str, tars: list[Path], data_uri: str, k: int = 1) -> None:
     """A zarr cache of synthetic teacher outputs keyed like the tars (10 classes, 1×4×4 maps)."""
-    from e2kd.pipeline.sources import list_shards
+    from e2kd.pipeline._sources import list_shards
     from e2kd.storage import Encoding, Manifest, create_store
 
     enc = Encoding(num_classes=10)
@@ -116,7 +116,7 @@ def _upload(fs: Any, local: Path, remote: str) -> None:
 
 
 def _options(data: str, cache: str, out: Path, **kw: Any) -> Any:
-    from e2kd.stages.train_student import TrainOptions
+    from e2kd.stages._train_student import TrainOptions
 
     return TrainOptions(data=data, cache=cache, student=STUDENT[0], student_kwargs=dict(STUDENT[1]), out=str(out),
                         **{"epochs": 1, "batch_size": 32, "progress": False, "overwrite": True,
@@ -125,8 +125,8 @@ def _options(data: str, cache: str, out: Path, **kw: Any) -> Any:
 
 def _first_step(data: str, cache: str, out: Path, listing: bool = False) -> float:
     """Seconds from nothing to one optimiser step (plan, model, first batch, step)."""
-    import e2kd.pipeline.loader as loader
-    from e2kd.stages.train_student import prepare_student
+    import e2kd.pipeline._loader as loader
+    from e2kd.stages._train_student import prepare_student
 
     real = loader._trusted
     if listing:
@@ -143,8 +143,8 @@ def _first_step(data: str, cache: str, out: Path, listing: bool = False) -> floa
 
 def _plan_time(data: str, cache: str, listing: bool = False) -> float:
     """Seconds to open the cache and plan the join (the part that scales with the input)."""
-    import e2kd.pipeline.loader as loader
-    from e2kd.pipeline.sources import list_shards
+    import e2kd.pipeline._loader as loader
+    from e2kd.pipeline._sources import list_shards
     from e2kd.storage import open_store
 
     real = loader._trusted
@@ -160,8 +160,8 @@ def _plan_time(data: str, cache: str, listing: bool = False) -> float:
 
 def _step_time(data: str, cache: str, out: Path, steps: int) -> float:
     """s/step over ``steps`` loader steps (first pass over the data: every shard read from its store)."""
-    from e2kd.pipeline.train_stream import endless_batches
-    from e2kd.stages.train_student import prepare_student
+    from e2kd.pipeline._train_stream import endless_batches
+    from e2kd.stages._train_student import prepare_student
 
     run = prepare_student(_options(data, cache, out, workers=0))
     run.trainer.stream.set_epoch(0)
@@ -177,7 +177,7 @@ def _epoch2_step_time(data: str, cache: str, out: Path, local_cache: Path | None
     """s/step of the second epoch (the first is run untimed: with ``local_cache`` it fills it)."""
     import shutil
 
-    from e2kd.stages.train_student import prepare_student
+    from e2kd.stages._train_student import prepare_student
 
     if local_cache is not None:
         shutil.rmtree(local_cache, ignore_errors=True)
@@ -237,8 +237,8 @@ def main() -> None:
     import s3fs
     import torch
 
-    from e2kd.pipeline.datasets import make_digits_shift
-    from e2kd.storage.options import apply_storage_options
+    from e2kd.pipeline._datasets import make_digits_shift
+    from e2kd.storage._options import apply_storage_options
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     server, options = _server()

@@ -33,11 +33,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from report import write_section  # noqa: E402
 
-from e2kd.pipeline.loader import plan_join  # noqa: E402
-from e2kd.pipeline.sources import list_shards  # noqa: E402
-from e2kd.stages.inspect import summarise_store  # noqa: E402
+from e2kd.pipeline._loader import plan_join  # noqa: E402
+from e2kd.pipeline._sources import list_shards  # noqa: E402
+from e2kd.stages._inspect import summarise_store  # noqa: E402
 from e2kd.storage import Encoding, Manifest, create_store, open_store  # noqa: E402
-from e2kd.storage.files import MANIFEST, resolve, write_json_atomic  # noqa: E402
+from e2kd.storage._files import MANIFEST, resolve, write_json_atomic  # noqa: E402
 
 SAMPLES, CLASSES = 16, 10
 

@@ -37,7 +37,7 @@ ROUNDS, STEPS_PER_TURN = 5, 2
 
 
 def _options(work: Path, batch: int, workers: int) -> object:
-    from e2kd.stages.train_student import TrainOptions
+    from e2kd.stages._train_student import TrainOptions
 
     return TrainOptions(data=f"{work}/digits/teacher-train-{{000000..000010}}.tar", cache=str(work / "cache"),
                         student=STUDENT[0], student_kwargs=STUDENT[1], out=str(work / "run"), batch_size=batch,
@@ -45,8 +45,8 @@ def _options(work: Path, batch: int, workers: int) -> object:
 
 
 def prepare(work: Path) -> None:
-    from e2kd.pipeline.datasets import make_digits_shift
-    from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
+    from e2kd.pipeline._datasets import make_digits_shift
+    from e2kd.stages._cache_teacher import CacheTeacherOptions, run_cache_teacher
 
     make_digits_shift(work / "digits", image_size=64, shard_size=100)
     run_cache_teacher(CacheTeacherOptions(
@@ -58,9 +58,9 @@ def rank_worker(work: Path, batch: int) -> None:
     """One rank of the gradient-sync comparison (under torchrun); rank 0 writes ``sync.json``."""
     import torch
 
-    from e2kd.pipeline.train_stream import endless_batches
-    from e2kd.stages.train_student import prepare_student
-    from e2kd.training.sync import count_collectives, step_forward
+    from e2kd.pipeline._train_stream import endless_batches
+    from e2kd.stages._train_student import prepare_student
+    from e2kd.training._sync import count_collectives, step_forward
 
     torch.set_num_threads(1)
     run = prepare_student(_options(work, batch, 0))
@@ -104,8 +104,8 @@ def bench_sync(work: Path, batch: int) -> dict:
 
 def bench_workers(work: Path, batch: int, workers: int = 2, rounds: int = 3) -> dict[str, float]:
     """Seconds from the start of epoch 2 to its first batch, workers kept vs re-forked (median of ``rounds``)."""
-    from e2kd.pipeline.train_stream import build_train_loader
-    from e2kd.stages.train_student import prepare_student
+    from e2kd.pipeline._train_stream import build_train_loader
+    from e2kd.stages._train_student import prepare_student
 
     run = prepare_student(_options(work, batch, workers))
     base = run.trainer.stream

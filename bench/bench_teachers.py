@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from report import write_section  # noqa: E402
 
 from e2kd.models import create_model  # noqa: E402
-from e2kd.pipeline.datasets import make_digits_shift  # noqa: E402
-from e2kd.pipeline.train_stream import endless_batches  # noqa: E402
-from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher  # noqa: E402
-from e2kd.stages.train_student import TrainOptions, prepare_student  # noqa: E402
+from e2kd.pipeline._datasets import make_digits_shift  # noqa: E402
+from e2kd.pipeline._train_stream import endless_batches  # noqa: E402
+from e2kd.stages._cache_teacher import CacheTeacherOptions, run_cache_teacher  # noqa: E402
+from e2kd.stages._train_student import TrainOptions, prepare_student  # noqa: E402
 
 KWARGS = {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 16}
 STEPS, BATCH = 8, 32

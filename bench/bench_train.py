@@ -29,10 +29,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from report import write_section  # noqa: E402
 
 from e2kd.models import create_model  # noqa: E402
-from e2kd.pipeline.datasets import make_digits_shift  # noqa: E402
-from e2kd.pipeline.train_stream import endless_batches  # noqa: E402
-from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher  # noqa: E402
-from e2kd.stages.train_student import TrainOptions, prepare_student  # noqa: E402
+from e2kd.pipeline._datasets import make_digits_shift  # noqa: E402
+from e2kd.pipeline._train_stream import endless_batches  # noqa: E402
+from e2kd.stages._cache_teacher import CacheTeacherOptions, run_cache_teacher  # noqa: E402
+from e2kd.stages._train_student import TrainOptions, prepare_student  # noqa: E402
 from e2kd.training import OnlineTeacherTargets  # noqa: E402
 
 #: name → (teacher, student, input size px, batch, timed steps); None: the command line's batch / steps

@@ -73,7 +73,7 @@ def stage_vs_bare(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     """Views/s of the whole cache-teacher stage and of the bare teacher loop on the same views (``--views full``)."""
     from bench_imagenet import make_photos
 
-    from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
+    from e2kd.stages._cache_teacher import CacheTeacherOptions, run_cache_teacher
 
     make_photos(work / "photos", cfg["shards"], cfg["per_shard"])
     urls = f"{work}/photos/photos-{{000000..{cfg['shards'] - 1:06d}}}.tar"
@@ -93,9 +93,9 @@ def stage_vs_bare(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
 
 def bare_teacher_views_per_s(cfg: dict[str, Any], urls: str) -> float:
     """Teacher forward + GradCAM alone, over the stage's views already rendered and on the device."""
-    from e2kd.pipeline.sources import Sample, iter_shard, list_shards
-    from e2kd.pipeline.views import FULL_VIEW, render_view_uint8
-    from e2kd.stages.cache_teacher.worker import AUTOCAST_DTYPES
+    from e2kd.pipeline._sources import Sample, iter_shard, list_shards
+    from e2kd.pipeline._views import FULL_VIEW, render_view_uint8
+    from e2kd.stages._cache_teacher.worker import AUTOCAST_DTYPES
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = (cfg["size"], cfg["size"])
@@ -123,7 +123,7 @@ def bare_teacher_views_per_s(cfg: dict[str, Any], urls: str) -> float:
 # ---- b. train-student from the cache vs online e²KD --------------------------------------------------------------
 def cached_vs_online(cfg: dict[str, Any], urls: str, work: Path) -> dict[str, Any]:
     """s/step of train-student with the real loader: targets from the cache of (a), then from a live teacher."""
-    from e2kd.stages.train_student import TrainOptions, prepare_student
+    from e2kd.stages._train_student import TrainOptions, prepare_student
     from e2kd.training import OnlineTeacherTargets
 
     name, kwargs = cfg["student"]
@@ -131,7 +131,7 @@ def cached_vs_online(cfg: dict[str, Any], urls: str, work: Path) -> dict[str, An
                         out=str(work / "run"), batch_size=cfg["batch"], lr=1e-3, temperature=4.0, lam=1.0,
                         amp=torch.cuda.is_available(), workers=_decode_workers(), progress=False, overwrite=True)
     run = prepare_student(opts)
-    from e2kd.pipeline.train_stream import endless_batches
+    from e2kd.pipeline._train_stream import endless_batches
 
     trainer = run.trainer
     batches = endless_batches(trainer.stream, trainer.loader)

@@ -16,7 +16,7 @@ from e2kd.storage import MAP_DTYPES, PRECISIONS, list_formats
 
 def _fail(exc: BaseException) -> click.ClickException:
     """One line for the user: the message's first line (the last one, unwrapped, for a DataLoader worker's error)."""
-    from e2kd.storage.options import credentials_message, is_credentials_error
+    from e2kd.storage._options import credentials_message, is_credentials_error
 
     if is_credentials_error(exc):
         return click.ClickException(credentials_message(_command_urls()))
@@ -52,7 +52,7 @@ class _Cli(click.Group):
         except Exception as exc:  # noqa: BLE001 - the last line of defence of the CLI
             if os.environ.get("E2KD_DEBUG"):
                 raise
-            from e2kd.storage.options import is_credentials_error
+            from e2kd.storage._options import is_credentials_error
 
             message = _fail(exc).message
             if is_credentials_error(exc):
@@ -77,7 +77,7 @@ def main() -> None:
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     warnings.showwarning = _show_warning
-    from e2kd.plugins import load_plugins
+    from e2kd._plugins import load_plugins
 
     try:
         load_plugins()  # E2KD_PLUGINS: codecs, explainers, formats from other packages
@@ -181,14 +181,14 @@ def _storage_option(command: Any) -> Any:
 
 def _use_storage(options: str | None, *urls: str | None) -> None:
     """Apply ``--storage-options`` to the object-store protocols of ``urls`` (this process)."""
-    from e2kd.storage.options import apply_storage_options, parse_storage_options, resolve_storage_options
+    from e2kd.storage._options import apply_storage_options, parse_storage_options, resolve_storage_options
 
     apply_storage_options(resolve_storage_options(parse_storage_options(options), urls))
 
 
 def _config_values(config: str | None) -> dict[str, Any]:
     """The option values a ``--config`` file gives (to tell an explicit value from a default)."""
-    from e2kd.config import load_yaml
+    from e2kd._config import load_yaml
 
     return load_yaml(config) if config else {}
 
@@ -196,8 +196,8 @@ def _config_values(config: str | None) -> dict[str, Any]:
 def _model_flags(run_dir: str | None, student: str | None, weights: str | None, student_kwargs: str | None,
                  num_classes: int | None, required: bool = True) -> dict[str, Any]:
     """``--run DIR`` or ``--student/--weights/--student-kwargs``: the model to load (flags must agree with a run)."""
-    from e2kd.config import parse_json_kwargs
-    from e2kd.runs import fill_from_run
+    from e2kd._config import parse_json_kwargs
+    from e2kd._runs import fill_from_run
 
     given = {"student": student, "weights": weights, "student_kwargs": parse_json_kwargs(student_kwargs),
              "num_classes": num_classes}
@@ -216,7 +216,7 @@ def config_group() -> None:
 @config_group.command("list")
 def config_list_cmd() -> None:
     """Names of the packaged presets."""
-    from e2kd.config import list_presets
+    from e2kd._config import list_presets
 
     click.echo("\n".join(list_presets()))
 
@@ -225,7 +225,7 @@ def config_list_cmd() -> None:
 @click.argument("name")
 def config_show_cmd(name: str) -> None:
     """Print a preset (copy it, edit it, pass the copy as --config FILE)."""
-    from e2kd.config import preset_path
+    from e2kd._config import preset_path
 
     try:
         click.echo(preset_path(name).read_text(), nl=False)
@@ -237,7 +237,7 @@ def config_show_cmd(name: str) -> None:
 def codecs_cmd() -> None:
     """List the registered codecs (how logits and maps become a cache's columns) and their kinds."""
     from e2kd.storage import list_codecs
-    from e2kd.storage.codecs import codec_class
+    from e2kd.storage._codecs import codec_class
 
     for name in list_codecs():
         click.echo(f"{name}\t(kind: {codec_class(name).kind})")
@@ -262,7 +262,7 @@ def explainers_cmd() -> None:
 @click.option("--shard-size", default=250, show_default=True, help="Samples per tar shard.")
 def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int, shard_size: int) -> None:
     """Write a dataset as WebDataset shards: teacher-train, train, val and test-ood splits."""
-    from e2kd.pipeline.datasets import DATASETS
+    from e2kd.pipeline._datasets import DATASETS
 
     try:
         written = DATASETS[name](out, seed=seed, tie=tie, image_size=image_size, shard_size=shard_size)
@@ -334,10 +334,10 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags: Any) -> None:
     """Run a teacher once over a dataset and cache its logits and explanation maps (Ray-parallel, resumable)."""
-    from e2kd.config import build_options, parse_json_kwargs, parse_size
-    from e2kd.runs import fill_from_run, inherit_from_run
-    from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
-    from e2kd.storage.options import parse_storage_options
+    from e2kd._config import build_options, parse_json_kwargs, parse_size
+    from e2kd._runs import fill_from_run, inherit_from_run
+    from e2kd.stages._cache_teacher import CacheTeacherOptions, run_cache_teacher
+    from e2kd.storage._options import parse_storage_options
 
     try:
         flags = _take_former(flags)
@@ -372,7 +372,7 @@ def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags:
 def inspect_cmd(store: str, as_json: bool, list_keys: bool, list_errors: bool, storage_options: str | None) -> None:
     """Summarise a cache: its id, teacher, explainer, input size, views, maps, completeness, counts, bytes per
     sample."""
-    from e2kd.stages.inspect import summarise_store
+    from e2kd.stages._inspect import summarise_store
     from e2kd.storage import open_store
 
     try:
@@ -445,7 +445,7 @@ def copy_cmd(src: str, dst: str, overwrite: bool, create_bucket: bool, storage_o
     byte (a reader never sees a half-copied store; the copy has the same cache id). Re-running resumes: shards
     already verified at DST are skipped.
     """
-    from e2kd.progress import progress
+    from e2kd._progress import progress
     from e2kd.storage import copy_store
 
     try:
@@ -520,11 +520,11 @@ def copy_cmd(src: str, dst: str, overwrite: bool, create_bucket: bool, storage_o
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     """Train a student from cached teacher outputs (KD + λ·explanation loss); the teacher is never loaded."""
-    from e2kd.config import build_options, parse_json_kwargs
-    from e2kd.runs import fill_from_run
-    from e2kd.stages.train_student import TrainOptions, train_student
-    from e2kd.storage.options import parse_storage_options
-    from e2kd.training.loop import Preempted
+    from e2kd._config import build_options, parse_json_kwargs
+    from e2kd._runs import fill_from_run
+    from e2kd.stages._train_student import TrainOptions, train_student
+    from e2kd.storage._options import parse_storage_options
+    from e2kd.training._loop import Preempted
 
     try:
         for name in ("cache", "expect_cache_id"):  # given once: a value; several times: a list (one per teacher)
@@ -577,7 +577,7 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
                  storage_options: str | None, expl_field: str | None) -> None:
     """Top-1, agreement with the teacher and explanation similarity of a trained student."""
     weights = _take_former({"weights": weights, "former__weights": former__weights})["weights"]
-    from e2kd.stages.evaluate import evaluate_against_caches, evaluate_weights
+    from e2kd.stages._evaluate import evaluate_against_caches, evaluate_weights
     from e2kd.storage import open_store
 
     caches, expect = list(cache), list(expect_cache_id)
@@ -586,7 +586,7 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
         model = _model_flags(run_dir, student, weights, student_kwargs, num_classes)
         student, weights, num_classes = model["student"], model["weights"], model["num_classes"]
         if run_dir and not caches:  # the input size the run trained at (a cache's own wins where one is given)
-            from e2kd.runs import inherit_from_run
+            from e2kd._runs import inherit_from_run
 
             input_size = inherit_from_run(run_dir, {"input_size": input_size}, "--run")["input_size"]
         common: dict[str, Any] = {"input_size": input_size, "batch_size": batch_size, "workers": workers,
@@ -641,9 +641,9 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
 def train_teacher_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     """Train a teacher with plain supervised learning (the student's loop: timm optimiser and schedule, label
     smoothing, checkpoints, --resume)."""
-    from e2kd.config import build_options, parse_json_kwargs
-    from e2kd.stages.train_teacher import TeacherOptions, train_teacher
-    from e2kd.training.loop import Preempted
+    from e2kd._config import build_options, parse_json_kwargs
+    from e2kd.stages._train_teacher import TeacherOptions, train_teacher
+    from e2kd.training._loop import Preempted
 
     try:
         flags = _take_former(flags)
@@ -665,7 +665,7 @@ def train_teacher_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
 @click.option("--quick", is_flag=True, help="Tiny budget (~2 min): checks the pipeline, not the accuracies.")
 def demo_cmd(out: str, quick: bool) -> None:
     """digits-shift end to end: teacher, caches, KD vs ❄/K-view/live e²KD students, results table and figure."""
-    from e2kd.stages.demo import run_demo
+    from e2kd.stages._demo import run_demo
 
     try:
         run_demo(out, quick=quick)
@@ -698,7 +698,7 @@ def show_cmd(store: str, key: str, out: str, data: str | None, run_dir: str | No
              storage_options: str | None, more_caches: tuple[str, ...], shared_scale: bool) -> None:
     """Image, view boxes and the teacher map per view (and the student's), as heat maps."""
     weights = _take_former({"weights": weights, "former__weights": former__weights})["weights"]
-    from e2kd.stages.figures import show_key
+    from e2kd.stages._figures import show_key
 
     try:
         _use_storage(storage_options, store, data, *more_caches)
@@ -719,7 +719,7 @@ def show_cmd(store: str, key: str, out: str, data: str | None, run_dir: str | No
 def plot_cmd(runs: tuple[str, ...], out: str) -> None:
     """Training curves of train-student / train-teacher runs (their metrics.jsonl), overlaid: the loss and its
     parts, the learning rate and the validation metrics per epoch; the legend names each run by its directory."""
-    from e2kd.stages.curves import plot_runs
+    from e2kd.stages._curves import plot_runs
 
     try:
         curves = plot_runs(list(runs), out)

@@ -11,7 +11,7 @@ terms); every stage and benchmark uses it. Conventions, all as in the paper's re
   (``align_corners=False``) to the student's input size before the cosine. ``"native"``: the coarser map is
   upsampled to the element-wise larger of the two sizes (cheaper; a different loss, kept as an option).
 - B-cos students: one forward with full gradients; ``W(x)`` is taken with the dynamic weights held fixed
-  (see :mod:`e2kd.explain.dynamic`), so λ > 0 does not change the KD term's gradient.
+  (see :mod:`e2kd.explain._dynamic`), so λ > 0 does not change the KD term's gradient.
 
 Top-k caches: :func:`logits_from_topk` rebuilds a full logit vector from the top-k logits and the
 log-sum-exp of all logits. The result is a vector of log-probabilities: exact for the k known classes,
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from e2kd.topk import logits_from_topk, topk_logits
+from e2kd._topk import logits_from_topk, topk_logits
 
 #: where the explanation cosine is taken: at the student's input size (paper) or at the maps' own size.
 EXPL_RESOLUTIONS = ("input", "native")

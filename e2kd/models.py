@@ -118,7 +118,7 @@ def create_model(name: str, num_classes: int, checkpoint: str | Path | None = No
     spec = {"name": name, "num_classes": int(num_classes), "kwargs": _jsonable(kwargs)}
     model.__dict__["e2kd_spec"] = spec  # a plain attribute: what model_spec reads
     if checkpoint is not None:
-        from e2kd.runs import check_recorded_spec
+        from e2kd._runs import check_recorded_spec
 
         check_recorded_spec(checkpoint, name, int(num_classes), spec["kwargs"])
         load_state_dict(model, checkpoint)

@@ -18,7 +18,7 @@ TEACHER_KWARGS = {"channels": [8, 16, 32, 64], "stem_width": 8, "output_stride":
 
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from e2kd.pipeline.datasets import make_digits_shift
+    from e2kd.pipeline._datasets import make_digits_shift
 
     out = tmp_path_factory.mktemp("digits")
     make_digits_shift(out, seed=0, image_size=64, shard_size=50)
@@ -42,7 +42,7 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cache_options(data: str, out: Path | str, ckpt: Path, **overrides):
-    from e2kd.stages.cache_teacher import CacheTeacherOptions
+    from e2kd.stages._cache_teacher import CacheTeacherOptions
 
     opts = dict(data=data, out=str(out), teacher="resnet18", num_classes=10, teacher_checkpoint=str(ckpt),
                 teacher_kwargs=dict(TEACHER_KWARGS), views="2", flip_p=0.5, crop_scale=(0.3, 1.0), input_size=64,
@@ -54,7 +54,7 @@ def cache_options(data: str, out: Path | str, ckpt: Path, **overrides):
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory: pytest.TempPathFactory, train_urls: str, teacher_ckpt: Path) -> Path:
     """The reference cache: 6 train shards, 2 random views, 2 workers."""
-    from e2kd.stages.cache_teacher import run_cache_teacher
+    from e2kd.stages._cache_teacher import run_cache_teacher
 
     out = tmp_path_factory.mktemp("caches") / "ref"
     run_cache_teacher(cache_options(train_urls, out, teacher_ckpt))
@@ -63,7 +63,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory, train_urls: str, teacher_ckp
 
 def committed_shards(fs, root: str) -> dict[str, dict]:  # noqa: ANN001 - any fsspec filesystem
     """The shards a reader sees now (the manifest and the commit records), as JSON records; {} before any."""
-    from e2kd.storage.commits import read_view
+    from e2kd.storage._commits import read_view
 
     try:
         view, _ = read_view(fs, str(root))
@@ -123,7 +123,7 @@ def teacher_train_urls(digits: Path) -> str:
 @pytest.fixture(scope="session")
 def reference_22(tmp_path_factory: pytest.TempPathFactory, teacher_train_urls: str, teacher_ckpt: Path) -> Path:
     """An uninterrupted cache of the 22 teacher-train shards (2 views, 2 workers): what every faulty run must equal."""
-    from e2kd.stages.cache_teacher import run_cache_teacher
+    from e2kd.stages._cache_teacher import run_cache_teacher
 
     out = tmp_path_factory.mktemp("reference") / "store"
     run_cache_teacher(cache_options(teacher_train_urls, out, teacher_ckpt, workers=2))
@@ -133,7 +133,7 @@ def reference_22(tmp_path_factory: pytest.TempPathFactory, teacher_train_urls: s
 @pytest.fixture(scope="session")
 def pristine(tmp_path_factory: pytest.TempPathFactory, digits: Path, teacher_ckpt: Path) -> dict[str, Path]:
     """Two-shard caches of train-000000..000001 in each format, to copy and tamper with (never modified)."""
-    from e2kd.stages.cache_teacher import run_cache_teacher
+    from e2kd.stages._cache_teacher import run_cache_teacher
 
     data = f"{digits}/train-{{000000..000001}}.tar"
     out = {}
@@ -172,7 +172,7 @@ class S3:
 
     def use(self) -> None:
         """This process's s3:// URLs go to the loopback server (what --storage-options does in a command)."""
-        from e2kd.storage.options import apply_storage_options
+        from e2kd.storage._options import apply_storage_options
 
         apply_storage_options({"s3": self.options})
 

@@ -12,8 +12,8 @@ import torch
 
 from e2kd.losses import E2KDObjective
 from e2kd.models import create_model
-from e2kd.training.loop import Trainer, init_distributed
-from e2kd.training.sync import count_collectives
+from e2kd.training._loop import Trainer, init_distributed
+from e2kd.training._sync import count_collectives
 
 CASES = {  # name → (model factory, explainer, input channels, map channels)
     "gradcam-resnet": (lambda: create_model("resnet18", 10, channels=(8, 16, 32, 64), stem_width=8), "gradcam", 3, 1),

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from e2kd.storage.ownership import SHARD_MARKER, SHARD_MARKER_KEY
-from e2kd.storage.wds_store import DATA_NAME, MEMBERS_NAME, member_key
+from e2kd.storage._ownership import SHARD_MARKER, SHARD_MARKER_KEY
+from e2kd.storage._wds_store import DATA_NAME, MEMBERS_NAME, member_key
 
 
 def write_column_members(self: Any, shard_dir: Path, columns: dict[str, np.ndarray], keys: list[str],

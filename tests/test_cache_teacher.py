@@ -24,11 +24,11 @@ from fsspec.implementations.local import LocalFileSystem
 from e2kd.cli import main
 from e2kd.explain import build_explainer
 from e2kd.models import create_model, input_transform
-from e2kd.pipeline.sources import iter_shard, list_shards
-from e2kd.pipeline.views import ViewPolicy, render_view
-from e2kd.stages.cache_teacher import run_cache_teacher
+from e2kd.pipeline._sources import iter_shard, list_shards
+from e2kd.pipeline._views import ViewPolicy, render_view
+from e2kd.stages._cache_teacher import run_cache_teacher
 from e2kd.storage import ManifestError, open_store
-from e2kd.storage.files import StoreLockedError
+from e2kd.storage._files import StoreLockedError
 
 E2KD = [sys.executable, "-m", "e2kd.cli"]
 

@@ -14,14 +14,14 @@ import torch
 from click.testing import CliRunner
 from conftest import TEACHER_KWARGS
 
+from e2kd._config import build_options
 from e2kd.cli import main
-from e2kd.config import build_options
 from e2kd.explain import build_explainer
 from e2kd.models import create_model, input_transform
-from e2kd.pipeline.sources import iter_shard, list_shards
-from e2kd.pipeline.views import ViewPolicy, render_view
-from e2kd.stages.cache_teacher import CacheTeacherOptions
-from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
+from e2kd.pipeline._sources import iter_shard, list_shards
+from e2kd.pipeline._views import ViewPolicy, render_view
+from e2kd.stages._cache_teacher import CacheTeacherOptions
+from e2kd.stages._cache_teacher.worker import TeacherWorker, WorkerSpec
 from e2kd.storage import Encoding, ShardWriter, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +70,8 @@ def test_image_folder_source_keys_and_labels(tmp_path: Path) -> None:
     good = {i.key: i.label for i in items if hasattr(i, "image")}
     assert good == {"cat/a": 0, "cat/b": 0, "dog/c": 1}
     assert [i.key for i in items if not hasattr(i, "image")] == ["dog/broken"]
-    from e2kd.pipeline.sources import class_names
-    from e2kd.stages.cache_teacher.stage import _class_names
+    from e2kd.pipeline._sources import class_names
+    from e2kd.stages._cache_teacher.stage import _class_names
 
     assert class_names(shards) == ["cat", "dog"]
     opts = CacheTeacherOptions(data=str(tmp_path), out="o", teacher="resnet18", num_classes=2, random_teacher=True)
@@ -134,7 +134,7 @@ def test_worker_matches_model_spec(teacher_kwargs: dict, tmp_path: Path) -> None
 
 
 def test_a_truncated_tar_yields_its_intact_samples_then_a_recorded_error(digits: Path, tmp_path: Path) -> None:
-    from e2kd.pipeline.sources import iter_keys
+    from e2kd.pipeline._sources import iter_keys
 
     data = (digits / "train-000001.tar").read_bytes()
     (tmp_path / "cut-000000.tar").write_bytes(data[: len(data) // 3])
@@ -147,9 +147,9 @@ def test_a_truncated_tar_yields_its_intact_samples_then_a_recorded_error(digits:
 
 def test_explainer_parameters_travel_from_the_options_through_the_manifest_to_the_worker(
         digits: Path, teacher_ckpt: Path, tmp_path: Path) -> None:
-    from e2kd.explain.gradcam import GradCAM
-    from e2kd.explain.registry import _REGISTRY, register_explainer
-    from e2kd.stages.cache_teacher.stage import _build_teacher
+    from e2kd.explain._gradcam import GradCAM
+    from e2kd.explain._registry import _REGISTRY, register_explainer
+    from e2kd.stages._cache_teacher.stage import _build_teacher
 
     @register_explainer
     class ScaledGradCAM(GradCAM):
@@ -187,7 +187,7 @@ def test_explainer_parameters_travel_from_the_options_through_the_manifest_to_th
 
 
 def test_maps_of_two_by_two_or_fewer_cells_warn_naming_size_and_stride(tmp_path: Path) -> None:
-    from e2kd.stages.cache_teacher.stage import _build_teacher
+    from e2kd.stages._cache_teacher.stage import _build_teacher
 
     opts = CacheTeacherOptions(data="x.tar", out=str(tmp_path / "o"), teacher="resnet18", num_classes=10,
                                random_teacher=True, teacher_kwargs={"channels": [8, 8, 8, 8], "stem_width": 8},
@@ -201,7 +201,7 @@ def test_maps_of_two_by_two_or_fewer_cells_warn_naming_size_and_stride(tmp_path:
 
 
 def test_workers_report_progress_per_sample_and_the_bar_estimates_the_total(digits: Path, tmp_path: Path) -> None:
-    from e2kd.stages.cache_teacher.stage import _SampleBar
+    from e2kd.stages._cache_teacher.stage import _SampleBar
 
     class Counter:  # stands in for the Ray actor handle: .add.remote(n)
         def __init__(self) -> None:

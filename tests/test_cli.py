@@ -37,9 +37,9 @@ def test_packaged_presets_are_listed_and_shown() -> None:
 
 
 def test_yaml_keys_are_the_flag_names_and_train_teacher_takes_a_config(tmp_path: Path) -> None:
-    from e2kd.config import build_options
-    from e2kd.stages.train_student import TrainOptions
-    from e2kd.stages.train_teacher import TeacherOptions
+    from e2kd._config import build_options
+    from e2kd.stages._train_student import TrainOptions
+    from e2kd.stages._train_teacher import TeacherOptions
 
     config = tmp_path / "run.yaml"
     config.write_text("lambda: 2.5\nquiet: true\nstudent: resnet18\n")
@@ -58,8 +58,8 @@ def test_help_defaults_of_the_training_commands_are_the_options_defaults() -> No
     import dataclasses
 
     from e2kd.cli import _OPTIMISATION_DEFAULTS
-    from e2kd.stages.train_student import TrainOptions
-    from e2kd.stages.train_teacher import TeacherOptions
+    from e2kd.stages._train_student import TrainOptions
+    from e2kd.stages._train_teacher import TeacherOptions
 
     for stage, cls in (("train_student", TrainOptions), ("train_teacher", TeacherOptions)):
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
@@ -103,8 +103,8 @@ def test_every_command_in_the_readme_and_the_docs_uses_only_options_the_cli_has(
 
 
 def test_former_flag_names_still_work_hidden_and_conflicts_are_refused(tmp_path: Path) -> None:
-    from e2kd.config import build_options
-    from e2kd.stages.cache_teacher import CacheTeacherOptions
+    from e2kd._config import build_options
+    from e2kd.stages._cache_teacher import CacheTeacherOptions
 
     help_text = CliRunner().invoke(main, ["cache-teacher", "--help"]).output
     assert "--teacher-checkpoint" in help_text and "--actors" in help_text

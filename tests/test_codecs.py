@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from e2kd.storage import Encoding, get_codec, get_format, list_codecs, list_formats, register_codec
-from e2kd.storage.codecs import Float16Maps, codec_class
+from e2kd.storage._codecs import Float16Maps, codec_class
 
 CLASSES, VIEWS, N = 7, 2, 5
 #: codecs whose defaults do not fit the test's values
@@ -69,7 +69,7 @@ def test_a_codec_round_trips_its_values_columns_and_parameters(name: str) -> Non
 @pytest.mark.parametrize("fmt", list_formats())
 @pytest.mark.parametrize("name", list_codecs())
 def test_every_codec_round_trips_through_every_format(name: str, fmt: str, tmp_path: Path) -> None:
-    from e2kd.storage.files import read_blobs, resolve
+    from e2kd.storage._files import read_blobs, resolve
 
     codec = _codec(name)
     values = _values(codec.kind, seed=1)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import TEACHER_KWARGS
 
 from e2kd.cli import main
-from e2kd.stages.curves import plot_runs
+from e2kd.stages._curves import plot_runs
 
 
 def _run(root: Path, name: str, lines: list[dict]) -> Path:
@@ -52,7 +52,7 @@ def test_the_curves_are_the_runs_metrics_and_the_figure_holds_them(two_runs: lis
 
 @pytest.fixture(scope="module")
 def real_run(cache: Path, train_urls: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from e2kd.stages.train_student import TrainOptions, train_student
+    from e2kd.stages._train_student import TrainOptions, train_student
 
     run = tmp_path_factory.mktemp("real") / "run"
     train_student(TrainOptions(data=train_urls, cache=str(cache), student="resnet18", student_kwargs=TEACHER_KWARGS,

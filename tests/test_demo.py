@@ -18,9 +18,9 @@ from e2kd.cli import main
 from e2kd.explain import build_explainer
 from e2kd.losses import explanation_similarity
 from e2kd.models import create_model, input_transform
-from e2kd.pipeline.sources import iter_shard, list_shards
-from e2kd.pipeline.views import render_view
-from e2kd.stages.demo import METHODS
+from e2kd.pipeline._sources import iter_shard, list_shards
+from e2kd.pipeline._views import render_view
+from e2kd.stages._demo import METHODS
 from e2kd.storage import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_show_draws_views_and_maps(demo_dir: Path, tmp_path: Path, monkeypatch: 
                                                         "student.safetensors")])
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 5_000
-    import e2kd.stages.figures as figures
+    import e2kd.stages._figures as figures
 
     panels: list[tuple[str, object]] = []
     real = figures._map_panel

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from e2kd.pipeline.device_images import DeviceImages, decode_batch_images
-from e2kd.pipeline.sources import decode_image
-from e2kd.pipeline.views import draw_view, render_view, render_view_uint8, render_views_batch
+from e2kd.pipeline._device_images import DeviceImages, decode_batch_images
+from e2kd.pipeline._sources import decode_image
+from e2kd.pipeline._views import draw_view, render_view, render_view_uint8, render_views_batch
 
 
 def _photo(h: int, w: int, seed: int) -> torch.Tensor:
@@ -90,10 +90,10 @@ def test_the_training_stream_with_images_decoded_on_the_device_matches_the_worke
         cache: Path, digits: Path, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from e2kd.pipeline.loader import StreamSpec, plan_join
-    from e2kd.pipeline.order import Order
-    from e2kd.pipeline.sources import list_shards
-    from e2kd.pipeline.train_stream import TrainStream
+    from e2kd.pipeline._loader import StreamSpec, plan_join
+    from e2kd.pipeline._order import Order
+    from e2kd.pipeline._sources import list_shards
+    from e2kd.pipeline._train_stream import TrainStream
     from e2kd.storage import open_store
 
     urls = _as_jpeg_shards(sorted(digits.glob("train-*.tar")), tmp_path / "jpeg")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from e2kd.pipeline.loader import JoinPlan, StreamSpec
-from e2kd.pipeline.order import Order, default_partitions
+from e2kd.pipeline._loader import JoinPlan, StreamSpec
+from e2kd.pipeline._order import Order, default_partitions
 
 STUDENT_KWARGS = {"channels": [8, 8, 16, 32], "stem_width": 8, "output_stride": 16}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
@@ -66,7 +66,7 @@ def test_each_reader_reads_each_shard_once_per_pass_front_to_back() -> None:
 
 
 def test_a_shared_scan_reads_each_record_once_and_keeps_only_blocks_a_reader_will_read() -> None:
-    from e2kd.pipeline.train_stream import ShardScan
+    from e2kd.pipeline._train_stream import ShardScan
 
     keys = [f"k{i}" for i in range(12)]  # blocks of 4: 0 = k0…k3, 1 = k4…k7, 2 = k8…k11
     pulled: list[str] = []
@@ -146,7 +146,7 @@ def test_one_pass_per_epoch_and_the_same_batches_with_workers_and_with_two_ranks
 
 
 def _report_from_rank(rank: int, init: str, results: object) -> None:
-    from e2kd.training.loop import Trainer
+    from e2kd.training._loop import Trainer
 
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     trainer = Trainer.__new__(Trainer)
@@ -245,8 +245,8 @@ def test_one_input_shard_on_two_ranks(cache: Path, digits: Path, tmp_path: Path)
 
 def _plan_and_spec(cache: Path, train_urls: str) -> tuple[JoinPlan, StreamSpec]:
     """The join plan of the digits train shards with the cache, and a training stream spec over them."""
-    from e2kd.pipeline.loader import plan_join
-    from e2kd.pipeline.sources import list_shards
+    from e2kd.pipeline._loader import plan_join
+    from e2kd.pipeline._sources import list_shards
     from e2kd.storage import open_store
 
     store, shards = open_store(str(cache)), list_shards(train_urls)
@@ -257,7 +257,7 @@ def _plan_and_spec(cache: Path, train_urls: str) -> tuple[JoinPlan, StreamSpec]:
 
 
 def test_workers_live_across_epochs_and_each_epoch_reaches_them(cache: Path, train_urls: str) -> None:
-    from e2kd.pipeline.train_stream import build_train_loader
+    from e2kd.pipeline._train_stream import build_train_loader
 
     plan, spec = _plan_and_spec(cache, train_urls)
     order = Order(plan.keys_by_shard(), seed=0, global_batch=16, partitions=8)
@@ -273,9 +273,9 @@ def test_workers_live_across_epochs_and_each_epoch_reaches_them(cache: Path, tra
 
 def test_workers_that_cannot_split_the_partitions_evenly_are_reduced_with_a_warning(cache: Path,
                                                                                      train_urls: str) -> None:
-    from e2kd.pipeline.order import usable_workers
-    from e2kd.pipeline.train_stream import build_train_loader
-    from e2kd.training.loop import training_order
+    from e2kd.pipeline._order import usable_workers
+    from e2kd.pipeline._train_stream import build_train_loader
+    from e2kd.training._loop import training_order
 
     assert [usable_workers(w, 1, 8) for w in (0, 1, 2, 3, 5, 8, 14)] == [0, 1, 2, 2, 4, 8, 8]
     assert usable_workers(14, 2, 8) == 4  # each of 2 ranks reads 4 of the 8 partitions
@@ -290,7 +290,7 @@ def test_workers_that_cannot_split_the_partitions_evenly_are_reduced_with_a_warn
 def test_partitions_in_the_same_shard_at_once_share_its_records(cache: Path, train_urls: str) -> None:
     from collections import Counter
 
-    from e2kd.pipeline.train_stream import TrainStream
+    from e2kd.pipeline._train_stream import TrainStream
 
     plan, spec = _plan_and_spec(cache, train_urls)
     order = Order(plan.keys_by_shard(), seed=0, global_batch=16, partitions=8)

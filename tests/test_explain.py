@@ -136,7 +136,7 @@ def test_unknown_and_unsuitable_explainers_are_clear_errors() -> None:
 
 def test_whether_an_explainer_suits_a_teacher_is_the_explainers_answer() -> None:
     from e2kd.explain import register_explainer
-    from e2kd.explain.registry import _REGISTRY, Explainer, check_supports
+    from e2kd.explain._registry import _REGISTRY, Explainer, check_supports
     from e2kd.models import create_model
 
     for name, model in (("gradcam", "resnet18"), ("bcos", "bcos:resnet18"), ("input_x_gradient", "bcos:resnet18"),
@@ -168,7 +168,7 @@ def test_whether_an_explainer_suits_a_teacher_is_the_explainers_answer() -> None
 
 def test_several_explainers_share_one_teacher_forward_and_give_their_own_maps() -> None:
     from e2kd.explain import build_explainer
-    from e2kd.explain.registry import explain_together
+    from e2kd.explain._registry import explain_together
     from e2kd.models import create_model
 
     torch.manual_seed(0)
@@ -192,8 +192,8 @@ def test_gradcam_of_a_bcos_resnet_equals_a_hook_computation_and_its_forward() ->
     """GradCAM as a further field of a B-cos teacher: its last feature map (before fc, pooling and logit layer),
     checked against activations and gradients taken with a hook on ``layer4`` of the unmodified forward."""
     from e2kd.explain import build_explainer
-    from e2kd.explain.gradcam import gradcam_from
-    from e2kd.explain.registry import check_supports
+    from e2kd.explain._gradcam import gradcam_from
+    from e2kd.explain._registry import check_supports
     from e2kd.models import create_model, input_transform
 
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ STUDENT = ["--student", "resnet18", "--student-kwargs", json.dumps({"channels": 
 @pytest.fixture(scope="module")
 def caches(digits: Path, teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One run's data cached three ways: gradcam, input_x_gradient, and both in one cache."""
-    from e2kd.stages.cache_teacher import run_cache_teacher
+    from e2kd.stages._cache_teacher import run_cache_teacher
 
     root = tmp_path_factory.mktemp("fields")
     data = f"{digits}/train-{{000000..000001}}.tar"
@@ -113,7 +113,7 @@ def test_bad_field_names_and_codecs_are_one_line_errors_before_any_work(tmp_path
 
 
 def test_a_bcos_teacher_caches_its_own_maps_and_gradcam(digits: Path, tmp_path: Path) -> None:
-    from e2kd.stages.cache_teacher import CacheTeacherOptions, run_cache_teacher
+    from e2kd.stages._cache_teacher import CacheTeacherOptions, run_cache_teacher
 
     opts = dict(data=str(digits / "train-000000.tar"), out=str(tmp_path / "bcos"), teacher="bcos:resnet18",
                 num_classes=10, random_teacher=True, teacher_kwargs={"inplanes": 8}, explainers="bcos,gradcam",

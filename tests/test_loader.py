@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from e2kd.pipeline.loader import (
+from e2kd.pipeline._loader import (
     StreamSpec,
     StudentStream,
     _key_int,
@@ -26,8 +26,8 @@ from e2kd.pipeline.loader import (
     split_by_worker,
     teacher_maps,
 )
-from e2kd.pipeline.sources import InputShard, list_shards
-from e2kd.pipeline.views import crop_map, draw_view
+from e2kd.pipeline._sources import InputShard, list_shards
+from e2kd.pipeline._views import crop_map, draw_view
 
 
 @dataclass(frozen=True)
@@ -266,8 +266,8 @@ def test_the_next_shards_records_are_read_ahead_once_each(cache, train_urls: str
     records as reading each shard when it is reached."""
     import threading
 
-    from e2kd.pipeline.loader import StreamSpec, StudentStream
-    from e2kd.storage.reader import CacheStore
+    from e2kd.pipeline._loader import StreamSpec, StudentStream
+    from e2kd.storage._reader import CacheStore
 
     calls: list[tuple[str, str]] = []
     real = CacheStore.iter_shard

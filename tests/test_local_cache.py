@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import S3, TEACHER_KWARGS
 
-from e2kd.storage.files import checksum_blobs
-from e2kd.storage.local_cache import LocalCache, LocalCacheError
+from e2kd.storage._files import checksum_blobs
+from e2kd.storage._local_cache import LocalCache, LocalCacheError
 
 
 def _blobs(i: int, size: int = 1000) -> dict[str, bytes]:
@@ -137,8 +137,8 @@ def _fetched_again(root: Path) -> set[str]:
 
 def test_train_student_from_s3_reads_each_shard_once_and_learns_the_same(s3: S3, digits: Path, cache: Path,
                                                                          tmp_path: Path) -> None:
-    from e2kd.stages.train_student import TrainOptions, train_student
-    from e2kd.storage.copy import copy_store
+    from e2kd.stages._train_student import TrainOptions, train_student
+    from e2kd.storage._copy import copy_store
 
     s3.use()
     for i in range(2):

@@ -70,7 +70,7 @@ def test_weights_load_from_bytes_as_from_the_file(suffix: str, tmp_path: Path) -
     from safetensors.torch import save_file
 
     from e2kd.models import create_model, load_state_bytes
-    from e2kd.stages.cache_teacher.teacher import TeacherSpec
+    from e2kd.stages._cache_teacher.teacher import TeacherSpec
 
     kwargs = {"channels": [8, 8, 16, 32], "stem_width": 8}
     torch.manual_seed(3)

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from e2kd.losses import E2KDObjective
 from e2kd.models import create_model
-from e2kd.pipeline.views import crop_map, pixel_view
-from e2kd.stages.train_student import TrainOptions, prepare_student
+from e2kd.pipeline._views import crop_map, pixel_view
+from e2kd.stages._train_student import TrainOptions, prepare_student
 
 TAU, LAM, C, SIZE = 4.0, 1.0, 5, 32
 
@@ -200,7 +200,7 @@ def test_joint_crop_to_input_size_equals_resize_crop_resize() -> None:
 # ---- ViT students train from a cache ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bcos_cache(tmp_path_factory: pytest.TempPathFactory, digits: Path) -> Path:
-    from e2kd.stages.cache_teacher import run_cache_teacher
+    from e2kd.stages._cache_teacher import run_cache_teacher
 
     torch.manual_seed(0)
     ckpt = tmp_path_factory.mktemp("bcos-teacher") / "teacher.safetensors"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from e2kd.pipeline.parallel import ordered_map
+from e2kd.pipeline._parallel import ordered_map
 
 
 @pytest.mark.parametrize("workers", [0, 1, 3])

@@ -8,7 +8,7 @@ import time
 import pytest
 from tqdm import tqdm
 
-from e2kd.progress import LogProgress, progress
+from e2kd._progress import LogProgress, progress
 
 
 class _Terminal(io.StringIO):

@@ -27,7 +27,7 @@ def _teacher_run(tmp_path: Path, teacher_ckpt: Path, input_size: int) -> Path:
 
 
 def _captured_cache_options(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[object, str]:
-    import e2kd.stages.cache_teacher as stage
+    import e2kd.stages._cache_teacher as stage
 
     seen = {}
 
@@ -81,8 +81,8 @@ def test_resume_refuses_a_different_schedule_and_changes_nothing(digits: Path, t
 
 
 def test_an_unknown_yaml_key_is_named_with_the_flag_it_resembles(tmp_path: Path) -> None:
-    from e2kd.config import build_options
-    from e2kd.stages.train_student import TrainOptions
+    from e2kd._config import build_options
+    from e2kd.stages._train_student import TrainOptions
 
     config = tmp_path / "run.yaml"
     config.write_text("lamda: 2\nepochs: 3\nbatchsize: 8\n")  # typos
@@ -102,7 +102,7 @@ def test_train_teacher_on_unlabelled_data_says_so_not_lower_the_batch_size(tmp_p
 
     from PIL import Image
 
-    from e2kd.stages.train_teacher import TeacherOptions, train_teacher
+    from e2kd.stages._train_teacher import TeacherOptions, train_teacher
 
     with tarfile.open(tmp_path / "unlabelled-000000.tar", "w") as tar:
         for i in range(3):

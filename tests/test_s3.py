@@ -22,7 +22,7 @@ from conftest import S3, S3_SECRET, TEACHER_KWARGS, committed_shards, shard_chec
 
 from e2kd.cli import main
 from e2kd.storage import Encoding, Manifest, create_store, open_store
-from e2kd.storage.files import StoreLock, StoreLockedError, resolve
+from e2kd.storage._files import StoreLock, StoreLockedError, resolve
 
 SHARDS = 4
 STUDENT = ["--student", "resnet18", "--student-kwargs", json.dumps(TEACHER_KWARGS)]
@@ -290,9 +290,9 @@ def test_an_image_folder_on_s3_caches_like_the_same_folder_on_disk(s3: S3, digit
 
     from conftest import cache_options
 
-    from e2kd.pipeline.loader import plan_join
-    from e2kd.pipeline.sources import list_shards
-    from e2kd.stages.cache_teacher import run_cache_teacher
+    from e2kd.pipeline._loader import plan_join
+    from e2kd.pipeline._sources import list_shards
+    from e2kd.stages._cache_teacher import run_cache_teacher
 
     local = tmp_path / "photos"
     with tarfile.open(digits / "train-000000.tar") as tar:
@@ -328,7 +328,7 @@ def test_an_empty_object_is_an_error_never_an_empty_cache(s3: S3, teacher_ckpt: 
 
 
 def test_glob_patterns_on_s3_list_the_matching_objects(bucket: S3) -> None:
-    from e2kd.pipeline.sources import list_shards
+    from e2kd.pipeline._sources import list_shards
 
     bucket.use()
     assert [s.name for s in list_shards(bucket.url("data/train-00000[0-2].tar"))] == [

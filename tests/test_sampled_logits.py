@@ -16,8 +16,8 @@ from conftest import TEACHER_KWARGS, cache_options
 from e2kd.cli import main
 from e2kd.losses import kd_loss
 from e2kd.storage import Encoding, get_codec, open_store
-from e2kd.storage.codecs import SampledLogits, TopkLogits
-from e2kd.storage.encoding import parse_logits
+from e2kd.storage._codecs import SampledLogits, TopkLogits
+from e2kd.storage._encoding import parse_logits
 
 CLASSES = 1000
 
@@ -77,7 +77,7 @@ def test_logits_specs_parse_and_refuse_conflicts() -> None:
 
 def test_a_sampled_cache_trains_a_student_at_its_temperature_only(digits: Path, teacher_ckpt: Path,
                                                                     tmp_path: Path) -> None:
-    from e2kd.stages.cache_teacher import run_cache_teacher
+    from e2kd.stages._cache_teacher import run_cache_teacher
 
     data = f"{digits}/train-{{000000..000001}}.tar"
     store = tmp_path / "sampled"

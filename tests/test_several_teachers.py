@@ -15,7 +15,7 @@ from conftest import TEACHER_KWARGS, cache_options
 
 from e2kd.cli import main
 from e2kd.storage import get_format, open_store
-from e2kd.storage.files import checksum_local_dir
+from e2kd.storage._files import checksum_local_dir
 
 STUDENT = ["--student", "resnet18", "--student-kwargs", json.dumps({"channels": [8, 8, 16, 32], "stem_width": 8,
                                                                     "output_stride": 16})]
@@ -28,7 +28,7 @@ def two(digits: Path, teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFacto
     from safetensors.torch import save_file
 
     from e2kd.models import create_model
-    from e2kd.stages.cache_teacher import run_cache_teacher
+    from e2kd.stages._cache_teacher import run_cache_teacher
 
     root = tmp_path_factory.mktemp("teachers")
     torch.manual_seed(1)  # a second teacher: other weights (the views, drawn by --seed, are the same)

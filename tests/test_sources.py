@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from e2kd.pipeline.sources import (
+from e2kd.pipeline._sources import (
     BadSample,
     FolderShard,
     InputShard,
@@ -239,7 +239,7 @@ def test_corrupt_images_raise_a_clear_error(digits: np.ndarray) -> None:
 
 
 def test_an_input_that_cannot_be_opened_is_an_error_naming_it_not_an_empty_shard() -> None:
-    from e2kd.pipeline.sources import InputShardError
+    from e2kd.pipeline._sources import InputShardError
 
     (shard,) = list_shards("memory://e2kd-sources-test/missing-000000.tar")  # URLs are not checked when listed
     for read in (lambda: list(iter_keys(shard)), lambda: list(iter_shard(shard))):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as tvF
 
 from e2kd.losses import kd_loss
-from e2kd.pipeline.views import (
+from e2kd.pipeline._views import (
     FULL_VIEW,
     RENDER_SPEC,
     ViewPolicy,
@@ -25,8 +25,9 @@ from e2kd.pipeline.views import (
     resample_dtype,
     to_unit_float,
 )
-from e2kd.storage import Encoding, wds_store
-from e2kd.storage.files import resolve
+from e2kd.storage import Encoding
+from e2kd.storage import _wds_store as wds_store
+from e2kd.storage._files import resolve
 
 
 def test_topk_encoding_with_k_equal_c_reproduces_the_full_kd_loss() -> None:
@@ -127,7 +128,7 @@ def test_a_batch_of_crop_weights_equals_each_samples_and_roi_align() -> None:
     sample counts), flips, up- and downsampling."""
     from torchvision.ops import roi_align
 
-    from e2kd.pipeline.views import apply_crop, crop_weights, crop_weights_batch
+    from e2kd.pipeline._views import apply_crop, crop_weights, crop_weights_batch
 
     gen = torch.Generator().manual_seed(1)
     for h, w, size, image_hw in [(7, 7, (224, 224), (375, 500)), (56, 56, (7, 7), (64, 64)), (4, 6, None, (500, 375))]:
@@ -161,7 +162,7 @@ def test_wds_reader_refuses_path_traversal_and_foreign_members(tmp_path: Path) -
 
 
 def test_shots_draw_n_per_class_reproducibly() -> None:
-    from e2kd.pipeline.loader import select_shots
+    from e2kd.pipeline._loader import select_shots
 
     keys = {f"k{i}": i % 3 for i in range(30)} | {"unlabelled": -1}
     a = select_shots(keys, 4, seed=1)

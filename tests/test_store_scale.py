@@ -14,10 +14,10 @@ import pytest
 from test_store_writer import _columns, _manifest
 
 from e2kd.storage import ManifestError, copy_store, create_store, open_store
-from e2kd.storage import commits as commits_module
-from e2kd.storage.commits import COMMITS_DIR, read_view
-from e2kd.storage.files import resolve
-from e2kd.storage.keyindex import KeyIndex
+from e2kd.storage import _commits as commits_module
+from e2kd.storage._commits import COMMITS_DIR, read_view
+from e2kd.storage._files import resolve
+from e2kd.storage._keyindex import KeyIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ def test_keys_are_unique_across_shards_with_bounded_memory(tmp_path: Path, monke
         writer.record("part-009", record, ["new/0", "part-001/2", "new/2"])
     writer.close()
     # every hash equal: each match is a candidate only, confirmed against the other shard's real keys
-    monkeypatch.setattr("e2kd.storage.keyindex.hash_keys", lambda keys: np.zeros(len(list(keys)), np.uint64))
+    monkeypatch.setattr("e2kd.storage._keyindex.hash_keys", lambda keys: np.zeros(len(list(keys)), np.uint64))
     index = KeyIndex()
     index.add(["a", "b"], "s1")
     real_keys = {"s1": ["a", "b"]}

@@ -26,7 +26,7 @@ from e2kd.storage import (
     list_formats,
     open_store,
 )
-from e2kd.storage.files import StoreLockedError
+from e2kd.storage._files import StoreLockedError
 
 
 def _manifest(fmt: str = "zarr", classes: int = 3, k: int = 2, policy: str = "random_resized_crop") -> Manifest:
@@ -88,7 +88,7 @@ _KILLED_WRITER = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {tests!r})
     from test_store_writer import _columns, _manifest
-    import e2kd.storage.shards as shards
+    import e2kd.storage._shards as shards
     from e2kd.storage import create_store
 
     writer = create_store({uri!r}, _manifest())
@@ -221,7 +221,7 @@ def test_wds_shards_of_e2kd_0_1_still_read(tmp_path: Path) -> None:
 def test_show_finds_images_of_a_handed_over_image_folder_cache(tmp_path: Path) -> None:
     from PIL import Image
 
-    from e2kd.stages.figures import find_image
+    from e2kd.stages._figures import find_image
 
     folder = tmp_path / "folder"
     (folder / "cat").mkdir(parents=True)
@@ -273,7 +273,7 @@ def test_a_damaged_chunk_is_named_by_array_when_it_is_read(tmp_path: Path, fmt: 
     from legacy_wds import write_column_members
 
     from e2kd.storage import StoreIntegrityError
-    from e2kd.storage.wds_store import WdsFormat
+    from e2kd.storage._wds_store import WdsFormat
 
     monkeypatch.setattr(WdsFormat, "write", write_column_members)  # wds: the e2kd 0.3 layout, one member per column
     uri, keys = _store_with_one_shard(tmp_path, fmt, n=20)

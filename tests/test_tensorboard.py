@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import TEACHER_KWARGS
 
-from e2kd.stages.train_student import TrainOptions, train_student
+from e2kd.stages._train_student import TrainOptions, train_student
 
 
 def _events(log_dir: Path) -> object:

@@ -19,11 +19,11 @@ from conftest import TEACHER_KWARGS, cache_options
 import e2kd.models
 from e2kd.cli import main
 from e2kd.explain import build_explainer
-from e2kd.pipeline.loader import StreamSpec, StudentStream, plan_join
-from e2kd.pipeline.sources import iter_shard, list_shards
-from e2kd.pipeline.views import View, ViewPolicy, crop_map, render_view, to_unit_float
-from e2kd.stages.cache_teacher import run_cache_teacher
-from e2kd.stages.train_student import TrainOptions, train_student
+from e2kd.pipeline._loader import StreamSpec, StudentStream, plan_join
+from e2kd.pipeline._sources import iter_shard, list_shards
+from e2kd.pipeline._views import View, ViewPolicy, crop_map, render_view, to_unit_float
+from e2kd.stages._cache_teacher import run_cache_teacher
+from e2kd.stages._train_student import TrainOptions, train_student
 from e2kd.storage import CompatibilityError, open_store
 
 STUDENT_KWARGS = {"channels": [8, 8, 16, 32], "stem_width": 8, "output_stride": 16}
@@ -50,7 +50,7 @@ def test_training_from_a_cache_never_builds_the_teacher_and_its_loss_falls(cache
     real_timm = timm.create_model
     timm_built: list[dict] = []
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: timm_built.append(k) or real_timm(*a, **k))
-    monkeypatch.setattr("e2kd.stages.train_student.create_model", recording)
+    monkeypatch.setattr("e2kd.stages._train_student.create_model", recording)
     monkeypatch.setattr("e2kd.models.create_model", recording)
     opts = TrainOptions(data=train_urls, cache=str(cache), student="resnet18", student_kwargs=STUDENT_KWARGS,
                         out=str(tmp_path / "run"), epochs=4, batch_size=32, lr=3e-3, temperature=2.0, lam=1.0,
@@ -136,7 +136,7 @@ def test_a_cache_rendered_in_float32_is_replayed_in_float32_and_an_unknown_rende
         cache: Path, train_urls: str, tmp_path: Path) -> None:
     """Caches from before 0.2 resampled views in float32 (no ``resample_dtype`` recorded): the stream renders them
     that way (float images), bit-identical to the float path — not with today's uint8 resampling."""
-    from e2kd.pipeline.views import RENDER_SPEC
+    from e2kd.pipeline._views import RENDER_SPEC
 
     legacy = {k: v for k, v in RENDER_SPEC.items() if k != "resample_dtype"}
     old = _with_render(cache, tmp_path / "old", legacy)
@@ -253,14 +253,14 @@ def test_an_existing_run_is_neither_overwritten_nor_mixed_and_each_epoch_prints_
     assert (out / "metrics.jsonl").read_text() == before  # nothing lost
     train_student(TrainOptions(**opts, progress=False, overwrite=True))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    from e2kd.stages.train_teacher import TeacherOptions, train_teacher
+    from e2kd.stages._train_teacher import TeacherOptions, train_teacher
 
     with pytest.raises(FileExistsError, match="already holds a run"):  # checked before any work
         train_teacher(TeacherOptions(data=train_urls, teacher="resnet18", num_classes=10, out=str(out)))
 
 
 def test_augmentation_flags_ignored_by_a_k_view_cache_warn(cache: Path, train_urls: str, tmp_path: Path) -> None:
-    from e2kd.stages.train_student import prepare_student
+    from e2kd.stages._train_student import prepare_student
 
     opts = dict(data=train_urls, cache=str(cache), student="resnet18", student_kwargs=STUDENT_KWARGS,
                 out=str(tmp_path / "r"), batch_size=8, progress=False)
@@ -274,7 +274,7 @@ def test_augmentation_flags_ignored_by_a_k_view_cache_warn(cache: Path, train_ur
 
 
 def test_cached_shards_missing_from_data_warn(cache: Path, digits: Path, tmp_path: Path) -> None:
-    from e2kd.stages.train_student import prepare_student
+    from e2kd.stages._train_student import prepare_student
 
     opts = TrainOptions(data=f"{digits}/train-000000.tar", cache=str(cache), student="resnet18",
                         student_kwargs=STUDENT_KWARGS, out=str(tmp_path / "r"), batch_size=8, progress=False)
@@ -305,7 +305,7 @@ def test_the_plan_trusts_the_key_index_of_unchanged_shards_and_the_stream_checks
         cache: Path, digits: Path, train_urls: str, tmp_path: Path, monkeypatch) -> None:
     import shutil
 
-    import e2kd.pipeline.loader as loader
+    import e2kd.pipeline._loader as loader
 
     store, shards = open_store(str(cache)), list_shards(train_urls)
     listed = {k: v for s in shards for k, v in s.keys()}

@@ -4,10 +4,10 @@ Stages build a :class:`Trainer` (model, objective, optimiser, scheduler, loader)
 :func:`evaluate_model` gives top-1, agreement with a cached teacher and explanation similarity.
 """
 
-from e2kd.training.evaluation import evaluate_model
-from e2kd.training.loop import Trainer, build_optimizer, check_run_dir, init_distributed
-from e2kd.training.objectives import StudentObjective, SupervisedObjective
-from e2kd.training.targets import CachedTargets, OnlineTeacherTargets
+from e2kd.training._evaluation import evaluate_model
+from e2kd.training._loop import Trainer, build_optimizer, check_run_dir, init_distributed
+from e2kd.training._objectives import StudentObjective, SupervisedObjective
+from e2kd.training._targets import CachedTargets, OnlineTeacherTargets
 
 __all__ = ["Trainer", "build_optimizer", "check_run_dir", "init_distributed", "evaluate_model", "StudentObjective",
            "SupervisedObjective", "CachedTargets", "OnlineTeacherTargets"]

@@ -16,12 +16,12 @@ import torch
 from conftest import TEACHER_KWARGS, cache_options, committed_shards, shard_checksums
 from fsspec.implementations.local import LocalFileSystem
 
-from e2kd.pipeline.loader import plan_join
-from e2kd.pipeline.sources import list_shards
-from e2kd.stages.cache_teacher import run_cache_teacher
+from e2kd.pipeline._loader import plan_join
+from e2kd.pipeline._sources import list_shards
+from e2kd.stages._cache_teacher import run_cache_teacher
 from e2kd.storage import open_store
-from e2kd.storage.files import commit_dir, resolve
-from e2kd.storage.names import is_valid_shard_name
+from e2kd.storage._files import commit_dir, resolve
+from e2kd.storage._names import is_valid_shard_name
 
 E2KD = [sys.executable, "-m", "e2kd.cli"]
 #: input file names (before ".tar") that once deleted a store (``...`` → ``shards/..``), every shard (``..``)
@@ -134,10 +134,10 @@ def test_a_killed_worker_is_restarted_with_the_checkpoint_and_its_shard_retried(
 
 def test_a_worker_that_outlived_its_driver_does_not_commit(digits: Path, tmp_path: Path, fault_log) -> None:
     """A killed driver's Ray worker can finish its shard after a new run took the lock over: it must not commit."""
-    from e2kd.pipeline.views import ViewPolicy
-    from e2kd.stages.cache_teacher.worker import TeacherWorker, WorkerSpec
+    from e2kd.pipeline._views import ViewPolicy
+    from e2kd.stages._cache_teacher.worker import TeacherWorker, WorkerSpec
     from e2kd.storage import Encoding, ShardWriter
-    from e2kd.storage.files import StoreLock, StoreLockedError
+    from e2kd.storage._files import StoreLock, StoreLockedError
 
     store = tmp_path / "store"
     store.mkdir()

@@ -174,8 +174,8 @@ def test_make_dataset_and_demo_refuse_a_directory_they_do_not_own(tmp_path: Path
 def test_a_store_being_created_by_another_writer_is_locked_not_foreign(tmp_path: Path) -> None:
     """Two writers racing into an empty directory: the second sees only the first one's lock (or its temp file)
     and is told the store is locked, never that it is not a store."""
-    from e2kd.storage.files import resolve
-    from e2kd.storage.ownership import check_store_target, is_store
+    from e2kd.storage._files import resolve
+    from e2kd.storage._ownership import check_store_target, is_store
 
     for leftover in (".lock", ".lock.tmp-0123abcd", "manifest.json.tmp-77", ".staging"):
         root = tmp_path / leftover.strip(".")

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from conftest import TEACHER_KWARGS, cache_options, shard_checksums
 
 from e2kd.cli import main
-from e2kd.pipeline.loader import plan_join, select_shots
-from e2kd.pipeline.sources import decode_image, list_shards
-from e2kd.stages.cache_teacher import run_cache_teacher
+from e2kd.pipeline._loader import plan_join, select_shots
+from e2kd.pipeline._sources import decode_image, list_shards
+from e2kd.stages._cache_teacher import run_cache_teacher
 from e2kd.storage import open_store
 
 

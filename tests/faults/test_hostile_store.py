@@ -16,7 +16,7 @@ import zarr
 from click.testing import CliRunner
 
 from e2kd.cli import main
-from e2kd.storage.files import checksum_local_dir
+from e2kd.storage._files import checksum_local_dir
 
 SHARD = "train-000001"
 KWARGS = json.dumps({"channels": [8, 8, 16, 32], "stem_width": 8, "output_stride": 16})
@@ -77,7 +77,7 @@ def _rewrite_wds(store: Path, members: Callable[[list[tuple[str, bytes]]], list[
 
 def _member(store: Path, row: int) -> str:
     """The tar member prefix of ``row`` in the shard: its key (or its number, for keys WebDataset cannot carry)."""
-    from e2kd.storage.wds_store import member_key
+    from e2kd.storage._wds_store import member_key
 
     keys = json.loads((store / "shards" / SHARD / "keys.json").read_text())
     return member_key(keys[row], row) + "."
@@ -235,9 +235,9 @@ def test_untrusted_key_files_are_refused_before_they_are_parsed(pristine: dict[s
     refuse a 20 MB key file for 50 samples without reading it (peak traced memory far below the file's size)."""
     import tracemalloc
 
-    from e2kd.pipeline.loader import plan_join
-    from e2kd.pipeline.sources import list_shards
-    from e2kd.stages.inspect import summarise_store
+    from e2kd.pipeline._loader import plan_join
+    from e2kd.pipeline._sources import list_shards
+    from e2kd.stages._inspect import summarise_store
     from e2kd.storage import ManifestError, open_store
 
     store = tmp_path / "store"

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from e2kd.cli import main
-from e2kd.storage import wds_store
-from e2kd.storage.files import resolve
+from e2kd.storage import _wds_store as wds_store
+from e2kd.storage._files import resolve
 
 STUDENT = ["--student", "resnet18", "--student-kwargs",
            json.dumps({"channels": [8, 8, 16, 32], "stem_width": 8, "output_stride": 16})]
