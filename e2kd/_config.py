@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
+from e2kd._options import former_names
+
 __all__ = ["load_yaml", "preset_path", "list_presets", "build_options", "parse_json_kwargs", "parse_size",
            "check_crop_scale", "check_range"]
 
@@ -65,7 +67,7 @@ def build_options(cls: type[T], config: str | Path | None, flags: dict[str, Any]
         ValueError: unknown keys in the config file, or required options missing.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
-    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    aliases: dict[str, str] = {**getattr(cls, "ALIASES", {}), **former_names(cls)}
     merged = _renamed(_flag_names_to_fields(load_yaml(config)), aliases, str(config))
     flags = _renamed({k: v for k, v in flags.items() if v is not None}, aliases, "flags")
     unknown = sorted(set(merged) - fields)

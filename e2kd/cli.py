@@ -11,7 +11,8 @@ from typing import Any
 import click
 
 from e2kd import __version__
-from e2kd.storage import MAP_DTYPES, PRECISIONS, list_formats
+from e2kd._options import click_options, take_former
+from e2kd.stages._options import CacheTeacherOptions, TeacherOptions, TrainOptions
 
 
 def _fail(exc: BaseException) -> click.ClickException:
@@ -91,59 +92,6 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     click.echo(f"Warning: {message}", err=True)
 
 
-#: Defaults of the options train-student and train-teacher share, shown in --help (a test checks them against the
-#: options classes; they are not imported here, so ``e2kd --help`` does not load torch).
-_OPTIMISATION_DEFAULTS = {
-    "train_student": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "opt": "adamw",
-                      "sched": "cosine", "warmup_epochs": 0},
-    "train_teacher": {"epochs": 25, "batch_size": 64, "lr": 3e-3, "weight_decay": 0.05, "opt": "adamw",
-                      "sched": "cosine", "warmup_epochs": 1},
-}
-
-
-def _optimisation_options(stage: str) -> Any:
-    """The options train-student and train-teacher share, each with its stage's default in the help."""
-    defaults = _OPTIMISATION_DEFAULTS[stage]
-    options = [click.option("--epochs", type=int, help=f"[default: {defaults['epochs']}]"),
-               click.option("--batch-size", type=int, help=f"[default: {defaults['batch_size']}]"),
-               click.option("--lr", type=float, help=f"[default: {defaults['lr']}]"),
-               click.option("--weight-decay", type=float, help=f"[default: {defaults['weight_decay']}]"),
-               click.option("--opt", help=f"timm optimiser name  [default: {defaults['opt']}]"),
-               click.option("--sched", help=f"timm scheduler name  [default: {defaults['sched']}]"),
-               click.option("--warmup-epochs", type=int, help=f"[default: {defaults['warmup_epochs']}]")]
-
-    def decorate(command: Any) -> Any:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
-
-
-def _run_options(command: Any) -> Any:
-    """Checkpoints within an epoch, the key trace, TensorBoard and the order's partitions (train-student and
-    train-teacher)."""
-    options = [
-        click.option("--checkpoint-every", type=click.IntRange(min=0),
-                     help="Also checkpoint every N optimiser steps within an epoch (RUN/checkpoint.pt, replaced "
-                          "atomically); --resume continues from that exact sample. SIGTERM always checkpoints after "
-                          "the current step and stops  [default: 0: at epoch ends only]"),
-        click.option("--trace-keys", type=click.Path(dir_okay=False),
-                     help="Write one JSON line per global step: {epoch, step, keys} (the whole global batch, in "
-                          "order; rank 0). A resumed run appends from where it resumed."),
-        click.option("--tensorboard", type=click.Path(file_okay=False),
-                     help="Also write TensorBoard event files here: losses and lr per step, the epoch's metrics, and "
-                          "(train-student) a few teacher/student explanation images per epoch. Needs the tensorboard "
-                          "package (pip install 'e2kd[tensorboard]')."),
-        click.option("--partitions", type=click.IntRange(min=1),
-                     help="Partitions of the sample order: must divide the global batch and be a multiple of ranks × "
-                          "workers; runs with equal seed, global batch and partitions see the same batches  "
-                          "[default: the smallest such multiple ≥ 8]")]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
 def _preempted(exc: BaseException) -> None:
     """SIGTERM stopped the run after a checkpoint: say how to resume, exit 143 (what a scheduler expects)."""
     click.echo(f"preempted: {exc}", err=True)
@@ -159,16 +107,7 @@ def _former(flag: str, dest: str, **kwargs: Any) -> Any:
     return click.option(flag, f"former__{dest}", hidden=True, **kwargs)
 
 
-def _take_former(params: dict[str, Any]) -> dict[str, Any]:
-    """Move values given under former flag names to their current option (both at once must agree)."""
-    for key in [k for k in params if k.startswith("former__")]:
-        value, dest = params.pop(key), key[len("former__"):]
-        if value is None:
-            continue
-        if params.get(dest) not in (None, value):
-            raise click.UsageError(f"--{dest.replace('_', '-')} is given twice (once under its former name)")
-        params[dest] = value
-    return params
+_take_former = take_former
 
 
 def _storage_option(command: Any) -> Any:
@@ -274,69 +213,17 @@ def make_dataset_cmd(name: str, out: str, seed: int, tie: float, image_size: int
 
 
 @main.command("cache-teacher")
-@click.option("--data", help="Input: tar shards (paths/URLs, brace {000..009} and glob * ? [..] patterns, "
-                              "comma-separated) or an image folder.")
-@click.option("--out", help="Store to write (local path or fsspec URL); re-running resumes it.")
-@click.option("--teacher", help="timm model name or bcos:<name>.")
-@click.option("--teacher-run", type=click.Path(exists=True, file_okay=False),
-              help="A train-teacher output directory: teacher name, class count, kwargs and weights from its "
-                   "summary.json (flags given as well must agree).")
-@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False),
-              help="Teacher weights (.safetensors or .pt/.pth).")
-@_former("--checkpoint", "teacher_checkpoint", type=click.Path(dir_okay=False))
-@click.option("--random-teacher", is_flag=True, default=None,
-              help="No checkpoint: a random-init teacher seeded by --seed, recorded in the manifest (tests, "
-                   "benchmarks).")
-@click.option("--num-classes", type=int, help="Teacher's class count.")
-@click.option("--class-names", type=click.Path(exists=True, dir_okay=False),
-              help="Text file of class names, line i = class i (default for an image folder: its directories).")
-@click.option("--teacher-kwargs", help='JSON kwargs for the model constructor, e.g. \'{"output_stride": 16}\'.')
-@click.option("--explainer", help="gradcam | bcos | input_x_gradient (`e2kd explainers`)  [default: gradcam]")
-@click.option("--explainers", help="Several explanation fields from one teacher, e.g. gradcam,input_x_gradient (bcos,"
-                                   "gradcam for a B-cos teacher); each field is what a single-explainer cache would "
-                                   "hold; the first is the default (students choose with --expl-field).")
-@click.option("--explainer-kwargs", help="JSON kwargs of the explainer (recorded in the manifest).")
-@click.option("--views", help="'full' (one whole-image view; ❄ frozen e²KD) or K random-resized-crop views.")
-@click.option("--crop-scale", nargs=2, type=float, help="Area range of random crops  [default: 0.08 1.0]")
-@click.option("--flip-p", type=float, help="Flip probability of random views (0 for digits/text)  [default: 0.5]")
-@click.option("--input-size", type=int, help="Teacher input side in pixels  [default: 224]")
-@click.option("--batch-size", type=int, help="Views per teacher batch  [default: 64]")
-@click.option("--logits", help="How logits are stored: 'full' (float16), 'topk:K' (the K largest + the log-sum-exp of "
-                               "all; a biased KD target) or 'sampled:S[@T]' (S class ids drawn from the teacher at "
-                               "temperature T, default 1: an unbiased KD gradient; students train at T)  "
-                               "[default: full]")
-@click.option("--topk", type=int, hidden=True, help="Former spelling of --logits topk:K.")
-@click.option("--map-dtype", type=click.Choice(MAP_DTYPES), help="[default: float16]")
-@click.option("--map-size", help="Area-pool maps to H or HxW before storing.")
-@click.option("--map-codec", help="Codec of the explanation fields: a registered name (`e2kd codecs`) or JSON with its "
-                                  "parameters (default: the one --map-dtype names).")
-@click.option("--format", "fmt", type=click.Choice(list_formats()),
-              help="zarr (random access) or wds (a WebDataset tar per shard, joinable by __key__)  [default: zarr]")
-@click.option("--actors", type=int, help="Ray actors, one teacher each  [default: one per CPU/GPU slot]")
-@_former("--workers", "actors", type=int)
-@click.option("--gpus-per-actor", type=float, help="GPUs per actor  [default: 0]")
-@_former("--gpus-per-worker", "gpus_per_actor", type=float)
-@click.option("--threads-per-actor", type=int, help="Torch threads per actor (fixed for determinism)  [default: 1]")
-@click.option("--decode-workers", type=int,
-              help="Threads per actor that decode images and render views ahead of the teacher (0: in the actor's "
-                   "own thread; on a GPU node about cores per GPU − 2). The output is the same for any value; each "
-                   "actor asks Ray for threads-per-actor + decode-workers CPUs  [default: 0]")
-@_former("--threads-per-worker", "threads_per_actor", type=int)
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Teacher autocast  [default: fp32]")
-@click.option("--ray-address", help="'auto' or HOST:PORT to join a running Ray cluster (default: private local).")
-@click.option("--overwrite/--no-overwrite", default=None,
-              help="Delete an existing e2kd store at --out and start over (never a directory that is not one).")
-@click.option("--create-bucket", is_flag=True, default=None,
-              help="Create --out's bucket if it does not exist (refused by default: a typo would make a new bucket).")
-@click.option("--seed", type=int, help="Seed of the random views  [default: 0]")
-@_storage_option
+@click_options(CacheTeacherOptions, after={"teacher": click.option(
+    "--teacher-run", type=click.Path(exists=True, file_okay=False),
+    help="A train-teacher output directory: teacher name, class count, kwargs and weights from its summary.json (flags "
+         "given as well must agree).")})
 @click.option("--config", help="YAML file of these options, or a packaged preset name (demo-digits, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags: Any) -> None:
+def cache_teacher_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     """Run a teacher once over a dataset and cache its logits and explanation maps (Ray-parallel, resumable)."""
     from e2kd._config import build_options, parse_json_kwargs, parse_size
     from e2kd._runs import fill_from_run, inherit_from_run
-    from e2kd.stages._cache_teacher import CacheTeacherOptions, run_cache_teacher
+    from e2kd.stages._cache_teacher import run_cache_teacher
     from e2kd.storage._options import parse_storage_options
 
     try:
@@ -350,7 +237,6 @@ def cache_teacher_cmd(config: str | None, quiet: bool, fmt: str | None, **flags:
         flags["explainer_kwargs"] = parse_json_kwargs(flags["explainer_kwargs"])
         flags["map_size"] = parse_size(flags["map_size"])
         flags["storage_options"] = parse_storage_options(flags["storage_options"])
-        flags["format"] = fmt
         flags["progress"] = False if quiet else None
         opts = build_options(CacheTeacherOptions, config, flags)
         summary = run_cache_teacher(opts)
@@ -460,69 +346,14 @@ def copy_cmd(src: str, dst: str, overwrite: bool, create_bucket: bool, storage_o
 
 
 @main.command("train-student")
-@click.option("--data", help="Training images: the shards (or image folder) the cache was built from.")
-@click.option("--cache", multiple=True, help="Teacher cache (from cache-teacher); once per teacher to learn from "
-                                             "several (caches of the same inputs, joined by key).")
-@click.option("--cache-weights", help="Several --cache: each teacher's weight, e.g. 0.7,0.3 (KD towards the weighted "
-                                      "mixture; explanation terms weighted alike)  [default: equal]")
-@click.option("--student", help="timm model name or bcos:<name>.")
-@click.option("--out", help="Run directory: metrics.jsonl, checkpoint.pt, student.safetensors, summary.json.")
-@click.option("--student-kwargs", help="JSON kwargs for the student constructor.")
-@click.option("--student-init", type=click.Path(),
-              help="Initial student weights: a weights file, or a run directory (its summary.json supplies --student "
-                   "and --student-kwargs too; given flags must agree).")
-@click.option("--num-classes", type=int, help="Default: the cache's; must agree with it.")
-@click.option("--explainer", help="Student explainer. Default: the cache field's; must be of the same family.")
-@click.option("--expl-field", help="The cache's explanation field to match (`e2kd inspect` lists them; needed where "
-                                   "a cache holds several, e.g. cached with --explainers gradcam,input_x_gradient).")
-@click.option("--input-size", type=int, help="Default: the cache's; must agree with a K-view cache.")
-@_optimisation_options("train_student")
-@click.option("--steps-per-epoch", type=int, help="Default: usable samples // (batch × ranks).")
-@click.option("--clip-grad", type=float, help="Gradient norm clip (0: off)  [default: 1.0]")
-@click.option("--lambda", "lam", type=float, help="Weight of the explanation loss; 0 is plain KD  [default: 1]")
-@click.option("--temperature", type=float, help="KD temperature  [default: 1]")
-@click.option("--ce-weight", type=float, help="Cross-entropy on labels (−1 ignored)  [default: 0]")
-@click.option("--expl-resolution", type=click.Choice(["input", "native"]),
-              help="Where the explanation cosine is taken: 'input' (both maps upsampled to the input size, as in "
-                   "the paper) or 'native' (the maps' own size)  [default: input]")
-@click.option("--crop-scale", nargs=2, type=float, help="Random-resized-crop area of a full cache  [default: 0.08 1]")
-@click.option("--flip-p", type=float, help="Flip probability with a full cache  [default: 0]")
-@click.option("--shots", type=int, help="Use N images per class (few-shot).")
-@click.option("--shot-seed", type=int, help="Seed of the --shots draw  [default: 0]")
-@click.option("--val-data", help="Validation shards: top-1 every epoch.")
-@click.option("--val-cache", help="Teacher cache of --val-data: agreement and explanation similarity.")
-@click.option("--workers", type=int, help="DataLoader workers  [default: 0]")
-@click.option("--local-cache", type=click.Path(file_okay=False),
-              help="Keep remote (s3://, …) cache and input shards in this local directory across epochs: each is "
-                   "downloaded once, verified by sha256 on every use (fetched again if it fails), least recently "
-                   "used evicted beyond --local-cache-gb. Ranks and workers of one machine share it; local paths "
-                   "are always read in place.")
-@click.option("--local-cache-gb", type=float, help="Size bound of --local-cache in GB  [default: 50]")
-@click.option("--decode-on-device/--no-decode-on-device", default=None,
-              help="Decode and render the images on the training device (nvjpeg on a GPU, one call per batch) "
-                   "instead of in the DataLoader workers, which then only read records: for GPU nodes whose CPU "
-                   "cores cannot decode as fast as the GPU trains. Images within one grey level of the workers' "
-                   "(a K-view cache is replayed nearly, not bit-, exactly).")
-@click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
-@click.option("--resume/--no-resume", default=None, help="Continue from RUN_DIR/checkpoint.pt.")
-@click.option("--overwrite/--no-overwrite", default=None,
-              help="Replace an existing run in RUN_DIR (refused without it or --resume).")
-@click.option("--allow-missing/--no-allow-missing", default=None, help="Skip and count keys missing on one side.")
-@click.option("--seed", type=int, help="[default: 0]")
-@click.option("--online-teacher", help="Live-teacher baseline (no --cache): teacher model name.")
-@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), help="Weights of --online-teacher.")
-@click.option("--teacher-kwargs", help="JSON kwargs of --online-teacher.")
-@click.option("--expect-cache-id", multiple=True,
-              help="Refuse any cache but the one with this id (`e2kd inspect` prints it); once per --cache, in order.")
-@_run_options
-@_storage_option
+@click_options(TrainOptions)
 @click.option("--config", help="YAML file of these options, or a packaged preset name (demo-digits, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_student_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     """Train a student from cached teacher outputs (KD + λ·explanation loss); the teacher is never loaded."""
     from e2kd._config import build_options, parse_json_kwargs
     from e2kd._runs import fill_from_run
-    from e2kd.stages._train_student import TrainOptions, train_student
+    from e2kd.stages._train_student import train_student
     from e2kd.storage._options import parse_storage_options
     from e2kd.training._loop import Preempted
 
@@ -617,32 +448,14 @@ def evaluate_cmd(data: str, run_dir: str | None, student: str | None, weights: s
 
 
 @main.command("train-teacher")
-@click.option("--data", help="Labelled training shards (or an image folder).")
-@click.option("--teacher", help="timm model name or bcos:<name>.")
-@_former("--model", "teacher")
-@click.option("--num-classes", type=int, help="Class count.")
-@click.option("--out", help="Run directory: teacher.safetensors, metrics.jsonl, checkpoint.pt, summary.json.")
-@click.option("--teacher-kwargs", help="JSON kwargs of the model constructor.")
-@_former("--model-kwargs", "teacher_kwargs")
-@click.option("--input-size", type=int, help="[default: 224]")
-@_optimisation_options("train_teacher")
-@click.option("--label-smoothing", type=float, help="[default: 0.1]")
-@click.option("--crop-scale", nargs=2, type=float, help="Random-resized-crop area range  [default: 0.7 1.0]")
-@click.option("--flip-p", type=float, help="Flip probability  [default: 0]")
-@click.option("--val-data", help="Validation shards (top-1 per epoch).")
-@click.option("--seed", type=int, help="[default: 0]")
-@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers  [default: 0]")
-@click.option("--resume/--no-resume", default=None, help="Continue from OUT/checkpoint.pt.")
-@click.option("--overwrite/--no-overwrite", default=None,
-              help="Replace an existing run in OUT (refused without it or --resume).")
-@_run_options
+@click_options(TeacherOptions)
 @click.option("--config", help="YAML file of these options, or a packaged preset name.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_teacher_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     """Train a teacher with plain supervised learning (the student's loop: timm optimiser and schedule, label
     smoothing, checkpoints, --resume)."""
     from e2kd._config import build_options, parse_json_kwargs
-    from e2kd.stages._train_teacher import TeacherOptions, train_teacher
+    from e2kd.stages._train_teacher import train_teacher
     from e2kd.training._loop import Preempted
 
     try:

@@ -45,6 +45,7 @@ from e2kd.pipeline._views import (
     render_view_uint8,
     resample_dtype,
 )
+from e2kd.storage import CacheStore
 from e2kd.storage._local_cache import LocalCache
 
 __all__ = ["JoinPlan", "plan_join", "key_mismatch_message", "StreamSpec", "StudentStream", "build_loader",
@@ -80,7 +81,7 @@ class JoinPlan:
         return out
 
 
-def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool = False,
+def plan_join(shards: list[InputShard], store: CacheStore | None, allow_missing: bool = False,
               labels: bool = True) -> JoinPlan:
     """Match the input's keys with the cache, in O(number of shards) where the input is the one cached.
 
@@ -122,7 +123,7 @@ def plan_join(shards: list[InputShard], store: Any | None, allow_missing: bool =
 
 
 def _check_no_duplicate(usable: dict[str, Any], plan: JoinPlan, shard: InputShard,
-                        looked: list[tuple[InputShard, tuple[bool, Any, dict[str, Any]]]], store: Any) -> None:
+                        looked: list[tuple[InputShard, tuple[bool, Any, dict[str, Any]]]], store: CacheStore) -> None:
     """A key already planned from another shard: named, with the side (cache or --data) that holds it twice."""
     dup = next((k for k in usable if k in plan.keys), None)
     if dup is None:
@@ -147,7 +148,7 @@ def key_mismatch_message(missing_in_cache: Sequence[str], missing_in_input: Sequ
 _PLAN_THREADS = 16  # concurrent per-shard look-ups while planning (object storage: a few requests per shard)
 
 
-def _look_up(shard: InputShard, store: Any, labels: bool) -> tuple[bool, list[dict[str, str]], dict[str, Any]]:
+def _look_up(shard: InputShard, store: CacheStore, labels: bool) -> tuple[bool, list[dict[str, str]], dict[str, Any]]:
     """One shard's part of the plan: ``(trusted, cached errors, cached key → label)`` — or, for a shard that is not
     trusted, its input keys listed (a full read)."""
     cached_shard = shard.name in store.shard_names
@@ -159,7 +160,7 @@ def _look_up(shard: InputShard, store: Any, labels: bool) -> tuple[bool, list[di
     return False, errors, dict(iter_keys(shard))
 
 
-def _trusted(shard: InputShard, store: Any) -> bool:
+def _trusted(shard: InputShard, store: CacheStore) -> bool:
     """The shard was cached from an input of exactly this size (one ``size`` call)."""
     rec = store.manifest.shards.get(shard.name)
     if rec is None or not rec.complete or rec.source_bytes is None:
@@ -167,7 +168,7 @@ def _trusted(shard: InputShard, store: Any) -> bool:
     return input_size_bytes(shard) == rec.source_bytes
 
 
-def _listed_join(shard: InputShard, store: Any, errors: list[dict[str, str]], plan: JoinPlan,
+def _listed_join(shard: InputShard, store: CacheStore, errors: list[dict[str, str]], plan: JoinPlan,
                  input_keys: dict[str, int]) -> dict[str, int]:
     """Match a listed shard's keys with the cache; mismatches go into ``plan``."""
     bad = {e["key"] for e in errors if "kept" not in e}
@@ -575,7 +576,7 @@ class _KeyCheck:
     not in the cache (nor recorded as bad), or cached but absent from the input, stops the run with the plan's
     error — or, with ``--allow-missing``, is skipped and counted (one warning per shard)."""
 
-    def __init__(self, shard: str, records: dict[str, Any], store: Any, allow_missing: bool) -> None:
+    def __init__(self, shard: str, records: dict[str, Any], store: CacheStore, allow_missing: bool) -> None:
         self.shard, self.records, self.allow_missing = shard, records, allow_missing
         self.bad = {e["key"] for e in store.shard_errors(shard)}
         self.seen: set[str] = set()

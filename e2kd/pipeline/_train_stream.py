@@ -155,7 +155,7 @@ class PartitionReader:
     time (through the scan it shares with the worker's other readers in the shard)."""
 
     def __init__(self, stream: StudentStream, order: Order, shards: dict[str, InputShard], partition: int,
-                 records: SharedRecords | None = None, on_stand_in: Any = None) -> None:
+                 records: SharedRecords | None = None, on_stand_in: Callable[[], None] | None = None) -> None:
         self.stream, self.order, self.shards, self.partition = stream, order, shards, partition
         self.shared = records or SharedRecords(stream, order)
         self.on_stand_in = on_stand_in  # called once per sample replaced by a stand-in

@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from e2kd.losses import EXPL_RESOLUTIONS, E2KDObjective
+from e2kd.losses import E2KDObjective
 from e2kd.models import create_model, model_spec
 from e2kd.pipeline._device_images import DeviceImages
 from e2kd.pipeline._loader import JoinPlan, StreamSpec, plan_join, select_shots
 from e2kd.pipeline._sources import list_shards
 from e2kd.pipeline._student_cache import open_student_cache, open_student_caches, parse_cache_weights
 from e2kd.pipeline._train_stream import build_train_loader
+from e2kd.stages._options import TrainOptions
 from e2kd.storage import CacheStore, CompatibilityError, Manifest
 from e2kd.storage._local_cache import LocalCache
 from e2kd.storage._options import apply_storage_options, describe_storage_options, resolve_storage_options
@@ -40,98 +41,6 @@ from e2kd.training import (
 from e2kd.training._loop import order_record, seed_everything, training_order
 
 __all__ = ["TrainOptions", "StudentRun", "prepare_student", "train_student", "CompatibilityError"]
-
-
-@dataclass
-class TrainOptions:
-    """Options of ``train-student`` (CLI flags and YAML keys share these names)."""
-
-    data: str
-    student: str
-    out: str
-    cache: str | list[str] | None = None  # several: one cache per teacher, of the same inputs (joined by key)
-    cache_weights: str | None = None  # "0.7,0.3": each teacher's weight (default: equal)
-    student_kwargs: dict[str, Any] = field(default_factory=dict)
-    student_init: str | None = None
-    num_classes: int | None = None
-    explainer: str | None = None
-    input_size: int | None = None
-    epochs: int = 10
-    steps_per_epoch: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    opt: str = "adamw"
-    sched: str = "cosine"
-    warmup_epochs: int = 0
-    clip_grad: float | None = 1.0
-    lam: float = 1.0
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    expl_resolution: str = "input"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    flip_p: float = 0.0
-    shots: int | None = None
-    shot_seed: int = 0
-    val_data: str | None = None
-    val_cache: str | None = None
-    workers: int = 0
-    amp: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    allow_missing: bool = False
-    seed: int = 0
-    online_teacher: str | None = None
-    teacher_checkpoint: str | None = None
-    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
-    progress: bool = True
-    expect_cache_id: str | list[str] | None = None  # refuse any cache but this one (once per --cache, in order)
-    expl_field: str | None = None  # the cache's explanation field to match (needed where it holds several)
-    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec arguments; never recorded
-    checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: every epoch only)
-    trace_keys: str | None = None  # JSON lines of every global batch's keys (rank 0)
-    tensorboard: str | None = None  # TensorBoard event files of the run (rank 0)
-    partitions: int | None = None  # of the training order (default: see e2kd.pipeline._order.default_partitions)
-    local_cache: str | None = None  # directory keeping remote cache and input shards across epochs
-    local_cache_gb: float = 50.0  # its bound
-    decode_on_device: bool = False  # images decoded and rendered on the training device (nvjpeg), not in workers
-
-    def __post_init__(self) -> None:
-        if (not self.cache) == (self.online_teacher is None):
-            raise ValueError("give exactly one of --cache (train from a cache) or --online-teacher (live baseline)")
-        if self.cache_weights and len(cache_list(self.cache)) < 2:
-            raise ValueError("--cache-weights weighs several teachers: give one --cache per teacher")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("--epochs and --batch-size must be >= 1")
-        if self.lam < 0 or self.temperature <= 0:
-            raise ValueError("--lambda must be >= 0 and --temperature > 0")
-        _check_ranges(self)
-        if self.expl_resolution not in EXPL_RESOLUTIONS:
-            raise ValueError(f"--expl-resolution must be one of {', '.join(EXPL_RESOLUTIONS)}, "
-                             f"got {self.expl_resolution!r}")
-
-
-def _check_ranges(o: TrainOptions) -> None:
-    """Every option's range, checked up front — also where a value would be ignored."""
-    from e2kd._config import check_crop_scale, check_range
-
-    check_crop_scale(o.crop_scale)
-    check_range("--flip-p", o.flip_p, 0, 1)
-    check_range("--input-size", o.input_size, 8)
-    for flag, value in (("--steps-per-epoch", o.steps_per_epoch), ("--shots", o.shots),
-                        ("--num-classes", o.num_classes)):
-        check_range(flag, value, 1)
-    check_range("--lr", o.lr, 0, exclusive_lo=True)
-    check_range("--partitions", o.partitions, 1)
-    check_range("--local-cache-gb", o.local_cache_gb, 0, exclusive_lo=True)
-    for flag, amount in (("--weight-decay", o.weight_decay), ("--warmup-epochs", o.warmup_epochs),
-                        ("--clip-grad", o.clip_grad), ("--ce-weight", o.ce_weight), ("--workers", o.workers),
-                        ("--checkpoint-every", o.checkpoint_every)):
-        check_range(flag, amount, 0)
-    if o.warmup_epochs >= o.epochs and o.warmup_epochs > 0:
-        raise ValueError(f"--warmup-epochs {o.warmup_epochs} must be fewer than --epochs {o.epochs}")
-    if o.val_cache and not o.val_data:
-        raise ValueError("--val-cache needs --val-data")
 
 
 # ---- set-up and compatibility ----------------------------------------------------------------------

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -13,58 +13,11 @@ from e2kd.models import create_model, model_spec
 from e2kd.pipeline._loader import StreamSpec, plan_join
 from e2kd.pipeline._sources import class_names, list_shards
 from e2kd.pipeline._train_stream import build_train_loader
+from e2kd.stages._options import TeacherOptions
 from e2kd.training import SupervisedObjective, Trainer, build_optimizer, check_run_dir, evaluate_model
 from e2kd.training._loop import order_record, seed_everything, training_order
 
 __all__ = ["TeacherOptions", "train_teacher"]
-
-
-@dataclass
-class TeacherOptions:
-    """Options of ``train-teacher``."""
-
-    ALIASES: ClassVar[dict[str, str]] = {"model": "teacher", "model_kwargs": "teacher_kwargs"}  # former names
-
-    data: str
-    teacher: str
-    num_classes: int
-    out: str
-    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
-    input_size: int = 224
-    epochs: int = 25
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    opt: str = "adamw"
-    sched: str = "cosine"
-    warmup_epochs: int = 1
-    label_smoothing: float = 0.1
-    crop_scale: tuple[float, float] = (0.7, 1.0)
-    flip_p: float = 0.0
-    val_data: str | None = None
-    workers: int = 0
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: every epoch only)
-    trace_keys: str | None = None  # JSON lines of every step's keys
-    tensorboard: str | None = None  # TensorBoard event files of the run (rank 0)
-    partitions: int | None = None  # of the training order (default: see e2kd.pipeline._order.default_partitions)
-
-    def __post_init__(self) -> None:
-        from e2kd._config import check_crop_scale, check_range
-
-        check_crop_scale(self.crop_scale)
-        for flag, value, lo in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
-                                ("--input-size", self.input_size, 8), ("--num-classes", self.num_classes, 1),
-                                ("--workers", self.workers, 0), ("--warmup-epochs", self.warmup_epochs, 0),
-                                ("--weight-decay", self.weight_decay, 0),
-                                ("--checkpoint-every", self.checkpoint_every, 0)):
-            check_range(flag, value, lo)
-        check_range("--lr", self.lr, 0, exclusive_lo=True)
-        check_range("--flip-p", self.flip_p, 0, 1)
-        check_range("--label-smoothing", self.label_smoothing, 0, 1)
 
 
 def train_teacher(opts: TeacherOptions) -> dict[str, Any]:

@@ -19,10 +19,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from timm.utils import dispatch_clip_grad, random_seed
@@ -145,6 +145,12 @@ def build_optimizer(model: torch.nn.Module, *, opt: str, lr: float, weight_decay
     return optimizer, scheduler
 
 
+class EpochStream(Protocol):
+    """What the trainer's stream must do: start the next pass at global batch ``start`` of ``epoch``."""
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None: ...
+
+
 @dataclass
 class Trainer:
     """A model, the objective of one batch, its optimiser and scheduler, and the stream that feeds it."""
@@ -153,8 +159,8 @@ class Trainer:
     objective: StepObjective
     optimizer: Any
     scheduler: Any
-    stream: Any  # has set_epoch(epoch)
-    loader: Any
+    stream: EpochStream
+    loader: Iterable[dict[str, Any]]
     steps_per_epoch: int
     epochs: int
     device: torch.device

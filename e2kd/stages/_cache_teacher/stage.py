@@ -8,15 +8,12 @@ replace), so the store is consistent at every instant and a killed run resumes w
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from e2kd import __version__
 from e2kd.explain import build_explainer
-from e2kd.explain._registry import check_supports
 from e2kd.models import InputTransform
 from e2kd.pipeline._sources import (
     FolderShard,
@@ -26,121 +23,17 @@ from e2kd.pipeline._sources import (
     list_shards,
     read_class_names,
 )
-from e2kd.pipeline._views import RENDER_SPEC, ViewPolicy
+from e2kd.pipeline._views import RENDER_SPEC
 from e2kd.stages._cache_teacher.ray_session import check_ray_address, ensure_ray
 from e2kd.stages._cache_teacher.teacher import TeacherSpec
 from e2kd.stages._cache_teacher.worker import TeacherWorker, WorkerSpec
-from e2kd.storage import PRECISIONS, CacheWriter, Encoding, Manifest, ManifestError, create_store, list_formats
-from e2kd.storage._codecs import Codec, get_codec
-from e2kd.storage._encoding import parse_logits
-from e2kd.storage._fields import Field, check_field_name, explanation_prefix
+from e2kd.stages._options import CacheTeacherOptions
+from e2kd.storage import CacheWriter, Manifest, ManifestError, create_store
+from e2kd.storage._fields import Field, explanation_prefix
 from e2kd.storage._options import apply_storage_options, resolve_storage_options
 from e2kd.storage._ownership import check_writable
 
 __all__ = ["CacheTeacherOptions", "run_cache_teacher"]
-
-
-@dataclass
-class CacheTeacherOptions:
-    """Options of ``cache-teacher`` (CLI flags and YAML config keys have the same names; ``ALIASES``: the names
-    options had before, still accepted)."""
-
-    ALIASES: ClassVar[dict[str, str]] = {"checkpoint": "teacher_checkpoint", "workers": "actors",
-                                         "gpus_per_worker": "gpus_per_actor", "threads_per_worker": "threads_per_actor"}
-
-    data: str
-    out: str
-    teacher: str
-    num_classes: int
-    teacher_checkpoint: str | None = None
-    random_teacher: bool = False
-    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
-    explainer: str = "gradcam"
-    explainers: str | None = None  # several explanation fields from one teacher: "gradcam,input_x_gradient"
-    explainer_kwargs: dict[str, Any] = field(default_factory=dict)  # of the (first) explainer
-    class_names: str | None = None  # a file, one name per line (image folders: the class directories' names)
-    views: str = "full"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    flip_p: float = 0.5
-    input_size: int = 224
-    batch_size: int = 64
-    logits: str = "full"  # full | topk:K | sampled:S[@T]
-    topk: int | None = None  # former spelling of logits="topk:K"
-    map_dtype: str = "float16"
-    map_codec: str | None = None  # a registered explanation codec by name or as JSON (default: from map_dtype)
-    map_size: tuple[int, int] | None = None
-    format: str = "zarr"
-    actors: int | None = None
-    gpus_per_actor: float = 0.0
-    threads_per_actor: int = 1
-    decode_workers: int = 0  # per actor: threads decoding and rendering ahead of the teacher (0: inline)
-    precision: str = "fp32"
-    ray_address: str | None = None
-    overwrite: bool = False
-    create_bucket: bool = False  # --out in a bucket that does not exist: create it (else refused: a typo?)
-    seed: int = 0
-    progress: bool = True
-    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # fsspec arguments; never recorded
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.format not in list_formats():
-            raise ValueError(f"--format must be one of {list_formats()}, got {self.format!r}")
-        if self.batch_size < 1 or self.input_size < 8:
-            raise ValueError("--batch-size must be >= 1 and --input-size >= 8")
-        if self.actors is not None and self.actors < 1:
-            raise ValueError(f"--actors must be >= 1, got {self.actors}")
-        from e2kd._config import check_crop_scale, check_range
-
-        check_crop_scale(self.crop_scale)
-        check_range("--flip-p", self.flip_p, 0, 1)
-        check_range("--threads-per-actor", self.threads_per_actor, 1)
-        check_range("--decode-workers", self.decode_workers, 0)
-        check_range("--gpus-per-actor", self.gpus_per_actor, 0)
-        self.encoding  # noqa: B018 - top-k, map dtype and map size are checked here, before any work
-        self.explanation_codec  # noqa: B018 - an unknown --map-codec is refused here
-        self.view_policy  # noqa: B018
-        if self.explainers:
-            self.explainer = self.explainer_names[0]
-        for i, name in enumerate(self.explainer_names):  # the explainer's answer, before any work (unknown: refused)
-            check_supports(name, self.teacher, default=i == 0)
-        if self.teacher_checkpoint is not None and self.random_teacher:
-            raise ValueError("--teacher-checkpoint and --random-teacher exclude each other")
-
-    @property
-    def explanation_codec(self) -> Codec:
-        """The codec of every explanation field: ``--map-codec`` (a registered name, or JSON with parameters), else
-        the one ``--map-dtype`` names."""
-        if not self.map_codec:
-            return self.encoding.map_codec
-        text = str(self.map_codec).strip()
-        spec = json.loads(text) if text.startswith("{") else {"name": text}
-        codec = get_codec(spec)
-        if codec.kind != "explanation":
-            raise ValueError(f"--map-codec {codec.name!r} is a {codec.kind} codec, not an explanation codec")
-        return codec
-
-    @property
-    def explainer_names(self) -> list[str]:
-        """The explainers, one explanation field each (the first is the cache's default field)."""
-        if not self.explainers:
-            return [self.explainer]
-        names = [n.strip() for n in str(self.explainers).split(",") if n.strip()]
-        if not names or len(set(names)) != len(names) or len(names) > 8:
-            raise ValueError(f"--explainers must name 1 to 8 different explainers, got {self.explainers!r}")
-        for name in names:
-            check_field_name(name)
-        return names
-
-    @property
-    def view_policy(self) -> ViewPolicy:
-        return ViewPolicy.parse(self.views, scale=tuple(self.crop_scale), flip_p=self.flip_p, seed=self.seed)
-
-    @property
-    def encoding(self) -> Encoding:
-        return Encoding(num_classes=self.num_classes, **parse_logits(self.logits, self.topk), map_dtype=self.map_dtype,
-                        map_size=(self.map_size[0], self.map_size[1]) if self.map_size else None)
 
 
 def _class_names(opts: CacheTeacherOptions, shards: list[InputShard]) -> tuple[str, ...] | None:
