@@ -14,6 +14,7 @@ from e2kd.losses import explanation_similarity
 from e2kd.models import create_model, input_transform
 from e2kd.pipeline._sources import FolderShard, Sample, iter_shard, list_shards
 from e2kd.pipeline._views import render_view
+from e2kd.storage import CachedRecord, CacheStore
 
 __all__ = ["explanation_grid", "show_key", "find_image"]
 
@@ -166,7 +167,7 @@ def show_key(store_uri: str, key: str, out: str | Path, data: str | None = None,
     return cosines
 
 
-def _other_teachers(store: Any, key: str, uris: list[str]) -> list[tuple[str, dict[str, Any]]]:
+def _other_teachers(store: CacheStore, key: str, uris: list[str]) -> list[tuple[str, CachedRecord]]:
     """The record of ``key`` in each further teacher's cache, which must join ``store`` (the same checks as
     train-student's several ``--cache``)."""
     if not uris:

@@ -13,10 +13,10 @@ from e2kd.storage._encoding import MAP_DTYPES, Encoding
 from e2kd.storage._formats import ShardFormat, get_format, list_formats, register_format
 from e2kd.storage._manifest import PRECISIONS, CompatibilityError, Manifest, ManifestError, ShardRecord
 from e2kd.storage._names import shard_name_for
-from e2kd.storage._reader import CacheStore, StoreIntegrityError, open_store
+from e2kd.storage._reader import CachedRecord, CacheStore, StoreIntegrityError, open_store
 from e2kd.storage._writer import CacheWriter, ShardWriter, create_store
 
-__all__ = ["open_store", "CacheStore", "create_store", "CacheWriter", "ShardWriter", "Manifest", "ShardRecord",
-           "Encoding", "ManifestError", "CompatibilityError", "StoreIntegrityError", "ShardFormat", "get_format",
-           "list_formats", "register_format", "MAP_DTYPES", "PRECISIONS", "shard_name_for", "copy_store", "CopyReport",
-           "Codec", "register_codec", "get_codec", "list_codecs"]
+__all__ = ["open_store", "CacheStore", "CachedRecord", "create_store", "CacheWriter", "ShardWriter", "Manifest",
+           "ShardRecord", "Encoding", "ManifestError", "CompatibilityError", "StoreIntegrityError", "ShardFormat",
+           "get_format", "list_formats", "register_format", "MAP_DTYPES", "PRECISIONS", "shard_name_for", "copy_store",
+           "CopyReport", "Codec", "register_codec", "get_codec", "list_codecs"]

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
@@ -27,6 +27,20 @@ from e2kd.storage._keyindex import KeyIndex
 from e2kd.storage._local_cache import LocalCache
 from e2kd.storage._manifest import Manifest, ManifestError, cache_id_of
 from e2kd.storage._shards import ERRORS_NAME, KEYS_NAME
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class CachedRecord(TypedDict):
+    """One sample's cached teacher outputs (tensors: the store hands them to torch code; the student's loader
+    joins several teachers' records into one with stacked logits and a list of maps)."""
+
+    logits: Tensor  #: ``[V, C]``
+    target: Tensor  #: ``[V]``: the explained class of each view (the teacher's top-1)
+    maps: Tensor  #: ``[V, C_e, h, w]`` of the chosen explanation field
+    views: Tensor  #: ``[V, 5]``: each view's box and flip
+    label: int  #: −1 where the sample has none
 
 __all__ = ["open_store", "CacheStore", "StoreIntegrityError"]
 
@@ -281,7 +295,7 @@ class CacheStore:
     def _read_shard(self, name: str) -> dict[str, np.ndarray]:
         return self.shard_columns(name)[1]
 
-    def _decode(self, cols: dict[str, np.ndarray], row: int, field: str | None = None) -> dict[str, Any]:
+    def _decode(self, cols: dict[str, np.ndarray], row: int, field: str | None = None) -> CachedRecord:
         import torch
 
         one = {k: v[row] for k, v in cols.items()}
@@ -289,7 +303,7 @@ class CacheStore:
                 "maps": self.encoding.decode_maps(one, field),
                 "views": torch.from_numpy(one["views"].astype(np.float32)), "label": int(one["labels"])}
 
-    def read(self, key: str, field: str | None = None) -> dict[str, Any]:
+    def read(self, key: str, field: str | None = None) -> CachedRecord:
         """``{"logits": [V, C], "target": [V], "maps": [V, C_e, h, w], "views": [V, 5], "label": int}``; ``maps`` of
         explanation field ``field`` (None: the cache's default, its first)."""
         try:
@@ -298,7 +312,7 @@ class CacheStore:
             raise KeyError(f"key {key!r} is not in the cache {self.uri}") from None
         return self._decode(self._load_columns(name), row, field)
 
-    def iter_shard(self, name: str, field: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    def iter_shard(self, name: str, field: str | None = None) -> Iterator[tuple[str, CachedRecord]]:
         """Sequentially yield ``(key, record)`` for one shard (one verified read of its data)."""
         keys, cols = self.shard_columns(name)
         for row, key in enumerate(keys):
