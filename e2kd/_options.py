@@ -42,6 +42,7 @@ class Opt:
     text: bool = False  #: the flag takes text the command parses into the field's value (e.g. ``HxW``)
     exists: bool = False  #: a path flag whose path must exist
     hidden: bool = False  #: accepted, not shown in --help
+    dest: str | None = None  #: the click parameter's name where the field's would shadow a builtin (``format``)
 
 
 def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, repr: bool = True,
@@ -82,8 +83,8 @@ def click_options(cls: type, skip: Sequence[str] = (),
             for old in _spec(f).former:
                 command = click.option(old, f"former__{f.name}", hidden=True, **_click_kwargs(f, hints[f.name],
                                                                                              help_text=False))(command)
-            command = click.option(*_declarations(f, hints[f.name]), f.name, **_click_kwargs(f, hints[f.name]))(
-                command)
+            command = click.option(*_declarations(f, hints[f.name]), _spec(f).dest or f.name,
+                                   **_click_kwargs(f, hints[f.name]))(command)
         return command
 
     return decorate
@@ -162,9 +163,14 @@ def _help_and_default(f: dataclasses.Field, spec: Opt) -> str:
     return f"{spec.help}  [default: {default}]" if spec.help else f"[default: {default}]"
 
 
-def take_former(params: dict[str, Any]) -> dict[str, Any]:
+def take_former(params: dict[str, Any], cls: type | None = None) -> dict[str, Any]:
     """A command's parameters with values given under former flag names moved to their option (both at once must
-    agree)."""
+    agree), and, with ``cls``, those under a ``dest`` back under their field's name."""
+    if cls is not None:
+        for f in dataclasses.fields(cls):
+            dest = _spec(f).dest
+            if dest and dest in params:
+                params[f.name] = params.pop(dest)
     for key in [k for k in params if k.startswith("former__")]:
         value, dest = params.pop(key), key[len("former__"):]
         if value is None:

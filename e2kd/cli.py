@@ -227,7 +227,7 @@ def cache_teacher_cmd(config: str | None, quiet: bool, **flags: Any) -> None:
     from e2kd.storage._options import parse_storage_options
 
     try:
-        flags = _take_former(flags)
+        flags = _take_former(flags, CacheTeacherOptions)
         flags["teacher_kwargs"] = parse_json_kwargs(flags["teacher_kwargs"])
         run = flags.pop("teacher_run")
         flags = fill_from_run(run, flags, {"teacher": "name", "num_classes": "num_classes", "teacher_kwargs": "kwargs",

@@ -105,7 +105,7 @@ def test_cache_teacher_is_declared_by_its_options_class_with_its_former_names(tm
     command = main.commands["cache-teacher"]
     shown = {p.name for p in command.params if not p.hidden}
     fields = {f.name for f in dataclasses.fields(CacheTeacherOptions) if f.name not in ("progress", "topk")}
-    assert shown == fields | {"config", "quiet", "teacher_run"}
+    assert shown == (fields - {"format"}) | {"fmt", "config", "quiet", "teacher_run"}  # --format's parameter: fmt
     hidden = {opt for p in command.params if p.hidden for opt in p.opts}
     assert hidden == {"--checkpoint", "--workers", "--gpus-per-worker", "--threads-per-worker", "--topk"}
     old = tmp_path / "old.yaml"  # former names as YAML keys
@@ -114,3 +114,21 @@ def test_cache_teacher_is_declared_by_its_options_class_with_its_former_names(tm
     assert (opts.teacher_checkpoint, opts.actors) == ("t.safetensors", 2)
     with pytest.raises(ValueError, match="--format must be one of"):
         build_options(CacheTeacherOptions, old, {"data": "d", "out": "o", "format": "parquet"})
+
+
+def test_cache_teacher_flags_reach_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--format (parameter fmt) and a former name (--workers) arrive in CacheTeacherOptions through the command."""
+    import e2kd.stages._cache_teacher as stage
+    from e2kd.cli import main
+
+    seen = []
+
+    def fake(opts):  # noqa: ANN001, ANN202
+        seen.append(opts)
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(stage, "run_cache_teacher", fake)
+    result = CliRunner().invoke(main, ["cache-teacher", "--data", "d", "--out", "o", "--teacher", "resnet18",
+                                       "--num-classes", "3", "--random-teacher", "--format", "wds", "--workers", "2"])
+    assert result.exit_code == 1 and "stopped here" in result.output
+    assert (seen[0].format, seen[0].actors, seen[0].random_teacher) == ("wds", 2, True)

@@ -210,8 +210,8 @@ class CacheTeacherOptions:
     map_size: tuple[int, int] | None = option(None, text=True, help="Area-pool maps to H or HxW before storing.")
     map_codec: str | None = option(None, help="Codec of the explanation fields: a registered name (`e2kd codecs`) "
                                    "or JSON with its parameters (default: the one --map-dtype names).")
-    format: str = option("zarr", choices=list_formats, help="zarr (random access) or wds (a WebDataset tar per "
-                         "shard, joinable by __key__)")
+    format: str = option("zarr", choices=list_formats, dest="fmt", help="zarr (random access) or wds (a WebDataset "
+                         "tar per shard, joinable by __key__)")
     actors: int | None = option(None, lo=1, former=("--workers",), default_text="one per CPU/GPU slot",
                                 help="Ray actors, one teacher each")
     gpus_per_actor: float = option(0.0, lo=0, former=("--gpus-per-worker",), default_text="0",
