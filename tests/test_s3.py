@@ -229,6 +229,78 @@ def test_the_owner_renews_its_lease_and_notices_a_take_over(store_url: str) -> N
         lock.release()
 
 
+def test_a_renewal_racing_a_take_over_never_overwrites_the_new_holder(store_url: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner stalled past its lease and renews just as another writer takes over: exactly one of them holds
+    the lock afterwards, and the lock file is that one's (a read-then-replace renewal overwrote the new holder)."""
+    from e2kd.storage import _files
+
+    fs, root = resolve(store_url)
+    fs.makedirs(root, exist_ok=True)
+    owner = StoreLock(fs, root, lease_s=0.3)
+    owner.acquire()
+    owner._stop.set()
+    owner._renewer.join()
+    time.sleep(0.5)  # the owner's lease has run out
+    taker = StoreLock(fs, root, lease_s=30)
+    outcome: list[str] = []
+
+    def take_over() -> None:
+        try:
+            taker.acquire()
+            outcome.append("taken")
+        except StoreLockedError as exc:
+            outcome.append(str(exc))
+
+    read = _files._LockFile.read
+    raced = threading.Event()
+
+    def read_then_race(self: _files._LockFile) -> tuple[dict, str | None]:
+        seen = read(self)
+        if threading.current_thread() is threading.main_thread() and not raced.is_set():
+            raced.set()  # between the owner's read and its write, the taker runs
+            thread = threading.Thread(target=take_over)
+            thread.start()
+            thread.join(timeout=1.0)  # locally it waits for the owner's renewal; on s3 it completes
+            race.append(thread)
+        return seen
+
+    race: list[threading.Thread] = []
+    monkeypatch.setattr(_files._LockFile, "read", read_then_race)
+    try:
+        owner.renew()
+        race[0].join(timeout=10)
+        monkeypatch.undo()
+        holder = json.loads(fs.cat_file(f"{root}/.lock"))["token"]
+        holders = [lock for lock, held in ((owner, owner.lost is None), (taker, outcome == ["taken"])) if held]
+        assert [lock.token for lock in holders] == [holder], (owner.lost, outcome)
+        if "s3" in fs.protocol:  # no flock there: the taker went first, and the owner's conditional write failed
+            assert outcome == ["taken"] and owner.lost and "pid" in owner.lost
+        else:  # the taker waited for the renewal, then found a live lease
+            assert owner.lost is None and "lease expires in" in outcome[0]
+    finally:
+        taker.release()
+        owner.release()
+    assert not fs.exists(f"{root}/.lock")
+
+
+def test_the_lock_file_is_replaced_and_removed_only_at_the_version_read(s3: S3) -> None:
+    from e2kd.storage._files import _LockFile
+
+    s3.use()
+    fs, root = resolve(s3.url("cas"))
+    lock = _LockFile(fs, root)
+    fs.pipe_file(lock.path, b'{"token": "a"}')
+    holder, version = lock.read()
+    assert holder == {"token": "a"} and version
+    fs.pipe_file(lock.path, b'{"token": "b"}')  # another writer, meanwhile
+    assert not lock.replace(b'{"token": "c"}', version) and not lock.remove(version)
+    assert json.loads(fs.cat_file(lock.path)) == {"token": "b"}
+    holder, version = lock.read()
+    assert lock.replace(b'{"token": "c"}', version) and lock.read()[0] == {"token": "c"}
+    assert lock.remove(lock.read()[1]) and lock.read() == ({}, None)
+
+
 # ---- handing a cache over: e2kd copy ----------------------------------------------------------------------------
 def test_copy_local_to_s3_and_back_is_verified_resumable_and_keeps_the_cache_id(cache: Path, s3: S3,
                                                                                tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,11 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from e2kd.storage._names import check_shard_name
+
+try:  # the local lock file's read-judge-write is serialized with flock (POSIX)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["resolve", "is_local", "checksum_files", "checksum_blobs", "read_blobs", "read_bounded", "allowance",
            "OversizeError", "checksum_local_dir", "write_json_atomic", "write_bytes_atomic", "read_json", "StoreLock",
@@ -254,17 +260,120 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
         raise
 
 
+class _LockFile:
+    """The lock file with compare-and-swap: read it with its version; replace or delete it only if it is still
+    that version, so a writer never overwrites or removes a lock that another writer has meanwhile taken.
+
+    Object storage (s3): the version is the object's ETag, and the replace / delete are conditional requests
+    (``If-Match``); a read is made under the same ``If-Match``. Local disk: every read-judge-write is serialized
+    among processes by ``flock`` on the store directory (a new holder's ``.lock`` is a new file, so a lock on the
+    file itself would not do). Other backends: read-then-replace, as before (no conditional write to use).
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs, self.root, self.path = fs, root, f"{root}/{LOCK}"
+        self.conditional = "s3" in _protocols(fs)
+
+    @contextlib.contextmanager
+    def serialized(self) -> Iterator[None]:
+        """Hold off other local processes' read-judge-write of the lock file (no-op off local disk)."""
+        if not is_local(self.fs) or fcntl is None:
+            yield
+            return
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def read(self) -> tuple[dict[str, Any], str | None]:
+        """``(holder, version)``: the lock's JSON (``{}`` if absent or unreadable) and its ETag where the backend
+        has one (``None`` if absent, or on a backend without versions)."""
+        for _ in range(5):
+            try:
+                if not self.conditional:
+                    return _as_holder(self.fs.cat_file(self.path)), None
+                self.fs.invalidate_cache(self.path)
+                with self.fs.open(self.path, "rb") as f:  # s3fs reads under If-Match: the ETag seen by its head
+                    return _as_holder(f.read()), str(f.details["ETag"])
+            except FileNotFoundError:
+                return {}, None
+            except OSError as exc:  # replaced between the head and the read (FileExpired, 412): read again
+                if not _precondition_failed(exc):
+                    raise
+        raise StoreLockedError(f"{self.path} changed on every one of 5 reads: another writer is contending")
+
+    def replace(self, data: bytes, version: str | None) -> bool:
+        """Write ``data`` over the lock if it is still ``version``; False if it has changed (nothing written)."""
+        if not self.conditional:
+            write_bytes_atomic(self.fs, self.path, data)
+            return True
+        if version is None:  # it was absent when read
+            return False
+        try:
+            self.fs.pipe_file(self.path, data, IfMatch=version)
+        except (FileNotFoundError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError) or _precondition_failed(exc):
+                return False
+            raise
+        return True
+
+    def remove(self, version: str | None) -> bool:
+        """Delete the lock if it is still ``version``; False if it has changed or is gone."""
+        try:
+            if not self.conditional:
+                self.fs.rm(self.path)
+                return True
+            if version is None:  # it was absent when read
+                return False
+            bucket, key, _ = self.fs.split_path(self.path)
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            self.fs.invalidate_cache(self.path)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def _as_holder(data: bytes) -> dict[str, Any]:
+    try:
+        holder = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+#: How an object store says a conditional request found another version (s3fs words it variously).
+_CHANGED_MEANWHILE = ("precondition", "pre-condition", "412", "fileexpired", "conditionalrequestconflict", "409")
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(s in text for s in _CHANGED_MEANWHILE)
+
+
 class StoreLock:
     """One writer per store: a lock file created atomically, holding owner host, pid, token and a lease.
 
     The owner renews the lease from a background thread (every third of ``lease_s``). A lock whose lease
     expired — its owner died or lost its network, on any host — is taken over; so is one on this host whose
-    pid is gone (a killed run, at once). A live lock refuses a second writer. Workers compare the token with
-    the lock file before every commit (:func:`check_lock_token`), so a writer that lost its lock never commits.
+    pid is gone (a killed run, at once). A live lock refuses a second writer. Every renewal, take-over and release
+    is a compare-and-swap on the lock file (:class:`_LockFile`), so no writer overwrites or removes a lock another
+    has taken. Workers compare the token with the lock file before every commit (:func:`check_lock_token`), so a
+    writer that lost its lock never commits.
     """
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, lease_s: float | None = None) -> None:
         self.fs, self.path = fs, f"{root}/{LOCK}"
+        self._file = _LockFile(fs, root)
         self.lease_s = float(lease_s) if lease_s is not None else _lease_seconds()
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
                       "token": uuid.uuid4().hex, "lease_s": self.lease_s}
@@ -298,24 +407,24 @@ class StoreLock:
         self._renewer.start()
 
     def _holder(self) -> dict[str, Any]:
-        try:
-            holder = read_json(self.fs, self.path)
-        except (json.JSONDecodeError, FileNotFoundError, UnicodeDecodeError):
-            return {}
-        return holder if isinstance(holder, dict) else {}
+        return self._file.read()[0]
 
     def _take_over_or_refuse(self) -> None:
-        holder = self._holder()
-        now = time.time()
-        pid = holder["pid"] if isinstance(holder.get("pid"), int) else -1
-        expires = holder.get("expires")
-        dead_here = holder.get("host") == socket.gethostname() and pid > 0 and not _pid_alive(pid)
-        expired = isinstance(expires, (int, float)) and expires < now
-        if dead_here or expired or not holder:
-            if self._holder().get("token") == holder.get("token"):  # still the lock we judged
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm(self.path)
-            return
+        for _ in range(3):  # a lock renewed or taken between our read and our delete is judged again
+            with self._file.serialized():
+                holder, version = self._file.read()
+                now = time.time()
+                pid = holder["pid"] if isinstance(holder.get("pid"), int) else -1
+                expires = holder.get("expires")
+                dead_here = holder.get("host") == socket.gethostname() and pid > 0 and not _pid_alive(pid)
+                expired = isinstance(expires, (int, float)) and expires < now
+                if not (dead_here or expired or not holder):
+                    break
+                removed = self._file.remove(version)  # only the lock judged is deleted
+                if removed or version is None:  # (no version: absent, or a backend without them)
+                    return
+        else:
+            return  # changed under us three times: the exclusive create decides
         left = f"its lease expires in {expires - now:.0f} s" if isinstance(expires, (int, float)) else \
             "it has no lease (written by e2kd 0.1)"
         raise StoreLockedError(f"store is locked by host {holder.get('host', '?')} pid {holder.get('pid', '?')} "
@@ -333,11 +442,13 @@ class StoreLock:
 
     def renew(self) -> None:
         """Extend the lease, if the lock is still ours (else record in :attr:`lost` who holds it)."""
-        holder = self._holder()
-        if holder.get("token") != self.token:
-            self.lost = f"held by host {holder.get('host', '?')} pid {holder.get('pid', '?')}" if holder else "removed"
-            return
-        write_json_atomic(self.fs, self.path, json.loads(self._record()))
+        with self._file.serialized():
+            holder, version = self._file.read()
+            if holder.get("token") == self.token and self._file.replace(self._record(), version):
+                return
+            if holder.get("token") == self.token:  # replaced between our read and our write: read who has it
+                holder = self._file.read()[0]
+        self.lost = f"held by host {holder.get('host', '?')} pid {holder.get('pid', '?')}" if holder else "removed"
 
     def check_held(self) -> None:
         """Raise :class:`StoreLockedError` if the lock is no longer this writer's."""
@@ -350,9 +461,10 @@ class StoreLock:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=5)
-        if self._holder().get("token") == self.token:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self.path)
+        with self._file.serialized():
+            holder, version = self._file.read()
+            if holder.get("token") == self.token:
+                self._file.remove(version)
 
     def __enter__(self) -> StoreLock:
         self.acquire()
