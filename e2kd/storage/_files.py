@@ -282,7 +282,8 @@ class _LockFile:
             return
         fd = os.open(self.root, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):  # a file system without flock (some NFS): read-then-replace, as before
+                fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # releases the flock
