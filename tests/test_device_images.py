@@ -114,3 +114,32 @@ def test_the_training_stream_with_images_decoded_on_the_device_matches_the_worke
         assert diff.max() <= 1.0 and diff.mean() < 0.2, (diff.max(), diff.mean())
         compared += 1
     assert compared == 4
+
+
+def test_train_student_with_decode_on_device_feeds_the_trainer_what_the_workers_would(
+        cache: Path, digits: Path, tmp_path: Path) -> None:
+    """The stage's wiring (one DataLoader worker, batches collated across processes): every batch the trainer gets
+    holds the same keys, targets, maps, labels and views as without ``--decode-on-device``, images within one grey
+    level. (Trained weights are not compared: at a random init the explanation loss's gradient is that sensitive to
+    its input — ±1 grey level of noise changes the first step's gradient by ~120% of its norm, losses by 1e-3.)"""
+    from dataclasses import replace
+
+    from e2kd.stages import TrainOptions
+    from e2kd.stages._train_student import prepare_student
+
+    urls = _as_jpeg_shards(sorted(digits.glob("train-*.tar")), tmp_path / "jpeg")
+    opts = TrainOptions(data=urls, cache=(str(cache),), student="resnet18", out=str(tmp_path / "run"),
+                        student_kwargs={"channels": [8, 8, 16, 32], "stem_width": 8, "output_stride": 16},
+                        batch_size=16, workers=1, epochs=1, progress=False)
+    loaders = [prepare_student(replace(opts, decode_on_device=on)).trainer.loader for on in (False, True)]
+    batches = 0
+    for a, b in zip(*loaders, strict=True):
+        assert set(a) == set(b) and a["key"] == b["key"]
+        for name in set(a) - {"key", "image"}:
+            same = torch.equal(a[name], b[name]) if isinstance(a[name], torch.Tensor) else a[name] == b[name]
+            assert same, name
+        assert a["image"].dtype == b["image"].dtype == torch.uint8 and a["image"].shape == b["image"].shape
+        diff = (a["image"].float() - b["image"].float()).abs()
+        assert diff.max() <= 1.0 and diff.mean() < 0.3, (diff.max(), diff.mean())
+        batches += 1
+    assert batches == 300 // 16
