@@ -233,7 +233,7 @@ def _stored_bytes(enc: Any, logits: torch.Tensor, maps: torch.Tensor, tmp: Path)
 
 
 # ---- 3. student loader ---------------------------------------------------------------------------------------------
-def loader_samples_per_s(data: str, cache: str | None, samples: int = 1024, partitions: int | None = None,
+def loader_samples_per_s(data: str, cache: str | None, samples: int = 2048, partitions: int | None = None,
                          decode_on_device: bool = False) -> tuple[float, float]:
     """(seconds to the first batch, samples/s after it) of one DataLoader worker: the student's stream (cache) or a
     plain webdataset loader (None) — both with a 64-sample shuffle buffer, both handing uint8 images; with
@@ -328,14 +328,14 @@ def loader_section(work: Path, per_shard: int, out: str) -> None:
                 "k-view, P=4": loader_samples_per_s(data, kview, partitions=4),
                 "full, on device": loader_samples_per_s(data, full, decode_on_device=True)}
 
-    runs = [measure() for _ in range(3)]  # three times, interleaved: the best of three per loader
+    runs = [measure() for _ in range(5)]  # five times, interleaved: the best of five per loader
     rates = {k: max((r[k] for r in runs), key=lambda r: r[1]) for k in runs[0]}
     print(rates, flush=True)
     lines = ["## ImageNet-shaped set: the student loader", "",
              f"Command: `.venv/bin/python bench/bench_imagenet.py --loader-only --out {out}` (also part of the full "
              f"run); {os.cpu_count()} cores, no GPU; {time.strftime('%Y-%m-%d')}. The same {4 * per_shard} JPEG "
              f"photos in 4 shards. One DataLoader worker, batch 64, 224 px, uint8 images out; samples/s after the "
-             f"first batch over 1,024 samples (two epochs: the worker lives across them), best of three interleaved "
+             f"first batch over 2,048 samples (four epochs: the worker lives across them), best of five interleaved "
              f"runs; the first batch's latency apart. e2kd: train-student's loader (the elastic order: 8 "
              f"partitions, keys shuffled in blocks); plain: a 64-sample shuffle buffer.", "",
              "| loader | samples/s | vs plain | first batch |", "|---|---|---|---|",
