@@ -145,6 +145,17 @@ def test_one_pass_per_epoch_and_the_same_batches_with_workers_and_with_two_ranks
     assert result.stdout.count("trained ") == 1  # one summary line for the run, not one per rank
 
 
+def test_two_ranks_decoding_on_the_device_train_on_the_same_batches(reference: Path, cache: Path, train_urls: str,
+                                                                     tmp_path: Path) -> None:
+    """``--decode-on-device`` under torchrun (gloo, CPU: the digits are PNGs, so the CPU decoder runs beside the
+    trainer): each rank's batches are its slice of the same global batches, and the run ends normally."""
+    out = tmp_path / "device"
+    result = _run([*TORCHRUN, "--master_port", "29543", "-m", "e2kd.cli",
+                   *_args(train_urls, cache, out, "--batch-size", "8", "--workers", "1", "--decode-on-device")])
+    assert _trace(out) == _trace(reference)
+    assert result.stdout.count("trained ") == 1 and (out / "student.safetensors").exists()
+
+
 def _report_from_rank(rank: int, init: str, results: object) -> None:
     from e2kd.training._loop import Trainer
 
