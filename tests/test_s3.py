@@ -301,6 +301,40 @@ def test_the_lock_file_is_replaced_and_removed_only_at_the_version_read(s3: S3) 
     assert lock.remove(lock.read()[1]) and lock.read() == ({}, None)
 
 
+def test_a_server_without_conditional_writes_keeps_the_former_lock_behaviour() -> None:
+    """An S3-compatible server that answers 501 to If-Match: renewal and release still work (read-then-replace)."""
+    from e2kd.storage._files import _LockFile
+
+    class NoIfMatch:  # the two calls an S3 filesystem makes, answering If-Match as such a server does
+        protocol = ("s3", "s3a")
+
+        def __init__(self) -> None:
+            self.objects: dict[str, bytes] = {}
+
+        def pipe_file(self, path: str, data: bytes, **kwargs: object) -> None:
+            if "IfMatch" in kwargs:
+                raise OSError("501 Not Implemented: A header you provided implies functionality that is not "
+                              "implemented")
+            self.objects[path] = data
+
+        def call_s3(self, method: str, **kwargs: object) -> None:
+            raise OSError("NotImplemented (501)")
+
+        def rm(self, path: str) -> None:
+            if self.objects.pop(path, None) is None:
+                raise FileNotFoundError(path)
+
+        def split_path(self, path: str) -> tuple[str, str, None]:
+            return path.split("/", 1)[0], path.split("/", 1)[1], None
+
+    fs = NoIfMatch()
+    lock = _LockFile(fs, "bucket/store")  # type: ignore[arg-type]
+    fs.objects[lock.path] = b'{"token": "a"}'
+    assert lock.replace(b'{"token": "a", "expires": 1}', '"etag"') and fs.objects[lock.path].endswith(b"1}")
+    assert lock.remove('"etag"') and lock.path not in fs.objects
+    assert lock.remove('"etag"')  # already gone: nothing to do
+
+
 # ---- handing a cache over: e2kd copy ----------------------------------------------------------------------------
 def test_copy_local_to_s3_and_back_is_verified_resumable_and_keeps_the_cache_id(cache: Path, s3: S3,
                                                                                tmp_path: Path) -> None:

@@ -317,7 +317,9 @@ class _LockFile:
         except (FileNotFoundError, OSError) as exc:
             if isinstance(exc, FileNotFoundError) or _precondition_failed(exc):
                 return False
-            raise
+            if not _not_implemented(exc):
+                raise
+            self.fs.pipe_file(self.path, data)  # a server without conditional PUT: read-then-replace, as before
         return True
 
     def remove(self, version: str | None) -> bool:
@@ -337,7 +339,16 @@ class _LockFile:
         except OSError as exc:
             if _precondition_failed(exc):
                 return False
-            raise
+            if not _not_implemented(exc):
+                raise
+        with contextlib.suppress(FileNotFoundError):  # a server without conditional DELETE: as before
+            self.fs.rm(self.path)
+        return True
+
+
+def _not_implemented(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "not implemented" in text or "notimplemented" in text or "501" in text
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
