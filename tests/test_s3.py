@@ -336,6 +336,24 @@ def test_a_server_without_conditional_writes_keeps_the_former_lock_behaviour() -
     assert lock.remove('"etag"')  # already gone: nothing to do
 
 
+@pytest.mark.parametrize(("answer", "raised"), [("412 Precondition Failed", FileExistsError),
+                                                 ("At least one of the pre-conditions you specified did not hold",
+                                                  FileExistsError),
+                                                 ("501 Not Implemented", StoreLockedError)])
+def test_an_exclusive_create_reads_the_servers_answer(answer: str, raised: type) -> None:
+    """A create the server refuses means the lock exists; one it cannot do at all is a clear refusal to write."""
+    from e2kd.storage._files import create_exclusive
+
+    class Answers:
+        protocol = "s3"
+
+        def pipe_file(self, path: str, data: bytes, mode: str = "overwrite") -> None:
+            raise OSError(answer)
+
+    with pytest.raises(raised, match=".lock" if raised is FileExistsError else "no atomic create"):
+        create_exclusive(Answers(), "bucket/store/.lock", b"{}")  # type: ignore[arg-type]
+
+
 # ---- handing a cache over: e2kd copy ----------------------------------------------------------------------------
 def test_copy_local_to_s3_and_back_is_verified_resumable_and_keeps_the_cache_id(cache: Path, s3: S3,
                                                                                tmp_path: Path) -> None:

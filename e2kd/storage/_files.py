@@ -251,9 +251,9 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
                                f"Upgrade the backend's fsspec package, or write the cache locally and "
                                f"`e2kd copy` it") from None
     except OSError as exc:
-        if "precondition" in str(exc).lower() or "412" in str(exc) or "409" in str(exc):
+        if _precondition_failed(exc):
             raise FileExistsError(path) from None
-        if "not implemented" in str(exc).lower() or "501" in str(exc):
+        if _not_implemented(exc):
             raise StoreLockedError(f"the object store refused a conditional put ({exc}): it offers no atomic "
                                    f"create (If-None-Match), so one writer per store cannot be enforced there") \
                 from None
