@@ -314,7 +314,7 @@ class _LockFile:
             return False
         try:
             self.fs.pipe_file(self.path, data, IfMatch=version)
-        except (FileNotFoundError, OSError) as exc:
+        except OSError as exc:  # (FileNotFoundError included: the lock is gone)
             if isinstance(exc, FileNotFoundError) or _precondition_failed(exc):
                 return False
             if not _not_implemented(exc):
